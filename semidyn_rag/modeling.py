@@ -1,0 +1,556 @@
+"""`SemiDynamicCompressor`: encoder + ratio head + DRS + backbone + converter + decoder.
+
+One encoder pass gives both the ratio prediction (head on the appended ``<eos>``) and the hidden
+states that are pooled, so choosing a ratio costs nothing extra. The decoder sees each context as a
+single placeholder in its prompt, expanded to that context's latent positions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import PreTrainedTokenizerBase, TextIteratorStreamer
+
+from . import pooling, selector
+from .config import CompressorConfig, LoraSettings
+from .converter import Converter
+from .loading import load_base, load_tokenizer
+from .types import CompressedContext
+
+logger = logging.getLogger(__name__)
+
+PLACEHOLDER = "\ue000"
+"""Stands for one context's latents in a prompt string (a private-use character no text contains)."""
+
+
+@dataclass
+class LatentPrompt:
+    """A user message whose ``PLACEHOLDER`` characters are, in order, replaced by ``latents``."""
+
+    text: str
+    latents: Sequence[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        found = self.text.count(PLACEHOLDER)
+        if found != len(self.latents):
+            raise ValueError(f"prompt has {found} placeholders but {len(self.latents)} latents")
+
+
+@dataclass
+class TrainExample:
+    """One pre-tokenized training sample: contexts, the prompt around them, and the answer."""
+
+    contexts: list[list[int]]
+    """Encoder token ids of each context (no ``<eos>``; at most ``max_segment_tokens``)."""
+    question: str
+    answer: list[int]
+    """Decoder token ids of the answer, ending with the decoder's ``<eos>``."""
+    y: list[float]
+    """Density label ``log2(L_ctx / L_sum)`` per context; NaN where unknown (no MSE term)."""
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    mse_loss: torch.Tensor
+
+
+def _lora(settings: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _inner(peft_model: PeftModel) -> nn.Module:
+    """The transformer stack under the LM head: hidden states without paying for vocab logits."""
+    return peft_model.get_base_model().base_model
+
+
+class SemiDynamicCompressor(nn.Module):
+    """Compresses texts into decoder-space latents and answers questions from them.
+
+    Build a fresh one for training with :meth:`from_config`, load a trained one with
+    :meth:`from_pretrained`. Model passes are serialised by a lock because the bidirectional flag is
+    written into the shared base config for the duration of an encoder call.
+    """
+
+    def __init__(
+        self,
+        config: CompressorConfig,
+        encoder: PeftModel,
+        decoder: PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        decoder_tokenizer: PreTrainedTokenizerBase,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.decoder_tokenizer = decoder_tokenizer
+        d_enc = encoder.get_base_model().config.hidden_size
+        d_dec = decoder.get_base_model().config.hidden_size
+        self.ratio_head = nn.Linear(d_enc, 1)
+        self.converter = Converter(d_enc, d_dec, config.converter_hidden, config.converter_gated)
+        self.memory = (
+            nn.Parameter(torch.randn(config.memory_tokens, d_enc) * 0.02)
+            if config.backbone == "compression_tokens"
+            else None
+        )
+        self._lock = threading.RLock()
+        self._fingerprint: str | None = None
+        dtype = encoder.get_base_model().dtype
+        self.to(device=encoder.get_base_model().device, dtype=dtype)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(
+        cls,
+        config: CompressorConfig,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> SemiDynamicCompressor:
+        """A new, untrained compressor: base model(s) loaded, fresh LoRA adapters, head, converter."""
+        enc_base = load_base(config.encoder_model, config.encoder_gguf_file, config, device, dtype)
+        encoder = get_peft_model(enc_base, _lora(config.encoder_lora), adapter_name="encoder")
+        if config.shared_base:
+            encoder.add_adapter("decoder", _lora(config.decoder_lora))
+            decoder = encoder
+        else:
+            dec_base = load_base(
+                config.decoder_model, config.decoder_gguf_file, config, device, dtype
+            )
+            decoder = get_peft_model(dec_base, _lora(config.decoder_lora), adapter_name="decoder")
+        return cls(config, encoder, decoder, *cls._tokenizers(config))
+
+    @staticmethod
+    def _tokenizers(
+        config: CompressorConfig,
+    ) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
+        tok = load_tokenizer(config.encoder_model, config.encoder_gguf_file, config)
+        if config.shared_base:
+            return tok, tok
+        return tok, load_tokenizer(config.decoder_model, config.decoder_gguf_file, config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **config_overrides: object,
+    ) -> SemiDynamicCompressor:
+        """Load a saved compressor: a local directory, a hub id, or ``None`` for the bundled default.
+
+        Our own layout and the paper's released layout (``projector.pth``) are both recognised.
+        """
+        from .checkpoint import load_compressor
+
+        return load_compressor(name_or_path, device=device, dtype=dtype, **config_overrides)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config JSON, the two LoRA adapters and our own tensors (safetensors only)."""
+        from .checkpoint import save_compressor
+
+        save_compressor(self, directory)
+
+    def train(self, mode: bool = True) -> SemiDynamicCompressor:
+        self._fingerprint = None  # weights may change from here on
+        return super().train(mode)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of config and trained tensors; latent caches are keyed by it (computed once)."""
+        if self._fingerprint is None:
+            from .checkpoint import fingerprint
+
+            self._fingerprint = fingerprint(self)
+        return self._fingerprint
+
+    @property
+    def device(self) -> torch.device:
+        return self.ratio_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.ratio_head.weight.dtype
+
+    # ------------------------------------------------------------------ adapters
+    @contextmanager
+    def _adapter(self, name: str) -> Iterator[PeftModel]:
+        """Activate one LoRA adapter under the model lock.
+
+        peft's ``set_adapter`` freezes the inactive adapter; while training both adapters must keep
+        learning, so their ``requires_grad`` is restored afterwards.
+        """
+        model = self.encoder if name == "encoder" else self.decoder
+        with self._lock:
+            if model.active_adapter != name:
+                model.set_adapter(name)
+                if self.training:
+                    for pname, param in model.named_parameters():
+                        if "lora_" in pname:
+                            param.requires_grad_(True)
+            yield model
+
+    # ------------------------------------------------------------------ encoder
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encoder token ids per text, without special tokens; empty texts are rejected."""
+        for i, text in enumerate(texts):
+            if not text or not text.strip():
+                raise ValueError(f"text {i} is empty; there is nothing to compress")
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def encode(self, contexts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batched encoder pass: hidden states ``[B, T, d]`` and ratio predictions ``[B]``.
+
+        Each row is ``context + <eos>`` (+ memory tokens for that backbone), right-padded. The head
+        reads the ``<eos>`` state; with bidirectional attention it has seen the whole context.
+        """
+        eos = self.tokenizer.eos_token_id
+        n_mem = self.config.memory_tokens if self.memory is not None else 0
+        lengths = [len(c) for c in contexts]
+        width = max(lengths) + 1 + n_mem
+        ids = torch.full((len(contexts), width), eos, dtype=torch.long)
+        mask = torch.zeros((len(contexts), width), dtype=torch.long)
+        for row, ctx in enumerate(contexts):
+            ids[row, : len(ctx)] = torch.as_tensor(ctx, dtype=torch.long)
+            mask[row, : len(ctx) + 1 + n_mem] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with self._adapter("encoder") as model:
+            embeds = model.get_input_embeddings()(ids)
+            if self.memory is not None:
+                embeds = embeds.clone()
+                for row, n in enumerate(lengths):
+                    embeds[row, n + 1 : n + 1 + n_mem] = self.memory
+            hidden = _inner(model)(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                is_causal=not self.config.bidirectional,
+            ).last_hidden_state
+        eos_pos = torch.as_tensor(lengths, device=self.device)
+        eos_state = hidden[torch.arange(len(contexts), device=self.device), eos_pos]
+        y = self.ratio_head(eos_state).squeeze(-1).float()
+        return hidden, y
+
+    def structure(
+        self, y: float, num_tokens: int, scale: float = 0.0, ratio: float | None = None
+    ) -> int:
+        """The structural parameter for one segment: pooling window, or latent count for tokens.
+
+        An explicit ``ratio`` (multi-ratio use) overrides the mode and must be a trained candidate.
+        """
+        cfg = self.config
+        if ratio is not None:
+            selector.check_ratio(ratio, cfg.ratios)
+        mean = cfg.backbone == "mean_pooling"
+        if ratio is None and cfg.mode in ("fixed_ratio", "multi_ratio"):
+            ratio = cfg.fixed_ratio
+        if ratio is None and cfg.mode == "semi_dynamic" and mean:
+            ratio = selector.select_ratio(y, scale, cfg.ratios, cfg.quantize, cfg.compare_space)
+        if ratio is None and cfg.mode == "fully_dynamic":
+            ratio = max(1.0, selector.continuous_ratio(y, scale))
+        if ratio is not None:
+            window = max(1, round(ratio))
+            count = math.ceil(num_tokens / window)
+        elif cfg.mode == "fixed_length":
+            count = cfg.fixed_length
+            window = pooling.window_for_length(num_tokens, count)
+        else:  # semi-dynamic on a token backbone: length-based DRS (Eq. 4-5)
+            count = selector.select_length(
+                y, num_tokens, scale, cfg.lengths, cfg.quantize, cfg.compare_space
+            )
+            window = 0
+        if mean:
+            return window
+        limit = num_tokens if cfg.backbone == "last_tokens" else cfg.memory_tokens
+        return max(1, min(count, limit))
+
+    def extract(self, hidden: torch.Tensor, num_tokens: int, param: int) -> torch.Tensor:
+        """Apply the backbone to one row of encoder states (``param`` from :meth:`structure`)."""
+        cfg = self.config
+        if cfg.backbone == "mean_pooling":
+            return pooling.mean_pool(hidden[:num_tokens], param, cfg.pooling_alignment)
+        if cfg.backbone == "last_tokens":
+            return pooling.last_tokens(hidden[:num_tokens], param)
+        start = num_tokens + 1
+        return hidden[start : start + param]
+
+    def _segments(self, token_lists: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+        """Split over-long token lists into encoder-sized segments; return segments and owners."""
+        size = self.config.max_segment_tokens
+        segments, owners = [], []
+        for owner, ids in enumerate(token_lists):
+            for start in range(0, len(ids), size):
+                segments.append(ids[start : start + size])
+                owners.append(owner)
+        return segments, owners
+
+    @torch.inference_mode()
+    def compress(
+        self,
+        texts: Sequence[str],
+        scale: float = 0.0,
+        ratio: float | None = None,
+        *,
+        batch_size: int = 16,
+    ) -> list[CompressedContext]:
+        """Compress each text; one encoder pass per batch of length-sorted segments.
+
+        Texts longer than ``max_segment_tokens`` are split into consecutive segments, each with its
+        own ratio choice, whose latents are concatenated: nothing is truncated.
+        """
+        return self.compress_tokens(self.tokenize(texts), scale, ratio, batch_size=batch_size)
+
+    @torch.inference_mode()
+    def compress_tokens(
+        self,
+        token_lists: list[list[int]],
+        scale: float = 0.0,
+        ratio: float | None = None,
+        *,
+        batch_size: int = 16,
+    ) -> list[CompressedContext]:
+        """:meth:`compress` for already tokenized texts (callers that tokenized to batch by length)."""
+        segments, owners = self._segments(token_lists)
+        order = sorted(range(len(segments)), key=lambda i: len(segments[i]))
+        pooled: list[torch.Tensor | None] = [None] * len(segments)
+        params: list[tuple[float, float]] = [(0.0, 0.0)] * len(segments)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            hidden, y = self.encode([segments[i] for i in batch])
+            for row, i in enumerate(batch):
+                n = len(segments[i])
+                param = self.structure(float(y[row]), n, scale, ratio)
+                pooled[i] = self.extract(hidden[row], n, param)
+                chosen = param if self.config.backbone == "mean_pooling" else n / param
+                params[i] = (float(chosen), float(y[row]))
+        latents = self.converter(torch.cat(pooled)).split([p.shape[0] for p in pooled])
+        results = []
+        for owner, ids in enumerate(token_lists):
+            mine = [i for i, o in enumerate(owners) if o == owner]
+            results.append(
+                CompressedContext(
+                    latents=torch.cat([latents[i] for i in mine]),
+                    num_tokens=len(ids),
+                    segment_ratios=tuple(params[i][0] for i in mine),
+                    segment_y=tuple(params[i][1] for i in mine),
+                )
+            )
+        return results
+
+    # ------------------------------------------------------------------ decoder
+    def format_prompt(self, question: str, num_contexts: int) -> str:
+        """The user message for ``question`` with one placeholder per context (none: the question)."""
+        if num_contexts == 0:
+            return question
+        slots = "\n".join([PLACEHOLDER] * num_contexts)
+        return self.config.prompt_template.format(context=slots, question=question)
+
+    def _render(self, text: str, answer: bool = False) -> str:
+        tok = self.decoder_tokenizer
+        if not (self.config.use_chat_template and tok.chat_template):
+            return text
+        return tok.apply_chat_template(
+            [{"role": "user", "content": text}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=False,
+        )
+
+    def embed_prompts(
+        self, prompts: Sequence[LatentPrompt], answers: Sequence[list[int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Decoder ``inputs_embeds`` with each placeholder expanded to its latent positions.
+
+        Without ``answers`` the batch is left-padded for generation; with answers it is right-padded
+        and labels mark only the answer tokens (the LM loss ignores prompt and latents).
+        """
+        tok = self.decoder_tokenizer
+        pieces = [self._render(p.text).split(PLACEHOLDER) for p in prompts]
+        flat = [piece for ps in pieces for piece in ps]
+        flat_ids = iter(tok(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
+        table = self.decoder.get_input_embeddings()
+        rows, labels = [], []
+        for i, (prompt, ps) in enumerate(zip(prompts, pieces, strict=True)):
+            ids = [next(flat_ids) for _ in ps]
+            parts, part_labels = [], []
+            for j, piece_ids in enumerate(ids):
+                parts.append(
+                    table(torch.as_tensor(piece_ids, dtype=torch.long, device=self.device))
+                )
+                part_labels.append(torch.full((len(piece_ids),), -100, dtype=torch.long))
+                if j < len(prompt.latents):
+                    lat = prompt.latents[j].to(device=self.device, dtype=parts[-1].dtype)
+                    parts.append(lat)
+                    part_labels.append(torch.full((lat.shape[0],), -100, dtype=torch.long))
+            if answers is not None:
+                ans = torch.as_tensor(answers[i], dtype=torch.long)
+                parts.append(table(ans.to(self.device)))
+                part_labels.append(ans)
+            rows.append(torch.cat(parts))
+            labels.append(torch.cat(part_labels))
+        width = max(r.shape[0] for r in rows)
+        dim = rows[0].shape[1]
+        embeds = rows[0].new_zeros((len(rows), width, dim))
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        label_tensor = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (row, lab) in enumerate(zip(rows, labels, strict=True)):
+            n = row.shape[0]
+            span = slice(width - n, width) if answers is None else slice(0, n)
+            embeds[i, span] = row
+            mask[i, span] = 1
+            label_tensor[i, span] = lab
+        return embeds, mask, (label_tensor.to(self.device) if answers is not None else None)
+
+    def _generation_kwargs(self, kwargs: dict) -> dict:
+        tok = self.decoder_tokenizer
+        out = {"max_new_tokens": 64, "do_sample": False}
+        out.update(kwargs)
+        out.setdefault("pad_token_id", tok.pad_token_id or tok.eos_token_id)
+        out.setdefault("eos_token_id", tok.eos_token_id)
+        if not out.get("do_sample"):
+            for key in ("temperature", "top_p", "top_k"):
+                out.setdefault(key, None)
+        return out
+
+    @torch.inference_mode()
+    def complete(self, prompts: Sequence[LatentPrompt], **generate_kwargs: object) -> list[str]:
+        """Generate an answer for each prompt in one batched ``generate`` call."""
+        if not prompts:
+            return []
+        embeds, mask, _ = self.embed_prompts(prompts)
+        with self._adapter("decoder") as model:
+            out = model.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                **self._generation_kwargs(generate_kwargs),
+            )
+        return self.decoder_tokenizer.batch_decode(out, skip_special_tokens=True)
+
+    def stream(self, prompt: LatentPrompt, **generate_kwargs: object) -> Iterator[str]:
+        """Yield the answer's text as the decoder produces it (real token streaming)."""
+        with torch.inference_mode():
+            embeds, mask, _ = self.embed_prompts([prompt])
+        streamer = TextIteratorStreamer(self.decoder_tokenizer, skip_special_tokens=True)
+        kwargs = self._generation_kwargs(generate_kwargs)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode(), self._adapter("decoder") as model:
+                    model.generate(
+                        inputs_embeds=embeds, attention_mask=mask, streamer=streamer, **kwargs
+                    )
+            except BaseException as exc:  # surfaced in the consumer's thread below
+                errors.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield from (piece for piece in streamer if piece)
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    def prompts_for(
+        self,
+        questions: Sequence[str],
+        contexts: Sequence[Sequence[str | CompressedContext]],
+        scale: float = 0.0,
+        ratio: float | None = None,
+    ) -> list[LatentPrompt]:
+        """Build prompts, compressing all raw-text contexts of all questions in one call."""
+        texts = sorted({c for group in contexts for c in group if isinstance(c, str)})
+        done = dict(zip(texts, self.compress(texts, scale, ratio) if texts else [], strict=True))
+        prompts = []
+        for question, group in zip(questions, contexts, strict=True):
+            latents = [(done[c] if isinstance(c, str) else c).latents for c in group]
+            prompts.append(LatentPrompt(self.format_prompt(question, len(group)), latents))
+        return prompts
+
+    def generate(
+        self,
+        question: str,
+        contexts: Sequence[str | CompressedContext] = (),
+        *,
+        scale: float = 0.0,
+        ratio: float | None = None,
+        **generate_kwargs: object,
+    ) -> str:
+        """Answer ``question`` from compressed ``contexts`` (texts or results of :meth:`compress`)."""
+        return self.generate_batch(
+            [question], [contexts], scale=scale, ratio=ratio, **generate_kwargs
+        )[0]
+
+    def generate_batch(
+        self,
+        questions: Sequence[str],
+        contexts: Sequence[Sequence[str | CompressedContext]],
+        *,
+        scale: float = 0.0,
+        ratio: float | None = None,
+        **generate_kwargs: object,
+    ) -> list[str]:
+        """:meth:`generate` for many questions: one encoder batch, one ``generate`` call."""
+        return self.complete(self.prompts_for(questions, contexts, scale, ratio), **generate_kwargs)
+
+    # ------------------------------------------------------------------ training
+    def training_loss(
+        self,
+        examples: Sequence[TrainExample],
+        ratio: float | None = None,
+        mse_weight: float = 1.0,
+    ) -> LossOutput:
+        """Eq. 7: ``LM + λ·MSE(ŷ, y)`` for one batch (the LM loss counts answer tokens only).
+
+        ``ratio`` fixes the structure for the whole batch (multi-ratio training draws one per batch);
+        ``None`` lets the mode decide, with the label ``y`` standing in for the prediction so that
+        the fully dynamic baseline trains on the ratios its labels imply.
+        """
+        contexts = [c for ex in examples for c in ex.contexts]
+        labels = torch.tensor([y for ex in examples for y in ex.y], device=self.device)
+        hidden, y_hat = self.encode(contexts)
+        pooled = []
+        for row, (ctx, label) in enumerate(zip(contexts, labels.tolist(), strict=True)):
+            guide = label if math.isfinite(label) else float(y_hat[row])
+            pooled.append(
+                self.extract(hidden[row], len(ctx), self.structure(guide, len(ctx), 0.0, ratio))
+            )
+        latents = iter(self.converter(torch.cat(pooled)).split([p.shape[0] for p in pooled]))
+        prompts = [
+            LatentPrompt(
+                self.format_prompt(ex.question, len(ex.contexts)),
+                [next(latents) for _ in ex.contexts],
+            )
+            for ex in examples
+        ]
+        embeds, mask, targets = self.embed_prompts(prompts, [ex.answer for ex in examples])
+        with self._adapter("decoder") as model:
+            logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+        lm = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100
+        )
+        known = torch.isfinite(labels)
+        mse = (
+            nn.functional.mse_loss(y_hat[known], labels[known])
+            if known.any()
+            else y_hat.sum() * 0.0
+        )
+        return LossOutput(loss=lm + mse_weight * mse, lm_loss=lm.detach(), mse_loss=mse.detach())
