@@ -7,11 +7,11 @@ single placeholder in its prompt, expanded to that context's latent positions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,7 +192,7 @@ class SemiDynamicCompressor(nn.Module):
         return self.ratio_head.weight.dtype
 
     # ------------------------------------------------------------------ adapters
-    @contextmanager
+    @contextlib.contextmanager
     def _adapter(self, name: str) -> Iterator[PeftModel]:
         """Activate one LoRA adapter under the model lock.
 
@@ -431,17 +431,25 @@ class SemiDynamicCompressor(nn.Module):
         return out
 
     @torch.inference_mode()
-    def complete(self, prompts: Sequence[LatentPrompt], **generate_kwargs: object) -> list[str]:
-        """Generate an answer for each prompt in one batched ``generate`` call."""
+    def complete(
+        self, prompts: Sequence[LatentPrompt], *, adapter: bool = True, **generate_kwargs: object
+    ) -> list[str]:
+        """Generate an answer for each prompt in one batched ``generate`` call.
+
+        ``adapter=False`` runs the untouched base decoder: the honest baseline for plain-text
+        prompts (no context, full uncompressed context) on the same base model.
+        """
         if not prompts:
             return []
         embeds, mask, _ = self.embed_prompts(prompts)
         with self._adapter("decoder") as model:
-            out = model.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                **self._generation_kwargs(generate_kwargs),
-            )
+            plain = model.disable_adapter() if not adapter else contextlib.nullcontext()
+            with plain:
+                out = model.generate(
+                    inputs_embeds=embeds,
+                    attention_mask=mask,
+                    **self._generation_kwargs(generate_kwargs),
+                )
         return self.decoder_tokenizer.batch_decode(out, skip_special_tokens=True)
 
     def stream(self, prompt: LatentPrompt, **generate_kwargs: object) -> Iterator[str]:
