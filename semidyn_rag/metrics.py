@@ -1,0 +1,174 @@
+"""The paper's evaluation metrics (section 4.1) as pure functions over plain numbers and strings.
+
+* Accuracy is *substring accuracy*: an answer counts when a normalized reference occurs inside the
+  normalized model output. It is lenient about phrasing ("It was in 1066." matches "1066") yet,
+  unlike token F1, gives no partial credit.
+* The average compression ratio is ``Σ original tokens / Σ latent tokens`` over the *correctly
+  answered* samples only (the paper's strict validity filter), so that a model cannot raise its
+  ratio by crushing contexts it then fails to answer from.
+
+No model objects are involved, so evaluation results can be re-scored or re-plotted offline.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import unicodedata
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+
+__all__ = [
+    "EvalRecord",
+    "EvalSummary",
+    "average_compression_ratio",
+    "normalize_answer",
+    "pareto_front",
+    "substring_match",
+    "summarize",
+]
+
+_NOT_ALNUM = re.compile(r"[\W_]+")
+
+
+def normalize_answer(text: str) -> str:
+    """Reduce text to its letters and digits, case-folded: the form substring accuracy compares.
+
+    Precisely: Unicode NFKC normalization, then ``str.casefold()``, then removal of every character
+    that is not a Unicode letter or digit — punctuation, underscores *and whitespace* all go, so
+    ``"New York, N.Y."`` becomes ``"newyorkny"``. Dropping whitespace follows the paper's released
+    evaluation code (``re.sub(r"[^\\w]", "", text.lower())`` minus ``_``): it makes ``"U.S."``
+    match ``"U. S."`` and ``"Denmark,Iceland"`` match ``"Denmark, Iceland"``. NFKC and casefold
+    (instead of plain ``lower()``) only differ outside ASCII: they let a decomposed ``"é"`` match a
+    composed one and ``"STRASSE"`` match ``"straße"``, where the paper's version would not.
+    """
+    return _NOT_ALNUM.sub("", unicodedata.normalize("NFKC", text).casefold())
+
+
+def substring_match(prediction: str, answers: Iterable[str]) -> bool:
+    """Whether any reference, normalized, occurs in the normalized prediction.
+
+    A reference that normalizes to ``""`` (e.g. ``"?"``) never matches; in the paper's code it
+    would match every output.
+    """
+    output = normalize_answer(prediction)
+    return any(ref and ref in output for ref in map(normalize_answer, answers))
+
+
+def average_compression_ratio(
+    original_tokens: Sequence[int],
+    latent_tokens: Sequence[int],
+    correct: Sequence[bool] | None = None,
+) -> float | None:
+    """``Σ original / Σ latent`` over all samples, or only the correct ones if ``correct`` is given.
+
+    Summing before dividing weighs each sample by its length, as the paper does. Returns ``None``
+    when no sample is selected (nothing correct, or no samples): the ratio is undefined then, and
+    ``None`` — unlike ``0`` or NaN — cannot pass for a value on a plot or in an average.
+    """
+    if len(latent_tokens) != len(original_tokens) or (
+        correct is not None and len(correct) != len(original_tokens)
+    ):
+        raise ValueError("original_tokens, latent_tokens and correct must have equal lengths")
+    if any(n < 1 for n in latent_tokens) or any(n < 0 for n in original_tokens):
+        raise ValueError("latent counts must be >= 1 and original counts >= 0")
+    keep = correct if correct is not None else [True] * len(original_tokens)
+    latent = sum(n for n, k in zip(latent_tokens, keep, strict=True) if k)
+    original = sum(n for n, k in zip(original_tokens, keep, strict=True) if k)
+    return original / latent if latent else None
+
+
+class EvalRecord(BaseModel):
+    """One evaluated sample: the output, its references and what compression it got.
+
+    ``correct`` defaults to :func:`substring_match` of ``prediction`` against ``answers``; pass it
+    explicitly to score with another criterion.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    prediction: str
+    answers: list[str]
+    correct: bool
+    num_tokens: int = Field(ge=0)
+    """Tokens of the original context(s)."""
+    num_latents: int = Field(ge=1)
+    """Latent positions that replaced them."""
+    ratios: list[PositiveFloat] = Field(default_factory=list)
+    """Ratio chosen per compressed segment (empty when nothing was selected, e.g. a baseline)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _score(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and "correct" not in data
+            and {"prediction", "answers"} <= data.keys()
+        ):
+            data = {**data, "correct": substring_match(data["prediction"], data["answers"])}
+        return data
+
+    @property
+    def ratio(self) -> float:
+        """This sample's effective compression ``num_tokens / num_latents``."""
+        return self.num_tokens / self.num_latents
+
+
+class EvalSummary(BaseModel):
+    """One evaluation run in numbers: one point of the paper's accuracy-vs-ratio plots."""
+
+    model_config = ConfigDict(frozen=True)
+
+    n: int
+    accuracy: float
+    """Fraction of samples answered correctly (substring accuracy)."""
+    avg_ratio_correct: float | None
+    """The paper's average compression ratio: ``Σ tokens / Σ latents`` over correct samples only;
+    ``None`` when no sample is correct."""
+    avg_ratio: float
+    """``Σ tokens / Σ latents`` over all samples (what the compressor did, right or wrong)."""
+    mean_sample_ratio: float
+    """Unweighted mean of per-sample ratios (the released code's ``avg_comp_ratio``)."""
+    log2_ratio_variance: float | None
+    """Population variance of ``log2`` of every chosen segment ratio (paper Fig. 5): how much the
+    selector adapts; ``None`` when no ratio was recorded."""
+
+
+def summarize(records: Sequence[EvalRecord]) -> EvalSummary:
+    """Aggregate per-sample records into the paper's metrics; at least one record is required."""
+    if not records:
+        raise ValueError("cannot summarize zero records")
+    tokens = [r.num_tokens for r in records]
+    latents = [r.num_latents for r in records]
+    chosen = [math.log2(x) for r in records for x in r.ratios]
+    plain = average_compression_ratio(tokens, latents)
+    assert plain is not None  # records is non-empty
+    return EvalSummary(
+        n=len(records),
+        accuracy=sum(r.correct for r in records) / len(records),
+        avg_ratio_correct=average_compression_ratio(tokens, latents, [r.correct for r in records]),
+        avg_ratio=plain,
+        mean_sample_ratio=statistics.fmean(r.ratio for r in records),
+        log2_ratio_variance=statistics.pvariance(chosen) if chosen else None,
+    )
+
+
+def pareto_front(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The non-dominated ``(ratio, accuracy)`` points, by increasing ratio (so decreasing accuracy).
+
+    A point is dominated when another has at least its ratio and at least its accuracy and differs
+    from it; duplicates appear once. Both coordinates are "higher is better", as in the paper.
+    """
+    candidates = list(points)
+    if any(math.isnan(x) for p in candidates for x in p):
+        raise ValueError("pareto_front: NaN coordinate")
+    ordered = sorted(candidates, key=lambda p: (-p[0], -p[1]))
+    front: list[tuple[float, float]] = []
+    for ratio, accuracy in ordered:
+        if not front or accuracy > front[-1][1]:
+            front.append((ratio, accuracy))
+    return front[::-1]
