@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format bench
+.PHONY: install demo test lint format train-default
 
 $(STAMP): pyproject.toml Makefile $(wildcard integrations/*/pyproject.toml)
 	python3 -m venv $(VENV)
@@ -32,3 +32,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# The bundled default compressor, retrained from scratch (see recipes/default.py).
+train-default: $(STAMP)
+	$(PY) recipes/default.py synth
+	$(PY) recipes/default.py train
+	$(PY) recipes/default.py ship
+	$(PY) recipes/default.py eval
