@@ -139,6 +139,16 @@ def _load_state(model: SemiDynamicCompressor, state: dict[str, torch.Tensor], so
             target.copy_(state[key].to(target.dtype))
 
 
+def _local_bases(raw: dict, directory: Path) -> dict:
+    """Base paths written ``./name`` live inside the checkpoint (bases trained with it, e.g. from
+    scratch): resolve them against the checkpoint directory, not the working directory."""
+    for key in ("encoder_model", "decoder_model"):
+        value = raw.get(key)
+        if isinstance(value, str) and value.startswith("./"):
+            raw[key] = str(directory / value[2:])
+    return raw
+
+
 def load_compressor(
     name_or_path: str | Path | None = None,
     *,
@@ -150,7 +160,7 @@ def load_compressor(
     directory = _resolve(name_or_path)
     if (directory / CONFIG_NAME).exists():
         _require(directory, MODULES_NAME)
-        raw = json.loads((directory / CONFIG_NAME).read_text())
+        raw = _local_bases(json.loads((directory / CONFIG_NAME).read_text()), directory)
         config = CompressorConfig.model_validate({**raw, **overrides})
         model = _with_adapters(config, directory, device, dtype)
         _load_state(model, load_file(directory / MODULES_NAME), directory)
@@ -238,9 +248,21 @@ def import_official(
 
 
 def fingerprint(model: SemiDynamicCompressor) -> str:
-    """A short hash of the config and every trained tensor: stored latents are keyed by it."""
-    digest = hashlib.sha256(model.config.model_dump_json().encode())
+    """A short hash of what determines the latents: config, base weights' identity, trained tensors.
+
+    Base models are identified by their architecture config and input-embedding table rather than
+    by path, so the same checkpoint copied to another folder or machine keeps its fingerprint (and
+    a store precompressed elsewhere stays usable), while another base under the same name does not.
+    """
+    config = model.config.model_dump(exclude={"encoder_model", "decoder_model"})
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     tensors = dict(_own_state(model))
+    for role, peft_model in (("encoder", model.encoder), ("decoder", model.decoder)):
+        base = peft_model.get_base_model()
+        base_config = base.config.to_dict()
+        base_config.pop("_name_or_path", None)
+        digest.update(json.dumps(base_config, sort_keys=True, default=str).encode())
+        tensors[f"{role}.embed_tokens"] = base.get_input_embeddings().weight.detach().cpu()
     for name, param in model.named_parameters():
         if "lora_" in name:
             tensors[name] = param.detach().cpu()

@@ -34,7 +34,8 @@ class CompressorConfig(BaseModel):
     and decoder share one copy of the base weights, each with its own LoRA adapter.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # defaults are validated too, so a fresh config and its JSON round trip are equal (ratios 2.0)
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     encoder_model: str
     encoder_gguf_file: str | None = None

@@ -18,7 +18,12 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import PreTrainedTokenizerBase, TextIteratorStreamer
+from transformers import (
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from . import pooling, selector
 from .config import CompressorConfig, LoraSettings
@@ -78,6 +83,18 @@ def _lora(settings: LoraSettings) -> LoraConfig:
 def _inner(peft_model: PeftModel) -> nn.Module:
     """The transformer stack under the LM head: hidden states without paying for vocab logits."""
     return peft_model.get_base_model().base_model
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops ``generate`` once the streaming consumer has gone away."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object
+    ) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
 
 
 class SemiDynamicCompressor(nn.Module):
@@ -458,6 +475,10 @@ class SemiDynamicCompressor(nn.Module):
             embeds, mask, _ = self.embed_prompts([prompt])
         streamer = TextIteratorStreamer(self.decoder_tokenizer, skip_special_tokens=True)
         kwargs = self._generation_kwargs(generate_kwargs)
+        cancelled = threading.Event()
+        kwargs["stopping_criteria"] = StoppingCriteriaList(
+            [*kwargs.get("stopping_criteria", []), _Cancelled(cancelled)]
+        )
         errors: list[BaseException] = []
 
         def run() -> None:
@@ -472,8 +493,11 @@ class SemiDynamicCompressor(nn.Module):
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        yield from (piece for piece in streamer if piece)
-        thread.join()
+        try:
+            yield from (piece for piece in streamer if piece)
+        finally:  # a consumer that stops reading early also stops the decoder (and its lock)
+            cancelled.set()
+            thread.join()
         if errors:
             raise errors[0]
 

@@ -10,6 +10,7 @@ LlamaIndex and LangChain packages are thin translations around it and hold no mo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .modeling import PLACEHOLDER, LatentPrompt, SemiDynamicCompressor
-from .store import LatentStore, entry_key, policy_key
+from .store import LatentStore, StoreMismatchError, entry_key, policy_key, text_hash
 from .types import CompressedContext
 
 MARKER_PATTERN = re.compile(r"\[\[latent:([0-9a-f]{64})\]\]")
@@ -66,6 +67,12 @@ class LatentService:
         ratio: float | None = None,
         memory_entries: int = 4096,
     ) -> None:
+        if store is not None and store.fingerprint != compressor.fingerprint:
+            raise StoreMismatchError(
+                f"store {store.path} holds latents of compressor {store.fingerprint}, not of "
+                f"this one ({compressor.fingerprint}); open the store with this compressor's "
+                "fingerprint or use another path"
+            )
         self.compressor = compressor
         self.store = store
         self.scale = scale
@@ -105,9 +112,15 @@ class LatentService:
             fresh = self.compressor.compress(
                 list(todo.values()), self._scale(scale), self.ratio if ratio is None else ratio
             )
-            found.update({k: (c, "encoder") for k, c in zip(todo, fresh, strict=True)})
             if self.store is not None:
-                self.store.put_many(list(zip(todo, fresh, strict=True)))
+                self.store.put_many(
+                    list(zip(todo, fresh, strict=True)),
+                    text_hashes={k: text_hash(t) for k, t in todo.items()},
+                    policy=self._policy(scale, ratio),
+                )
+                # serve what the store serves: an answer must not depend on where latents came from
+                fresh = [self._as_stored(c) for c in fresh]
+            found.update({k: (c, "encoder") for k, c in zip(todo, fresh, strict=True)})
         for key in keys:
             self._remember(key, found[key][0])
         return [ChunkLatents(k, *found[k]) for k in keys]
@@ -116,6 +129,10 @@ class LatentService:
         self, texts: Sequence[str], *, scale: float | None = None, ratio: float | None = None
     ) -> list[ChunkLatents]:
         return await asyncio.to_thread(self.compress, texts, scale=scale, ratio=ratio)
+
+    def _as_stored(self, context: CompressedContext) -> CompressedContext:
+        latents = context.latents.to(self.store.dtype).to(context.latents.dtype)
+        return dataclasses.replace(context, latents=latents)
 
     def _remember(self, key: str, context: CompressedContext) -> None:
         self._memory[key] = context

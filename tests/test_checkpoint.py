@@ -139,3 +139,13 @@ def test_official_checkpoint_missing_projector(tiny_dir, tmp_path):
     (tmp_path / "projector.pth").unlink()
     with pytest.raises(CheckpointError, match=r"projector\.pth"):
         import_official(tmp_path)
+
+
+def test_fingerprint_does_not_depend_on_the_folder(compressor, tmp_path):
+    import shutil
+
+    compressor.save_pretrained(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    a = SemiDynamicCompressor.from_pretrained(tmp_path / "a")
+    b = SemiDynamicCompressor.from_pretrained(tmp_path / "b")
+    assert a.fingerprint == b.fingerprint == compressor.fingerprint

@@ -156,3 +156,12 @@ def test_different_bases_for_encoder_and_decoder(tiny_dir, tiny_dir_wide):
 def test_shared_base_keeps_one_copy_of_weights(compressor):
     assert compressor.decoder is compressor.encoder
     assert set(compressor.encoder.peft_config) == {"encoder", "decoder"}
+
+
+def test_closing_a_stream_early_stops_the_decoder(compressor):
+    [prompt] = compressor.prompts_for(["Who?"], [[TEXT]])
+    stream = compressor.stream(prompt, max_new_tokens=500, min_new_tokens=500)
+    next(stream)
+    stream.close()  # returns only once the generation thread has ended
+    assert compressor._lock.acquire(blocking=False)
+    compressor._lock.release()
