@@ -1,0 +1,23 @@
+"""LangChain integration of semidyn-rag: compress retrieved documents, answer from their latents."""
+
+from .chains import compression_step, create_semidyn_rag_chain
+from .chat_models import ChatSemiDynamic, render_messages
+from .document_compressors import SemiDynamicDocumentCompressor
+from .embeddings import SentenceTransformerEmbeddings
+from .llms import SemiDynamicLLM
+from .prompts import format_docs, qa_chat_prompt, qa_prompt, qa_template
+
+__all__ = [
+    "ChatSemiDynamic",
+    "SemiDynamicDocumentCompressor",
+    "SemiDynamicLLM",
+    "SentenceTransformerEmbeddings",
+    "compression_step",
+    "create_semidyn_rag_chain",
+    "format_docs",
+    "qa_chat_prompt",
+    "qa_prompt",
+    "qa_template",
+    "render_messages",
+]
+__version__ = "0.1.0"

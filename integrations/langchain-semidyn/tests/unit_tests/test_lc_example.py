@@ -1,0 +1,31 @@
+"""The documented example runs end to end (tiny random models, offline MiniLM embeddings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import pytest
+
+from langchain_semidyn.embeddings import DEFAULT_MODEL, default_model_path
+
+EXAMPLE = Path(__file__).resolve().parents[4] / "examples" / "langchain_rag.py"
+
+
+@pytest.mark.skipif(not EXAMPLE.exists(), reason="the repository's examples/ are not here")
+@pytest.mark.skipif(default_model_path() == DEFAULT_MODEL, reason="offline MiniLM not installed")
+def test_example_script_runs(tmp_path, capsys, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="langchain_rag")
+    spec = importlib.util.spec_from_file_location("langchain_rag_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--tiny", "--max-new-tokens", "4", "--store", str(tmp_path / "store")]
+    assert module.main([*argv, "--question", "Where was Marie Curie born?"]) == 0
+    assert "Q: Where was Marie Curie born?" in capsys.readouterr().out
+    # A second run is a new process's view of the same store: nothing left to compress.
+    assert "(4 new)" in caplog.text
+    caplog.clear()
+    assert module.main([*argv, "--question", "When was the Eiffel Tower completed?"]) == 0
+    assert "(0 new)" in caplog.text
+    assert "retrieved [('store'" in caplog.text

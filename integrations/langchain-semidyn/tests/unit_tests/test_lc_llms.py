@@ -1,0 +1,156 @@
+"""`SemiDynamicLLM`: marker prompts decoded from latents, streaming, stops, usage, async."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+from langchain_core.outputs import LLMResult
+from semidyn_rag.modeling import PLACEHOLDER
+from semidyn_rag.service import UnknownMarkerError, marker
+
+from langchain_semidyn import SemiDynamicDocumentCompressor, SemiDynamicLLM, format_docs, qa_prompt
+
+SAMPLING = {"do_sample": True, "temperature": 1.0}
+
+
+class Recorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+        self.results: list[LLMResult] = []
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens.append(token)
+
+    def on_llm_end(self, response: LLMResult, **kwargs: Any) -> None:
+        self.results.append(response)
+
+
+class AsyncRecorder(AsyncCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+        self.results: list[LLMResult] = []
+
+    async def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens.append(token)
+
+    async def on_llm_end(self, response: LLMResult, **kwargs: Any) -> None:
+        self.results.append(response)
+
+
+@pytest.fixture
+def prompt(service, documents) -> str:
+    docs = SemiDynamicDocumentCompressor(service=service).compress_documents(documents[:2], "q")
+    return qa_prompt(service).format(context=format_docs(docs), question="Where is Paris?")
+
+
+@pytest.fixture
+def llm(service) -> SemiDynamicLLM:
+    return SemiDynamicLLM(service=service, max_new_tokens=12)
+
+
+def expected_prompt_tokens(service, prompt: str) -> int:
+    """Decoder positions counted independently: chat-template text tokens plus latent rows."""
+    resolved = service.resolve(prompt)
+    compressor = service.compressor
+    text = compressor.decoder_tokenizer.apply_chat_template(
+        [{"role": "user", "content": resolved.text}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=False,
+    )
+    ids = [
+        compressor.decoder_tokenizer(piece, add_special_tokens=False)["input_ids"]
+        for piece in text.split(PLACEHOLDER)
+    ]
+    return sum(map(len, ids)) + sum(int(lat.shape[0]) for lat in resolved.latents)
+
+
+def test_invoke_decodes_the_latents(llm, service, prompt) -> None:
+    text = llm.invoke(prompt)
+    assert text == service.complete(prompt, max_new_tokens=12)
+    # The latents matter: the same prompt with other chunks' latents answers differently.
+    other = prompt.replace(prompt[prompt.index("[[") : prompt.index("]]") + 2], "")
+    assert llm.invoke(other) != text
+
+
+def test_usage_and_ratios_reach_callbacks(llm, service, prompt) -> None:
+    recorder = Recorder()
+    llm.invoke(prompt, config={"callbacks": [recorder]})
+    (result,) = recorder.results
+    info = result.generations[0][0].generation_info
+    usage = result.llm_output["token_usage"]
+    resolved = service.resolve(prompt)
+    latent_rows = [int(lat.shape[0]) for lat in resolved.latents]
+
+    assert (
+        usage["prompt_tokens"] == info["prompt_tokens"] == expected_prompt_tokens(service, prompt)
+    )
+    assert usage["completion_tokens"] == info["completion_tokens"] == 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 12
+    assert info["finish_reason"] == "length"
+    assert info["latent_counts"] == latent_rows
+    assert info["latent_positions"] == sum(latent_rows)
+    assert info["latent_ratios"] == [service.lookup([k])[k].ratio for k in info["latent_keys"]]
+    assert all(marker(k) in prompt for k in info["latent_keys"])
+    assert result.llm_output["latent_ratios"] == [info["latent_ratios"]]
+
+
+def test_stream_yields_real_pieces_and_reports_usage(llm, prompt) -> None:
+    torch.manual_seed(0)
+    whole = llm.invoke(prompt, **SAMPLING)
+    recorder = Recorder()
+    torch.manual_seed(0)
+    pieces = list(llm.stream(prompt, config={"callbacks": [recorder]}, **SAMPLING))
+    assert "".join(pieces) == whole
+    assert len([p for p in pieces if p]) > 1  # pieces arrive as the decoder writes them
+    assert recorder.tokens == pieces
+    info = recorder.results[0].generations[0][0].generation_info
+    assert info["completion_tokens"] == 12
+    assert info["latent_counts"]
+
+
+def test_stop_cuts_text_and_halts_the_decoder(llm, prompt) -> None:
+    full = llm.invoke(prompt)
+    stop = full[2:4]
+    cut = full[: full.index(stop)]
+    recorder = Recorder()
+    assert llm.invoke(prompt, stop=[stop], config={"callbacks": [recorder]}) == cut
+    info = recorder.results[0].generations[0][0].generation_info
+    assert info["finish_reason"] == "stop" and info["stop"] == stop
+    assert info["completion_tokens"] < 12  # generate stopped at the stop string too
+    assert "".join(llm.stream(prompt, stop=[stop])) == cut
+    assert SemiDynamicLLM(service=llm.service, max_new_tokens=12, stop=[stop]).invoke(prompt) == cut
+
+
+def test_unknown_marker_is_an_error(llm) -> None:
+    with pytest.raises(UnknownMarkerError):
+        llm.invoke(f"Context: {marker('0' * 64)}\nQuestion: ?")
+
+
+def test_plain_prompt_without_markers(llm) -> None:
+    result = llm.generate(["Question: what is compression?"])
+    info = result.generations[0][0].generation_info
+    assert info["latent_counts"] == [] and info["latent_positions"] == 0
+    assert info["completion_tokens"] > 0
+
+
+@pytest.mark.asyncio
+async def test_async_invoke_and_stream(llm, prompt) -> None:
+    whole = llm.invoke(prompt)
+    assert await llm.ainvoke(prompt) == whole
+    recorder = AsyncRecorder()
+    pieces = [p async for p in llm.astream(prompt, config={"callbacks": [recorder]})]
+    assert "".join(pieces) == whole
+    assert recorder.tokens == pieces
+    assert recorder.results[0].generations[0][0].generation_info["completion_tokens"] == 12
+
+    stop = whole[2:4]
+    cut = whole[: whole.index(stop)]
+    assert await llm.ainvoke(prompt, stop=[stop]) == cut
+    assert "".join([p async for p in llm.astream(prompt, stop=[stop])]) == cut
+    results = await llm.agenerate([prompt, prompt])
+    assert [g[0].text for g in results.generations] == [whole, whole]
+    assert results.llm_output["token_usage"]["completion_tokens"] == 24
