@@ -1,13 +1,14 @@
 """Recipe of the bundled default compressor (SmolLM2-135M-Instruct as encoder and decoder base).
 
-    python recipes/default.py synth   # teacher labels + synthetic tasks (resumable)
+    python recipes/default.py synth   # synthetic QA tasks from the teacher (resumable)
     python recipes/default.py train   # one-stage SFT with the project's Trainer (resumable)
     python recipes/default.py ship    # fp16 copy of the final checkpoint into semidyn_rag/default
     python recipes/default.py eval    # held-out SQuAD articles: Pareto table + plot
 
 ``make train-default`` runs all four. Data: SQuAD (whole articles held out for evaluation) and
-HotpotQA training rows from ``../shared/data``, plus synthetic tasks and density labels written by
-the synthesis pipeline with SmolLM2 itself as the teacher (the only LLM available offline here).
+HotpotQA training rows from ``../shared/data``, plus synthetic QA tasks written by the synthesis
+pipeline with SmolLM2 itself as the teacher (the only LLM available offline here). Density labels
+come from an extractive summary (``extractive_label``): SmolLM2's own summaries carry no signal.
 """
 
 from __future__ import annotations
@@ -70,13 +71,13 @@ def squad_split():
 
 
 def synth(limit: int) -> None:
-    """Density labels (ultra-concise summaries) and QA/summary tasks on training paragraphs."""
+    """Synthetic QA tasks on training paragraphs, written by the teacher (labels: see below)."""
     train, _ = squad_split()
     paragraphs = list(dict.fromkeys(c for s in train for c in s.contexts))
     seeds = [Seed(id=f"squad-{i}", text=t) for i, t in enumerate(paragraphs)]
     teacher = HFTeacher(SMOLLM2, gguf_file=SMOLLM2_GGUF)
     config = SynthConfig(
-        tasks=["density", "qa"], qa_per_seed=2, max_new_tokens=160, temperature=0.0, limit=limit
+        tasks=["qa"], qa_per_seed=2, max_new_tokens=160, temperature=0.0, limit=limit
     )
     stats = synthesize(
         seeds, teacher, RUN / "synth.jsonl", config, _count_tokens(teacher.tokenizer)
@@ -189,10 +190,10 @@ def training_samples() -> list[TrainSample]:
     hotpot = load_hotpotqa(DATA / "hotpotqa" / "train.jsonl")
     synthetic = read_jsonl(RUN / "synth.jsonl") if (RUN / "synth.jsonl").exists() else []
     count = _count_tokens(SemiDynamicCompressor._tokenizers(COMPRESSOR)[0])
-    samples = []
-    for s in from_qa_samples([*train, *hotpot]):
-        samples.append(s.model_copy(update={"y": [extractive_label(c, count) for c in s.contexts]}))
-    samples += synthetic
+    samples = [
+        s.model_copy(update={"y": [extractive_label(c, count) for c in s.contexts]})
+        for s in [*from_qa_samples([*train, *hotpot]), *synthetic]
+    ]
     logger.info("%d training samples (%d synthetic)", len(samples), len(synthetic))
     return samples
 
@@ -242,7 +243,7 @@ def main() -> None:
     torch.set_num_threads(2)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("step", choices=["synth", "train", "ship", "eval"])
-    parser.add_argument("--synth-limit", type=int, default=120)
+    parser.add_argument("--synth-limit", type=int, default=40)
     parser.add_argument("--eval-limit", type=int, default=200)
     parser.add_argument("--scales", type=float, nargs="+", default=[-1.0, 0.0, 1.0, 2.0, 3.0])
     args = parser.parse_args()

@@ -347,21 +347,30 @@ class SemiDynamicCompressor(nn.Module):
         """:meth:`compress` for already tokenized texts (callers that tokenized to batch by length)."""
         segments, owners = self._segments(token_lists)
         order = sorted(range(len(segments)), key=lambda i: len(segments[i]))
-        pooled: list[torch.Tensor | None] = [None] * len(segments)
+        latents: list[torch.Tensor | None] = [None] * len(segments)
         params: list[tuple[float, float]] = [(0.0, 0.0)] * len(segments)
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             hidden, y = self.encode([segments[i] for i in batch])
+            ys = y.tolist()  # one device sync per batch, not two per row
+            pooled = []
             for row, i in enumerate(batch):
                 n = len(segments[i])
-                param = self.structure(float(y[row]), n, scale, ratio)
-                pooled[i] = self.extract(hidden[row], n, param)
+                param = self.structure(ys[row], n, scale, ratio)
+                pooled.append(self.extract(hidden[row], n, param))
                 chosen = param if self.config.backbone == "mean_pooling" else n / param
-                params[i] = (float(chosen), float(y[row]))
-        latents = self.converter(torch.cat(pooled)).split([p.shape[0] for p in pooled])
+                params[i] = (float(chosen), ys[row])
+            # One converter call per encoder batch: the token backbones' features are views of
+            # `hidden`, which must not stay alive for every batch until the end of a large call.
+            converted = self.converter(torch.cat(pooled)).split([p.shape[0] for p in pooled])
+            for i, lat in zip(batch, converted, strict=True):
+                latents[i] = lat
+            del hidden, pooled
+        segments_of: list[list[int]] = [[] for _ in token_lists]
+        for i, owner in enumerate(owners):  # linear, not texts x segments
+            segments_of[owner].append(i)
         results = []
-        for owner, ids in enumerate(token_lists):
-            mine = [i for i, o in enumerate(owners) if o == owner]
+        for ids, mine in zip(token_lists, segments_of, strict=True):
             results.append(
                 CompressedContext(
                     latents=torch.cat([latents[i] for i in mine]),

@@ -131,6 +131,19 @@ def test_long_text_is_split_into_segments_not_truncated(make_compressor):
     assert out.num_latents == sum(math.ceil(s / 4) for s in sizes)
 
 
+@pytest.mark.parametrize("backbone", ["mean_pooling", "last_tokens"])
+def test_batch_size_and_segments_do_not_change_latents(make_compressor, backbone):
+    # per-batch converter calls and the owner grouping must keep every text's own latents, in order
+    enc = make_compressor(backbone=backbone, max_segment_tokens=16, mode="fixed_ratio")
+    texts = [LONG, "Paris", TEXT, "Alice was born in 1990 in Lyon", LONG[:90]]
+    batched = enc.compress(texts, batch_size=16)
+    for one_by_one in (enc.compress(texts, batch_size=1), [enc.compress([t])[0] for t in texts]):
+        for a, b in zip(batched, one_by_one, strict=True):
+            assert a.segment_ratios == b.segment_ratios and a.num_tokens == b.num_tokens
+            torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=1e-5)
+    assert enc.compress_tokens([]) == []
+
+
 def test_bad_input_is_named(compressor, tiny_dir):
     with pytest.raises(ValueError, match="text 1 is empty"):
         compressor.compress([TEXT, "   "])

@@ -1,0 +1,183 @@
+"""The two-stage variant: a standalone ratio predictor in front of a compressor.
+
+The paper (Sec. 4.4, "1-Stage vs. 2-Stage") compares its single-stage joint model with a pipeline
+where an isolated regression model predicts ``y`` and the compressor only compresses. `RatioRegressor`
+is that isolated model: a (possibly smaller) base LLM with its own LoRA adapter, bidirectional
+attention and a linear head on the appended ``<eos>``, trained on the density labels alone (MSE).
+It plugs into the same `Trainer` (``training_loss`` has the compressor's signature) and replaces the
+joint head at inference through :meth:`RatioRegressor.compress_with`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .. import selector
+from ..config import LoraSettings
+from ..loading import resolve_source
+from ..modeling import LossOutput, SemiDynamicCompressor, TrainExample, _inner, _lora
+from ..types import CompressedContext
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "regressor_config.json"
+HEAD_NAME = "head.safetensors"
+ADAPTER = "ratio"
+
+
+class RatioRegressorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    base_model: str
+    gguf_file: str | None = None
+    lora: LoraSettings = Field(default_factory=lambda: LoraSettings(alpha=128))
+    bidirectional: bool = True
+    max_segment_tokens: int = Field(2048, ge=8)
+    """Longer texts are truncated: the density of a long prefix stands for the whole."""
+    trust_remote_code: bool = False
+
+
+class RatioRegressor(nn.Module):
+    """Predicts ``y = log2(ratio)`` from text, independently of any compressor."""
+
+    def __init__(
+        self, config: RatioRegressorConfig, encoder: PeftModel, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        base = encoder.get_base_model()
+        self.head = nn.Linear(base.config.hidden_size, 1).to(device=base.device, dtype=base.dtype)
+
+    @staticmethod
+    def _base(config: RatioRegressorConfig, dtype: torch.dtype | None) -> tuple:
+        source = resolve_source(config.base_model)
+        kwargs = {"gguf_file": config.gguf_file, "trust_remote_code": config.trust_remote_code}
+        base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer of {config.base_model!r} has no eos token")
+        return base, tok
+
+    @classmethod
+    def from_config(
+        cls, config: RatioRegressorConfig, *, dtype: torch.dtype | None = None
+    ) -> RatioRegressor:
+        base, tok = cls._base(config, dtype)
+        return cls(config, get_peft_model(base, _lora(config.lora), adapter_name=ADAPTER), tok)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, *, dtype: torch.dtype | None = None
+    ) -> RatioRegressor:
+        directory = Path(directory)
+        config = RatioRegressorConfig.model_validate_json((directory / CONFIG_NAME).read_text())
+        base, tok = cls._base(config, dtype)
+        encoder = PeftModel.from_pretrained(base, directory / ADAPTER, adapter_name=ADAPTER)
+        model = cls(config, encoder, tok)
+        model.head.load_state_dict(load_file(directory / HEAD_NAME))
+        return model.eval()
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(out, selected_adapters=[ADAPTER])
+        state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        save_file(state, out / HEAD_NAME)
+        (out / CONFIG_NAME).write_text(self.config.model_dump_json(indent=2))
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @property
+    def decoder_tokenizer(self) -> PreTrainedTokenizerBase:
+        """Only so that `to_examples` can tokenize answers; the regressor never reads them."""
+        return self.tokenizer
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def predict_tokens(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``[B]`` predictions: one bidirectional pass over ``context + <eos>``, head on ``<eos>``."""
+        eos = self.tokenizer.eos_token_id
+        contexts = [list(c)[: self.config.max_segment_tokens] for c in contexts]
+        lengths = [len(c) for c in contexts]
+        ids = torch.full((len(contexts), max(lengths) + 1), eos, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, ctx in enumerate(contexts):
+            ids[row, : len(ctx)] = torch.as_tensor(ctx, dtype=torch.long)
+            mask[row, : len(ctx) + 1] = 1
+        hidden = _inner(self.encoder)(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            is_causal=not self.config.bidirectional,
+        ).last_hidden_state
+        rows = torch.arange(len(contexts), device=self.device)
+        eos_state = hidden[rows, torch.as_tensor(lengths, device=self.device)]
+        return self.head(eos_state).squeeze(-1).float()
+
+    @torch.inference_mode()
+    def predict(self, texts: Sequence[str], batch_size: int = 16) -> list[float]:
+        tokens = self.tokenize(texts)
+        out: list[float] = []
+        for start in range(0, len(tokens), batch_size):
+            out.extend(self.predict_tokens(tokens[start : start + batch_size]).tolist())
+        return out
+
+    def training_loss(
+        self, examples: Sequence[TrainExample], ratio: float | None = None, mse_weight: float = 1.0
+    ) -> LossOutput:
+        """MSE against the known labels (``ratio`` and ``mse_weight`` are accepted and unused:
+        the regressor's only objective is the label)."""
+        pairs = [
+            (ctx, y) for ex in examples for ctx, y in zip(ex.contexts, ex.y) if math.isfinite(y)
+        ]
+        if not pairs:
+            zero = self.head.weight.sum() * 0.0
+            return LossOutput(loss=zero, lm_loss=zero.detach(), mse_loss=zero.detach())
+        y_hat = self.predict_tokens([c for c, _ in pairs])
+        labels = torch.tensor([y for _, y in pairs], device=self.device)
+        mse = nn.functional.mse_loss(y_hat, labels)
+        return LossOutput(loss=mse, lm_loss=torch.zeros(()), mse_loss=mse.detach())
+
+    @torch.inference_mode()
+    def compress_with(
+        self,
+        compressor: SemiDynamicCompressor,
+        texts: Sequence[str],
+        scale: float = 0.0,
+        *,
+        batch_size: int = 16,
+    ) -> list[CompressedContext]:
+        """Two-stage semi-dynamic compression: this model's ``y`` + DRS choose each text's ratio,
+        the compressor pools at that ratio (its own head is not consulted)."""
+        cfg = compressor.config
+        if cfg.backbone != "mean_pooling":
+            raise ValueError("two-stage compression is implemented for mean pooling")
+        ys = self.predict(texts, batch_size)
+        ratios = [
+            selector.select_ratio(y, scale, cfg.ratios, cfg.quantize, cfg.compare_space) for y in ys
+        ]
+        tokens = compressor.tokenize(texts)
+        out: list[CompressedContext | None] = [None] * len(texts)
+        for ratio in sorted(set(ratios)):
+            idx = [i for i, r in enumerate(ratios) if r == ratio]
+            done = compressor.compress_tokens(
+                [tokens[i] for i in idx], ratio=ratio, batch_size=batch_size
+            )
+            for i, ctx in zip(idx, done, strict=True):
+                out[i] = dataclasses.replace(ctx, segment_y=(ys[i],) * len(ctx.segment_y))
+        return [c for c in out if c is not None]

@@ -1,0 +1,455 @@
+"""Single-stage SFT (Eq. 7): one small, readable training loop.
+
+``Trainer(model, samples, TrainConfig(...)).train()`` optimises ``LM + λ·MSE`` with AdamW over the
+trainable tensors (both LoRA adapters, ratio head, converter, memory tokens; the base weights too
+with ``train_base``), gradient accumulation, warmup + cosine/linear decay, and clipping. Checkpoints
+``output_dir/checkpoint-N`` hold a loadable compressor (``save_pretrained``) plus the trainer state:
+trainable tensors, AdamW moments and RNG in safetensors, scalars in JSON (no pickle anywhere), so
+``resume_from`` continues exactly where the run stopped. ``accelerate`` prepares model and optimizer
+(DDP across GPUs; a no-op on CPU), each process taking its own slice of every batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from peft import PeftModel
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..checkpoint import CONFIG_NAME
+from ..modeling import LossOutput, SemiDynamicCompressor, TrainExample
+from .samples import TrainSample, to_examples
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = "trainer"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TrainConfig(BaseModel):
+    """Hyperparameters of one run. ``steps`` count optimizer steps; each sees
+    ``batch_size × grad_accum × processes`` examples."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """The schedule decays to ``lr × min_lr_ratio``."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = 1.0
+    mse_weight: float = Field(1.0, ge=0)
+    """λ of Eq. 7."""
+    ratio_sampling: Literal["multi", "mode"] = "multi"
+    """``multi``: one ratio drawn from the model's candidate set per optimizer step (multi-ratio
+    and semi-dynamic mean pooling); ``mode``: the mode decides (fixed ratio/length; semi- and fully
+    dynamic follow the label ``y`` where known)."""
+    train_base: bool = False
+    """Train the base weights as well (from-scratch runs, where LoRA on random weights is too weak);
+    checkpoints then carry the trained base in ``base/``."""
+    max_context_tokens: int | None = None
+    """Truncate training contexts to this many tokens (default: the encoder segment size)."""
+    seed: int = 0
+    output_dir: str | None = None
+    save_every: int = Field(0, ge=0)
+    """Save ``checkpoint-N`` every this many steps (0: only at the end); needs ``output_dir``."""
+    keep_last: int | None = Field(None, ge=1)
+    """Delete older checkpoints beyond this many (None keeps all)."""
+    log_every: int = Field(10, ge=1)
+    resume_from: str | None = None
+    """A checkpoint directory, or ``auto`` for the latest one in ``output_dir`` (none: start)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if (self.save_every or self.resume_from == "auto") and not self.output_dir:
+            raise ValueError("save_every and resume_from='auto' need output_dir")
+        return self
+
+
+class StepLog(BaseModel):
+    step: int
+    loss: float
+    lm_loss: float
+    mse_loss: float
+    lr: float
+    ratio: float | None = None
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then decay."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    floor = config.lr * config.min_lr_ratio
+    if config.schedule == "constant" or config.steps <= config.warmup_steps:
+        return config.lr
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    if config.schedule == "linear":
+        return floor + (config.lr - floor) * (1 - progress)
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def mark_trainable(model: nn.Module, train_base: bool = False) -> list[tuple[str, nn.Parameter]]:
+    """Set ``requires_grad`` and return the trainable ``(name, param)`` pairs in a fixed order.
+
+    Everything outside the peft-wrapped base models trains (ratio head, converter, memory); inside
+    them the LoRA tensors of every adapter train, and the base weights only with ``train_base``.
+    """
+    bases = [name + "." for name, m in model.named_modules() if isinstance(m, PeftModel)]
+    chosen = []
+    for name, param in model.named_parameters():
+        is_base = any(name.startswith(b) for b in bases) and "lora_" not in name
+        param.requires_grad_(train_base or not is_base)
+        if param.requires_grad:
+            chosen.append((name, param))
+    return chosen
+
+
+class _Loss(nn.Module):
+    """Puts ``training_loss`` behind ``forward`` so that DDP sees the call and syncs gradients."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, examples: Sequence[TrainExample], ratio: float | None, mse_weight: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out: LossOutput = self.model.training_loss(examples, ratio=ratio, mse_weight=mse_weight)
+        return out.loss, out.lm_loss, out.mse_loss
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    examples: Sequence[TrainExample],
+    *,
+    ratio: float | None = None,
+    mse_weight: float = 1.0,
+    batch_size: int = 8,
+) -> LossOutput:
+    """Mean losses over ``examples`` in eval mode (weighted by batch size); restores the mode."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3)
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        out = model.training_loss(batch, ratio=ratio, mse_weight=mse_weight)
+        totals += torch.tensor([float(out.loss), float(out.lm_loss), float(out.mse_loss)]) * len(
+            batch
+        )
+    model.train(was_training)
+    mean = totals / max(1, len(examples))
+    return LossOutput(loss=mean[0], lm_loss=mean[1], mse_loss=mean[2])
+
+
+class Trainer:
+    """Trains a compressor (or anything with ``training_loss``) on `TrainSample`s or examples."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        samples: Sequence[TrainSample] | Sequence[TrainExample],
+        config: TrainConfig,
+    ) -> None:
+        if not samples:
+            raise ValueError("no training samples")
+        self.config = config
+        self.model = model
+        self.examples: list[TrainExample] = (
+            to_examples(model, samples, config.max_context_tokens)  # type: ignore[arg-type]
+            if isinstance(samples[0], TrainSample)
+            else list(samples)  # type: ignore[arg-type]
+        )
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        model.train()
+        self.params = mark_trainable(model, config.train_base)
+        decay = [p for _, p in self.params if p.dim() >= 2]
+        no_decay = [p for _, p in self.params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=config.lr,
+            betas=config.betas,
+        )
+        self.loss_module, self.prepared_optimizer = self.accelerator.prepare(
+            _Loss(model), self.optimizer
+        )
+        self.step = 0
+        self.history: list[StepLog] = []
+        self._orders: dict[int, list[int]] = {}
+        n_params = sum(p.numel() for _, p in self.params)
+        logger.info(
+            "training %d tensors (%.2fM values) on %d examples",
+            len(self.params),
+            n_params / 1e6,
+            len(self.examples),
+        )
+
+    # ------------------------------------------------------------------ data
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.examples)))
+            random.Random(self.config.seed * 1_000_003 + epoch).shuffle(order)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    def batch(self, step: int, micro: int) -> list[TrainExample]:
+        """This process's examples for one micro-batch: a pure function of the step (resumable)."""
+        cfg, acc = self.config, self.accelerator
+        size = cfg.batch_size
+        first = ((step * cfg.grad_accum + micro) * acc.num_processes + acc.process_index) * size
+        n = len(self.examples)
+        return [self.examples[self._order(i // n)[i % n]] for i in range(first, first + size)]
+
+    def ratio_for(self, step: int) -> float | None:
+        if self.config.ratio_sampling == "mode":
+            return None
+        ratios = getattr(self.model.config, "ratios", None)
+        if not ratios:  # e.g. a ratio regressor: no structure to choose
+            return None
+        return random.Random(self.config.seed * 7_919 + step).choice(list(ratios))
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> list[StepLog]:
+        """Run up to ``config.steps`` optimizer steps; return the per-step loss history."""
+        cfg, acc = self.config, self.accelerator
+        torch.manual_seed(cfg.seed)
+        self._maybe_resume()
+        self.model.train()
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=not (cfg.progress and acc.is_main_process),
+            desc="train",
+        )
+        while self.step < cfg.steps:
+            log = self._optimizer_step()
+            self.history.append(log)
+            bar.update(1)
+            bar.set_postfix(loss=f"{log.loss:.4f}", lr=f"{log.lr:.2e}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                logger.info(
+                    "step %d/%d loss %.4f (lm %.4f, mse %.4f) lr %.2e ratio %s",
+                    self.step,
+                    cfg.steps,
+                    log.loss,
+                    log.lm_loss,
+                    log.mse_loss,
+                    log.lr,
+                    log.ratio,
+                )
+            if cfg.output_dir and (
+                (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps
+            ):
+                self.save_checkpoint()
+        bar.close()
+        self.model.eval()
+        return self.history
+
+    def _optimizer_step(self) -> StepLog:
+        cfg, acc = self.config, self.accelerator
+        lr = lr_at(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        ratio = self.ratio_for(self.step)
+        sums = torch.zeros(3)
+        for micro in range(cfg.grad_accum):
+            last = micro == cfg.grad_accum - 1
+            with nullcontext() if last else acc.no_sync(self.loss_module):
+                with acc.autocast():
+                    loss, lm, mse = self.loss_module(
+                        self.batch(self.step, micro), ratio, cfg.mse_weight
+                    )
+                acc.backward(loss / cfg.grad_accum)
+            sums += torch.tensor([float(loss.detach()), float(lm), float(mse)]) / cfg.grad_accum
+        if cfg.max_grad_norm is not None:
+            acc.clip_grad_norm_([p for _, p in self.params], cfg.max_grad_norm)
+        self.prepared_optimizer.step()
+        self.prepared_optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return StepLog(
+            step=self.step,
+            loss=float(sums[0]),
+            lm_loss=float(sums[1]),
+            mse_loss=float(sums[2]),
+            lr=lr,
+            ratio=ratio,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, directory: str | Path | None = None) -> Path:
+        """Write ``checkpoint-<step>``: the loadable model and the exact trainer state."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        out = Path(directory or Path(self.config.output_dir or ".") / f"checkpoint-{self.step}")
+        if acc.is_main_process:
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(tmp)  # type: ignore[operator]
+            if self.config.train_base:
+                save_trained_bases(self.model, tmp)
+            self._save_state(tmp / STATE_DIR)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+            logger.info("saved %s", out)
+            self._prune()
+        acc.wait_for_everyone()
+        return out
+
+    def _save_state(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {name: p.detach().cpu().contiguous() for name, p in self.params},
+            directory / "trainable.safetensors",
+        )
+        optim = self.optimizer.state_dict()
+        tensors = {
+            f"state.{idx}.{key}": value.detach().cpu().contiguous()
+            for idx, entry in optim["state"].items()
+            for key, value in entry.items()
+        }
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, state in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = state
+        save_file(tensors, directory / "optimizer.safetensors")
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]]
+        state = {
+            "step": self.step,
+            "param_names": [name for name, _ in self.params],
+            "param_groups": groups,
+            "train_config": self.config.model_dump(mode="json"),
+            "history": [h.model_dump() for h in self.history],
+        }
+        (directory / "state.json").write_text(json.dumps(state, indent=1))
+
+    def _prune(self) -> None:
+        keep = self.config.keep_last
+        if not keep or not self.config.output_dir:
+            return
+        for old in list_checkpoints(self.config.output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _maybe_resume(self) -> None:
+        source = self.config.resume_from
+        if source is None:
+            return
+        if source == "auto":
+            found = list_checkpoints(self.config.output_dir or ".")
+            if not found:
+                logger.info("no checkpoint in %s; starting from step 0", self.config.output_dir)
+                return
+            source = str(found[-1])
+        self.load_state(source)
+
+    def load_state(self, checkpoint: str | Path) -> None:
+        """Restore trainable tensors, AdamW moments, RNG, step and history from a checkpoint."""
+        directory = Path(checkpoint) / STATE_DIR
+        state = json.loads((directory / "state.json").read_text())
+        names = [name for name, _ in self.params]
+        if state["param_names"] != names:
+            raise ValueError(
+                f"{checkpoint} was written for other trainable tensors "
+                f"({len(state['param_names'])} vs {len(names)}); same model and train_base?"
+            )
+        trainable = load_file(directory / "trainable.safetensors")
+        with torch.no_grad():
+            for name, param in self.params:
+                param.copy_(trainable[name])
+        tensors = load_file(directory / "optimizer.safetensors")
+        optim_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("state."):
+                _, idx, field = key.split(".", 2)
+                optim_state.setdefault(int(idx), {})[field] = value
+        fresh = self.optimizer.state_dict()["param_groups"]
+        groups = [
+            {**saved, "betas": tuple(saved["betas"]), "params": g["params"]}
+            for saved, g in zip(state["param_groups"], fresh, strict=True)
+        ]
+        self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+        torch.set_rng_state(tensors["rng.torch"])
+        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        self.step = int(state["step"])
+        self.history = [StepLog.model_validate(h) for h in state["history"]]
+        logger.info("resumed from %s at step %d", checkpoint, self.step)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete ``checkpoint-N`` directories under ``output_dir``, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _CHECKPOINT.match(p.name)) and (p / STATE_DIR / "state.json").exists()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+# --- trained base weights ------------------------------------------------------------------------
+
+
+def _save_base(peft_model: PeftModel, tokenizer, directory: Path) -> None:
+    """The base model under the LoRA wrappers, as a plain ``from_pretrained`` directory."""
+    base = peft_model.get_base_model()
+    state = {
+        key.replace(".base_layer.", "."): value.detach().cpu().clone().contiguous()
+        for key, value in base.state_dict().items()
+        if "lora_" not in key
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    base.config.save_pretrained(directory)
+    if base.generation_config is not None:
+        base.generation_config.save_pretrained(directory)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    tokenizer.save_pretrained(directory)
+
+
+def save_trained_bases(model: nn.Module, directory: Path) -> None:
+    """Store bases trained with ``train_base`` inside the checkpoint and point its config there
+    (``./base``, resolved against the checkpoint directory when loading)."""
+    if not isinstance(model, SemiDynamicCompressor):
+        raise TypeError("train_base checkpoints are supported for SemiDynamicCompressor only")
+    _save_base(model.encoder, model.tokenizer, directory / "base")
+    update: dict[str, object] = {"encoder_model": "./base", "encoder_gguf_file": None}
+    if model.decoder is model.encoder:
+        update.update(decoder_model=None, decoder_gguf_file=None)
+    else:
+        _save_base(model.decoder, model.decoder_tokenizer, directory / "decoder_base")
+        update.update(decoder_model="./decoder_base", decoder_gguf_file=None)
+    path = directory / CONFIG_NAME
+    raw = json.loads(path.read_text())
+    raw.update(update)
+    path.write_text(json.dumps(raw, indent=2))
