@@ -1,0 +1,149 @@
+"""Helpers for tests of semidyn-rag and its integrations: real tiny models, no mocks, no hub.
+
+The integrations' test suites live in separate directories (each with its own ``conftest.py``),
+so what they share has to be importable: a tiny random-weight compressor that really runs, a
+counter around the real encoder (to prove that a store hit skipped it), and a deterministic
+bag-of-words embedding under which documents sharing words with a query really are nearer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from .config import CompressorConfig
+from .modeling import SemiDynamicCompressor
+from .tiny import build_qwen3, build_tokenizer
+
+
+def randomize_lora(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """LoRA B starts at zero (adapters are no-ops); give them weights so they matter in tests."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    return model
+
+
+def tiny_compressor(
+    directory: str | Path,
+    texts: Iterable[str],
+    *,
+    vocab_size: int = 400,
+    seed: int = 0,
+    **config_fields: object,
+) -> SemiDynamicCompressor:
+    """A random-weight tiny Qwen3 compressor whose tokenizer was trained on ``texts``.
+
+    The base model is written to ``directory / "base"`` (the compressor refers to it by path).
+    Its LoRA adapters are randomized so that encoder and decoder really differ from the base.
+    """
+    base = build_qwen3(
+        Path(directory) / "base", build_tokenizer(texts, vocab_size=vocab_size), seed=seed
+    )
+    torch.manual_seed(seed)
+    fields: dict[str, object] = {"converter_hidden": 48, **config_fields}
+    config = CompressorConfig(encoder_model=str(base), **fields)  # type: ignore[arg-type]
+    model = SemiDynamicCompressor.from_config(config)
+    randomize_lora(model, seed)
+    return model.eval()
+
+
+def save_tiny_compressor(directory: str | Path, texts: Iterable[str], **kwargs: object) -> Path:
+    """:func:`tiny_compressor` saved as a checkpoint in ``directory / "compressor"``."""
+    out = Path(directory) / "compressor"
+    tiny_compressor(directory, texts, **kwargs).save_pretrained(out)  # type: ignore[arg-type]
+    return out
+
+
+def save_paper_layout(
+    directory: str | Path, base_dir: str | Path, *, base_path_in_config: str | None = None
+) -> Path:
+    """Write a random checkpoint in the paper's release layout around the base in ``base_dir``.
+
+    ``config.json`` + ``projector.pth`` (``{"projector", "compress_ratio_head"}``) + ``encoder/``
+    and ``decoder/`` LoRA adapters on one shared base, five ratios 2-32. ``base_path_in_config``
+    is what ``config.json`` names as both bases (default ``base_dir``); naming a path that does not
+    exist mimics a downloaded release whose base paths point at the authors' machine.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = Path(directory)
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    lora = {"r": 4, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+    peft = get_peft_model(base, LoraConfig(lora_alpha=16, **lora), adapter_name="encoder")
+    peft.add_adapter("decoder", LoraConfig(lora_alpha=8, **lora))
+    randomize_lora(peft)
+    peft.save_pretrained(out, selected_adapters=["encoder", "decoder"])
+    d, hidden = base.config.hidden_size, 40
+    projector = {
+        "rms_norm.weight": torch.rand(d) + 0.5,
+        "up_proj.weight": torch.randn(hidden, d) * 0.1,
+        "down_proj.weight": torch.randn(d, hidden) * 0.1,
+    }
+    head = {"weight": torch.randn(1, d) * 0.1, "bias": torch.tensor([2.5])}
+    torch.save({"projector": projector, "compress_ratio_head": head}, out / "projector.pth")
+    named = base_path_in_config or str(base_dir)
+    config = {
+        "comp_ratio_or_len": [0.5, 0.25, 0.125, 0.0625, 0.03125],
+        "placeholder_token_id": 3,
+        "mlp_converter_hidden_dim": hidden,
+        "feature_extract_method": "mean_pooling",
+        "base_encoder_model_path": named,
+        "base_decoder_model_path": named,
+        "discretize_ratio_mode": "round",
+        "discretize_compare_in_log": False,
+        "encoder_training": "lora",
+        "decoder_training": "lora",
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+class EncodeCounter:
+    """Wraps a compressor's real ``encode``: counts batched encoder passes and rows encoded.
+
+    ``EncodeCounter(model)`` installs itself on ``model``; every compression path goes through
+    ``encode``, so ``calls == 0`` proves that latents came from a cache or the store.
+    """
+
+    def __init__(self, compressor: SemiDynamicCompressor) -> None:
+        self.calls = 0
+        self.rows = 0
+        self._compressor = compressor
+        self._encode = compressor.encode
+        compressor.encode = self  # type: ignore[method-assign]
+
+    def uninstall(self) -> None:
+        """Give the compressor its own ``encode`` back (for a compressor shared across tests)."""
+        if self._compressor.__dict__.get("encode") is self:
+            del self._compressor.encode
+
+    def __call__(self, contexts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        self.rows += len(contexts)
+        return self._encode(contexts)
+
+
+def hashing_embedding(text: str, dim: int = 256) -> list[float]:
+    """Signed feature hashing of lower-cased words, L2-normalised (deterministic across runs).
+
+    A real, if crude, embedding: texts sharing words get a higher inner product, so a vector
+    index built on it retrieves the chunk a question is about.
+    """
+    vec = [0.0] * dim
+    for word in re.findall(r"[a-z0-9]+", text.lower()):
+        digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
+        slot = int.from_bytes(digest[:4], "big") % dim
+        vec[slot] += 1.0 if digest[4] & 1 else -1.0
+    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+    return [v / norm for v in vec]
