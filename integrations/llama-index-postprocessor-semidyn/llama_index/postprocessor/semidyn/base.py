@@ -1,0 +1,232 @@
+"""`SemiDynamicNodePostprocessor`: retrieved nodes in, latent markers out.
+
+LlamaIndex hands an LLM a prompt string and never node metadata, so a compressed node travels as a
+short marker (``[[latent:<key>]]``) in its text; `SemiDynamicLLM` turns it back into the chunk's
+latent span. Compression reads each chunk alone (it does not depend on the query), which is what
+lets a corpus be compressed once, offline, into a `LatentStore` that every later query reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle
+from semidyn_rag.precompress import Chunk, PrecompressConfig, PrecompressReport, precompress
+from semidyn_rag.service import MARKER_PATTERN, ChunkLatents, LatentService
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "semidyn_"
+"""Every metadata key the postprocessor adds starts with it (flat keys suit metadata filters)."""
+KEY = PREFIX + "key"
+RATIO = PREFIX + "ratio"
+SEGMENT_RATIOS = PREFIX + "segment_ratios"
+NUM_LATENTS = PREFIX + "num_latents"
+ORIGINAL_TOKENS = PREFIX + "original_tokens"
+SOURCE = PREFIX + "source"
+"""``encoder`` (compressed for this query), ``store`` (precompressed) or ``memory`` (this process)."""
+SCALE = PREFIX + "scale"
+PREDICTED_Y = PREFIX + "predicted_y"
+ORIGINAL_TEXT = PREFIX + "original_text"
+
+_scale_override: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "semidyn_scale", default=None
+)
+
+
+@contextlib.contextmanager
+def compression_scale(scale: float | None) -> Iterator[None]:
+    """Use ``scale`` for the queries run inside the block, without rebuilding the query engine.
+
+    ``with compression_scale(1.0): engine.query(q)`` compresses harder for that query only. It is a
+    context variable, so it follows ``aquery`` into its tasks and threads, and concurrent queries
+    in other tasks keep their own value. ``None`` falls back to the postprocessor's ``scale``.
+    """
+    token = _scale_override.set(scale)
+    try:
+        yield
+    finally:
+        _scale_override.reset(token)
+
+
+def _is_marker(text: str) -> bool:
+    return MARKER_PATTERN.fullmatch(text.strip()) is not None
+
+
+class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
+    """Replace each retrieved node's text by the marker of its latents (store hits first).
+
+    All nodes of one query go to the encoder in one call; nodes already in the store or in the
+    service's memory skip it. Each returned node keeps its id, score, relationships and metadata,
+    and gains ``semidyn_key``, ``semidyn_ratio``, ``semidyn_segment_ratios``,
+    ``semidyn_num_latents``, ``semidyn_original_tokens``, ``semidyn_source`` (``encoder``,
+    ``store`` or ``memory``), ``semidyn_scale``, the head's ``semidyn_predicted_y`` when it ran,
+    and ``semidyn_original_text`` unless turned off (for citations).
+
+    Every metadata key is excluded from what the LLM sees, so the node's LLM text is the marker
+    alone: the decoder was trained on contexts that are nothing but latents. To let metadata
+    (a title, a file name) inform the answer, set ``metadata_mode=MetadataMode.LLM``: the encoder
+    then compresses the text the LLM would have read, metadata included. Precompress a corpus
+    with :meth:`precompress`: it stores exactly the texts and ratio policy this postprocessor
+    looks up, so every later query is a store hit.
+
+    The compression ``scale`` (higher compresses more) comes, in order, from
+    :func:`compression_scale` around the query, the ``scale`` field, the service's default.
+    """
+
+    scale: float | None = Field(
+        default=None, description="Shift of the predicted log2 ratio; None: the service's."
+    )
+    ratio: float | None = Field(
+        default=None, description="A fixed trained ratio instead of the selector's choice."
+    )
+    metadata_mode: MetadataMode = Field(
+        default=MetadataMode.NONE,
+        description="Which text of a node is compressed: NONE (its text) or LLM (with metadata).",
+    )
+    keep_original_text: bool = Field(
+        default=True, description="Keep the chunk text in metadata; it never reaches the prompt."
+    )
+    _service: LatentService = PrivateAttr()
+
+    def __init__(self, service: LatentService, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._service = service
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "SemiDynamicNodePostprocessor"
+
+    @property
+    def service(self) -> LatentService:
+        """Share it with `SemiDynamicLLM`, so an answer right after compression reads memory."""
+        return self._service
+
+    def node_text(self, node: BaseNode | NodeWithScore) -> str:
+        """The text compressed for ``node`` (what an offline precompression job must compress)."""
+        node = node.node if isinstance(node, NodeWithScore) else node
+        return node.get_content(metadata_mode=self.metadata_mode)
+
+    def precompress(
+        self,
+        nodes: Sequence[BaseNode | NodeWithScore],
+        config: PrecompressConfig | None = None,
+        **kwargs: Any,
+    ) -> PrecompressReport:
+        """Offline: compress every node the service's store lacks (`semidyn_rag.precompress`).
+
+        Run it over an index's nodes (e.g. ``index.docstore.docs.values()``) before serving.
+        Texts and policy are this postprocessor's (``node_text``, and the ``scale``/``ratio`` it
+        would use now, which replace those of ``config``), so the keys are the ones queries look
+        up. ``config`` sets batching and progress; ``kwargs`` go to the core job (e.g. ``embed``).
+        Resumable: a rerun compresses only what is missing.
+        """
+        if self._service.store is None:
+            raise ValueError("precompression needs a LatentService with a LatentStore")
+        scale, ratio = self._policy()
+        config = (config or PrecompressConfig(progress=False)).model_copy(
+            update={"scale": scale, "ratio": ratio}
+        )
+        chunks = []
+        for item in nodes:
+            node = item.node if isinstance(item, NodeWithScore) else item
+            text = self.node_text(node)
+            if text.strip() and not _is_marker(text):
+                chunks.append(
+                    Chunk(id=node.node_id, doc_id=node.ref_doc_id or node.node_id, text=text)
+                )
+        return precompress(self._service.compressor, chunks, self._service.store, config, **kwargs)
+
+    def _policy(self) -> tuple[float, float | None]:
+        """The (scale, ratio) of this query: context override, then fields, then the service."""
+        ratio = self.ratio if self.ratio is not None else self._service.ratio
+        scale = _scale_override.get()
+        scale = self.scale if scale is None else scale
+        return (self._service.scale if scale is None else scale), ratio
+
+    def _todo(self, nodes: Sequence[NodeWithScore]) -> tuple[list[int], list[str]]:
+        """Positions and texts of the nodes to compress; empty nodes and markers pass through."""
+        positions, texts = [], []
+        for i, node in enumerate(nodes):
+            text = self.node_text(node)
+            if text.strip() and not _is_marker(text):
+                positions.append(i)
+                texts.append(text)
+        return positions, texts
+
+    def _postprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        positions, texts = self._todo(nodes)
+        scale, ratio = self._policy()
+        chunks = self._service.compress(texts, scale=scale, ratio=ratio) if texts else []
+        return self._merge(nodes, positions, chunks, scale, ratio)
+
+    async def _apostprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        """Async path: the encoder (or the store read) runs in a worker thread."""
+        positions, texts = self._todo(nodes)
+        scale, ratio = self._policy()
+        chunks = await self._service.acompress(texts, scale=scale, ratio=ratio) if texts else []
+        return self._merge(nodes, positions, chunks, scale, ratio)
+
+    def _merge(
+        self,
+        nodes: list[NodeWithScore],
+        positions: list[int],
+        chunks: list[ChunkLatents],
+        scale: float,
+        ratio: float | None,
+    ) -> list[NodeWithScore]:
+        out = list(nodes)
+        for i, chunk in zip(positions, chunks, strict=True):
+            out[i] = self._replace(nodes[i], chunk, None if ratio is not None else scale)
+        if chunks:
+            sources = [c.source for c in chunks]
+            logger.debug(
+                "compressed %d node(s): %d encoder, %d store, %d memory",
+                len(chunks),
+                sources.count("encoder"),
+                sources.count("store"),
+                sources.count("memory"),
+            )
+        return out
+
+    def _replace(
+        self, node: NodeWithScore, chunk: ChunkLatents, scale: float | None
+    ) -> NodeWithScore:
+        """A copy of the node whose LLM-visible content is the marker and nothing else."""
+        ctx = chunk.context
+        extra: dict[str, Any] = {
+            KEY: chunk.key,
+            RATIO: ctx.ratio,
+            SEGMENT_RATIOS: list(ctx.segment_ratios),
+            NUM_LATENTS: ctx.num_latents,
+            ORIGINAL_TOKENS: ctx.num_tokens,
+            SOURCE: chunk.source,
+            SCALE: scale,
+        }
+        if math.isfinite(ctx.predicted_y):
+            extra[PREDICTED_Y] = ctx.predicted_y
+        if self.keep_original_text:
+            extra[ORIGINAL_TEXT] = node.node.get_content(metadata_mode=MetadataMode.NONE)
+        metadata = {**node.node.metadata, **extra}
+        ours = [k for k in extra if k not in node.node.excluded_embed_metadata_keys]
+        copy = node.node.model_copy(
+            update={
+                "metadata": metadata,
+                "excluded_llm_metadata_keys": list(metadata),
+                "excluded_embed_metadata_keys": [*node.node.excluded_embed_metadata_keys, *ours],
+                "embedding": None,
+            }
+        )
+        copy.set_content(chunk.marker)
+        return NodeWithScore(node=copy, score=node.score)

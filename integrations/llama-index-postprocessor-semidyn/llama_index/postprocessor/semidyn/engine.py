@@ -1,0 +1,106 @@
+"""Query-engine wiring: the training prompt, a marker-safe synthesizer, one-call engine setup.
+
+The decoder was trained on one prompt (the compressor's ``prompt_template``, by default
+``"Context: {context}\\nQuestion: {question}"``) with one context placeholder per line, and reads
+a context only as latents. LlamaIndex's stock response modes do not fit that exactly:
+
+* ``compact`` and ``refine`` re-split the context by *text* token count, which cuts markers (and a
+  marker's few text tokens say nothing about its real latent length);
+* ``simple_summarize`` makes the one call we want, but (llama-index-core 0.12-0.14) hands the
+  template the *list* of truncated chunks, so the prompt reads ``Context: ['[[latent:..]]\\n..']``
+  with brackets, quotes and literal ``\\n`` around the latents.
+
+`SemiDynamicSynthesizer` is ``simple_summarize`` without those two steps: one call, node texts one
+per line, exactly the training layout. The stock ``simple_summarize`` still works (markers are
+resolved wherever they stand), just with that noise in the prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from llama_index.core.indices.base import BaseIndex
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.prompts import BasePromptTemplate, PromptTemplate
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.response_synthesizers import SimpleSummarize
+from llama_index.core.types import RESPONSE_TEXT_TYPE
+from semidyn_rag.service import LatentService
+
+from llama_index.llms.semidyn import SemiDynamicLLM
+
+from .base import SemiDynamicNodePostprocessor
+
+logger = logging.getLogger(__name__)
+
+
+def qa_template(service: LatentService) -> str:
+    """The compressor's training prompt with LlamaIndex's ``{context_str}``/``{query_str}``."""
+    return service.qa_template("{context_str}", "{query_str}")
+
+
+def qa_prompt(service: LatentService) -> PromptTemplate:
+    """:func:`qa_template` as the ``text_qa_template`` of a query engine."""
+    return PromptTemplate(qa_template(service))
+
+
+class SemiDynamicSynthesizer(SimpleSummarize):
+    """``simple_summarize`` for latent contexts: one LLM call, node texts one per line.
+
+    No truncation by text tokens (it would cut markers, whose text length is not their latent
+    length) and no list formatting of the context (see the module docstring).
+    """
+
+    def _prompt(self, query_str: str, text_chunks: Sequence[str]) -> tuple[BasePromptTemplate, str]:
+        template = self._text_qa_template.partial_format(query_str=query_str)
+        return template, "\n".join(text_chunks)
+
+    def get_response(
+        self, query_str: str, text_chunks: Sequence[str], **kwargs: Any
+    ) -> RESPONSE_TEXT_TYPE:
+        template, context = self._prompt(query_str, text_chunks)
+        if self._streaming:
+            return self._llm.stream(template, context_str=context, **kwargs)
+        return self._llm.predict(template, context_str=context, **kwargs) or "Empty Response"
+
+    async def aget_response(
+        self, query_str: str, text_chunks: Sequence[str], **kwargs: Any
+    ) -> RESPONSE_TEXT_TYPE:
+        template, context = self._prompt(query_str, text_chunks)
+        if self._streaming:
+            return await self._llm.astream(template, context_str=context, **kwargs)
+        return await self._llm.apredict(template, context_str=context, **kwargs) or "Empty Response"
+
+
+def as_semidyn_query_engine(
+    index: BaseIndex,
+    service: LatentService,
+    *,
+    llm: SemiDynamicLLM | None = None,
+    similarity_top_k: int = 2,
+    scale: float | None = None,
+    ratio: float | None = None,
+    streaming: bool = False,
+    node_postprocessors: Sequence[BaseNodePostprocessor] = (),
+    **kwargs: Any,
+) -> RetrieverQueryEngine:
+    """``index.as_query_engine`` wired for compressed contexts.
+
+    Retrieval from ``index`` as usual, then ``node_postprocessors`` (e.g. a reranker, on text),
+    then `SemiDynamicNodePostprocessor` (last: it replaces text by markers), then one decoder call
+    through `SemiDynamicSynthesizer` with the training prompt. ``kwargs`` go to the retriever.
+    """
+    llm = llm or SemiDynamicLLM(service)
+    compressor = SemiDynamicNodePostprocessor(service, scale=scale, ratio=ratio)
+    synthesizer = SemiDynamicSynthesizer(
+        llm=llm, text_qa_template=qa_prompt(service), streaming=streaming
+    )
+    return index.as_query_engine(
+        llm=llm,
+        similarity_top_k=similarity_top_k,
+        node_postprocessors=[*node_postprocessors, compressor],
+        response_synthesizer=synthesizer,
+        **kwargs,
+    )

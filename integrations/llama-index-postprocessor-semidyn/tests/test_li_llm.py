@@ -1,0 +1,131 @@
+"""SemiDynamicLLM: markers resolve to latents, real streaming, chat derivation, errors."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CORPUS
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
+from semidyn_rag.modeling import LatentPrompt
+from semidyn_rag.service import marker
+
+from llama_index.llms.semidyn import (
+    MalformedMarkerError,
+    SemiDynamicLLM,
+    UnknownMarkerError,
+    render_messages,
+)
+
+MAX_NEW = 8
+QUESTION = "Where was Alice born?"
+
+
+@pytest.fixture
+def llm(service) -> SemiDynamicLLM:
+    return SemiDynamicLLM(service, max_new_tokens=MAX_NEW)
+
+
+@pytest.fixture
+def prompt(service) -> str:
+    """The training prompt with two compressed chunks, as a query engine would build it."""
+    chunks = service.compress(CORPUS[:2])
+    return service.qa_template("\n".join(c.marker for c in chunks), QUESTION)
+
+
+def test_complete_reads_the_latents_of_the_markers(llm, service, prompt):
+    got = llm.complete(prompt, formatted=True)
+    model = service.compressor
+    latents = [c.context.latents for c in service.compress(CORPUS[:2])]
+    direct = LatentPrompt(model.format_prompt(QUESTION, 2), latents)
+    assert got.text == model.complete([direct], max_new_tokens=MAX_NEW)[0]
+    assert len(got.additional_kwargs["latent_keys"]) == 2
+
+
+def test_prompt_without_markers_is_plain_generation(llm, service):
+    got = llm.complete("Name a capital city.").text
+    want = service.compressor.complete(
+        [LatentPrompt("Name a capital city.")], max_new_tokens=MAX_NEW
+    )
+    assert got == want[0]
+
+
+@pytest.fixture
+def sampler(service) -> SemiDynamicLLM:
+    """Decodes whole words only (every other token suppressed, ``<eos>`` included).
+
+    Random weights mostly pick byte tokens; a text streamer holds those back until a space, so
+    the whole answer would come out as one piece. Space-led word tokens flush one by one.
+    """
+    vocab = service.compressor.decoder_tokenizer.get_vocab()
+    banned = [i for tok, i in vocab.items() if not (tok[:1] == "Ġ" and tok[1:].isalpha())]
+    return SemiDynamicLLM(service, max_new_tokens=12, generate_kwargs={"suppress_tokens": banned})
+
+
+def test_stream_complete_yields_pieces_that_join_to_complete(sampler, prompt):
+    pieces = list(sampler.stream_complete(prompt, formatted=True))
+    assert len(pieces) > 1  # real token streaming, not one final chunk
+    assert "".join(p.delta for p in pieces) == pieces[-1].text
+    assert pieces[-1].text == sampler.complete(prompt, formatted=True).text
+
+
+def test_unknown_marker_is_a_clear_error(llm, service):
+    ghost = marker("0" * 64)
+    bad = service.qa_template(ghost, QUESTION)
+    with pytest.raises(UnknownMarkerError, match="never compressed"):
+        llm.complete(bad, formatted=True)
+    with pytest.raises(UnknownMarkerError):
+        llm.stream_complete(bad, formatted=True)  # raised before the first token
+
+
+def test_cut_marker_is_refused(llm, prompt):
+    with pytest.raises(MalformedMarkerError, match="simple_summarize"):
+        llm.complete(prompt[:40], formatted=True)
+
+
+def test_metadata(llm, service):
+    meta = llm.metadata
+    config = service.compressor.decoder.get_base_model().config
+    assert meta.context_window == config.max_position_embeddings
+    assert meta.num_output == MAX_NEW
+    assert meta.is_chat_model is False
+    assert SemiDynamicLLM(service, context_window=512).metadata.context_window == 512
+
+
+def test_chat_goes_through_completion(llm, prompt):
+    messages = [
+        ChatMessage(role=MessageRole.ASSISTANT, content="earlier answer"),
+        ChatMessage(role=MessageRole.USER, content=prompt),
+    ]
+    assert render_messages(messages) == prompt
+    reply = llm.chat(messages)
+    assert reply.message.role == MessageRole.ASSISTANT
+    assert reply.message.content == llm.complete(prompt, formatted=True).text
+    streamed = list(llm.stream_chat(messages))
+    assert streamed[-1].message.content == reply.message.content
+
+
+def test_base_decoder_baseline(service):
+    base = SemiDynamicLLM(service, max_new_tokens=MAX_NEW, adapter=False)
+    text = service.qa_template(CORPUS[1], QUESTION)
+    want = service.compressor.complete([LatentPrompt(text)], adapter=False, max_new_tokens=MAX_NEW)
+    assert base.complete(text, formatted=True).text == want[0]
+    with pytest.raises(ValueError, match="cannot read latent markers"):
+        base.complete(service.qa_template(service.compress(CORPUS[:1])[0].marker, QUESTION))
+    with pytest.raises(NotImplementedError):
+        base.stream_complete(text)
+
+
+async def test_async_complete_stream_and_chat(llm, sampler, service, prompt):
+    want = llm.complete(prompt, formatted=True).text
+    assert (await llm.acomplete(prompt, formatted=True)).text == want
+    sampled = sampler.complete(prompt, formatted=True).text
+    pieces = [p async for p in await sampler.astream_complete(prompt, formatted=True)]
+    assert len(pieces) > 1 and pieces[-1].text == sampled
+    message = ChatMessage(role=MessageRole.USER, content=prompt)
+    assert (await llm.achat([message])).message.content == want
+    chat_pieces = [p async for p in await llm.astream_chat([message])]
+    assert chat_pieces[-1].message.content == want
+    ghost = service.qa_template(marker("f" * 64), QUESTION)
+    with pytest.raises(UnknownMarkerError):
+        await llm.acomplete(ghost, formatted=True)
+    with pytest.raises(UnknownMarkerError):
+        [p async for p in await llm.astream_complete(ghost, formatted=True)]
