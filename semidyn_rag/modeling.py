@@ -478,8 +478,13 @@ class SemiDynamicCompressor(nn.Module):
                 )
         return self.decoder_tokenizer.batch_decode(out, skip_special_tokens=True)
 
-    def stream(self, prompt: LatentPrompt, **generate_kwargs: object) -> Iterator[str]:
-        """Yield the answer's text as the decoder produces it (real token streaming)."""
+    def stream(
+        self, prompt: LatentPrompt, *, adapter: bool = True, **generate_kwargs: object
+    ) -> Iterator[str]:
+        """Yield the answer's text as the decoder produces it (real token streaming).
+
+        ``adapter=False`` streams from the untouched base decoder, as in :meth:`complete`.
+        """
         with torch.inference_mode():
             embeds, mask, _ = self.embed_prompts([prompt])
         streamer = TextIteratorStreamer(self.decoder_tokenizer, skip_special_tokens=True)
@@ -493,9 +498,11 @@ class SemiDynamicCompressor(nn.Module):
         def run() -> None:
             try:
                 with torch.inference_mode(), self._adapter("decoder") as model:
-                    model.generate(
-                        inputs_embeds=embeds, attention_mask=mask, streamer=streamer, **kwargs
-                    )
+                    plain = model.disable_adapter() if not adapter else contextlib.nullcontext()
+                    with plain:
+                        model.generate(
+                            inputs_embeds=embeds, attention_mask=mask, streamer=streamer, **kwargs
+                        )
             except BaseException as exc:  # surfaced in the consumer's thread below
                 errors.append(exc)
                 streamer.end()

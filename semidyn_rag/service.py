@@ -10,8 +10,10 @@ LlamaIndex and LangChain packages are thin translations around it and hold no mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,8 +31,11 @@ def marker(key: str) -> str:
     return f"[[latent:{key}]]"
 
 
-class UnknownMarkerError(KeyError):
-    """A prompt names latents that are neither in this process's cache nor in the store."""
+class UnknownMarkerError(LookupError):
+    """A prompt names latents that are neither in this process's cache nor in the store.
+
+    A ``LookupError`` rather than a ``KeyError``: the latter would print its message quoted.
+    """
 
 
 @dataclass(frozen=True)
@@ -176,21 +181,29 @@ class LatentService:
         queue: asyncio.Queue[object] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         done = object()
+        stop = threading.Event()
 
         def produce() -> None:
             try:
-                for piece in self.stream(prompt, **generate_kwargs):
-                    loop.call_soon_threadsafe(queue.put_nowait, piece)
-            except BaseException as exc:  # re-raised in the consumer below
+                # closing the sync stream cancels the decoder and releases its lock
+                with contextlib.closing(self.stream(prompt, **generate_kwargs)) as pieces:
+                    for piece in pieces:
+                        loop.call_soon_threadsafe(queue.put_nowait, piece)
+                        if stop.is_set():
+                            break
+            except BaseException as exc:  # an unknown marker, a decoder error: raised below
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
         worker = loop.run_in_executor(None, produce)
-        while (item := await queue.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
-        await worker
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:  # a consumer that stops early (or is cancelled) stops the decoder too
+            stop.set()
+            await worker
 
     def qa_template(self, context_slot: str, question_slot: str) -> str:
         """The compressor's training prompt with a framework's slot names (e.g. LlamaIndex's)."""

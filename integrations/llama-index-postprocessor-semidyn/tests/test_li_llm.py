@@ -110,8 +110,10 @@ def test_base_decoder_baseline(service):
     assert base.complete(text, formatted=True).text == want[0]
     with pytest.raises(ValueError, match="cannot read latent markers"):
         base.complete(service.qa_template(service.compress(CORPUS[:1])[0].marker, QUESTION))
-    with pytest.raises(NotImplementedError):
-        base.stream_complete(text)
+    streamed = [r.delta for r in base.stream_complete(text, formatted=True)]
+    assert "".join(streamed) == want[0]
+    tuned = service.compressor.complete([LatentPrompt(text)], max_new_tokens=MAX_NEW)[0]
+    assert want[0] != tuned  # the baseline really runs without the (randomized) adapter
 
 
 async def test_async_complete_stream_and_chat(llm, sampler, service, prompt):
@@ -129,3 +131,12 @@ async def test_async_complete_stream_and_chat(llm, sampler, service, prompt):
         await llm.acomplete(ghost, formatted=True)
     with pytest.raises(UnknownMarkerError):
         [p async for p in await llm.astream_complete(ghost, formatted=True)]
+
+
+async def test_async_stream_stopped_early_stops_the_decoder(service, prompt):
+    pieces = service.astream(prompt, max_new_tokens=400, min_new_tokens=400)
+    await anext(pieces)
+    await pieces.aclose()  # returns once the worker thread and its decoder have ended
+    lock = service.compressor._lock
+    assert lock.acquire(blocking=False)  # the decoder lock is free again: generation stopped
+    lock.release()

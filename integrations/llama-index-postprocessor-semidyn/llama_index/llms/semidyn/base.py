@@ -71,8 +71,7 @@ class SemiDynamicLLM(CustomLLM):
     through LlamaIndex's completion-to-chat derivation with :func:`render_messages`.
 
     ``adapter=False`` runs the untouched base decoder on plain text: the honest uncompressed
-    baseline on the same base model. It refuses markers (the base never learned to read latents)
-    and cannot stream yet (the core's ``stream`` always runs with the decoder adapter).
+    baseline on the same base model. It refuses markers (the base never learned to read latents).
     """
 
     model_name: str = Field(default="semidyn", description="Name reported in metadata.")
@@ -144,12 +143,6 @@ class SemiDynamicLLM(CustomLLM):
     def _info(prompt: str) -> dict[str, Any]:
         return {"latent_keys": MARKER_PATTERN.findall(prompt)}
 
-    def _check_streamable(self) -> None:
-        if not self.adapter:
-            raise NotImplementedError(
-                "streaming with adapter=False is not supported: use complete() for the baseline"
-            )
-
     # ------------------------------------------------------------------ completion
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
@@ -163,7 +156,6 @@ class SemiDynamicLLM(CustomLLM):
     ) -> CompletionResponseGen:
         """Decoder tokens as they are produced (markers are resolved before the first one)."""
         prompt = self._prepare(prompt, formatted)
-        self._check_streamable()
         pieces = self._service.stream(prompt, **self._kwargs(kwargs))
         info = self._info(prompt)
 
@@ -194,7 +186,6 @@ class SemiDynamicLLM(CustomLLM):
     ) -> CompletionResponseAsyncGen:
         """Async token stream; an unknown marker raises at the first iteration."""
         prompt = self._prepare(prompt, formatted)
-        self._check_streamable()
         pieces = self._service.astream(prompt, **self._kwargs(kwargs))
         info = self._info(prompt)
 
