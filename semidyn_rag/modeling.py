@@ -50,6 +50,15 @@ class LatentPrompt:
             raise ValueError(f"prompt has {found} placeholders but {len(self.latents)} latents")
 
 
+def _check_base_reads_text(prompts: Sequence[LatentPrompt], adapter: bool) -> None:
+    """The base decoder (``adapter=False``) never learned to read latents: refuse, don't babble."""
+    if not adapter and any(p.latents for p in prompts):
+        raise ValueError(
+            "adapter=False runs the base decoder, which cannot read latent contexts; "
+            "give it the contexts' plain text"
+        )
+
+
 @dataclass
 class TrainExample:
     """One pre-tokenized training sample: contexts, the prompt around them, and the answer."""
@@ -467,6 +476,7 @@ class SemiDynamicCompressor(nn.Module):
         """
         if not prompts:
             return []
+        _check_base_reads_text(prompts, adapter)
         embeds, mask, _ = self.embed_prompts(prompts)
         with self._adapter("decoder") as model:
             plain = model.disable_adapter() if not adapter else contextlib.nullcontext()
@@ -485,6 +495,7 @@ class SemiDynamicCompressor(nn.Module):
 
         ``adapter=False`` streams from the untouched base decoder, as in :meth:`complete`.
         """
+        _check_base_reads_text([prompt], adapter)
         with torch.inference_mode():
             embeds, mask, _ = self.embed_prompts([prompt])
         streamer = TextIteratorStreamer(self.decoder_tokenizer, skip_special_tokens=True)

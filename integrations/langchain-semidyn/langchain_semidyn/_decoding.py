@@ -120,6 +120,9 @@ class LatentDecoding(BaseModel):
     """Default stop strings; a call's ``stop`` replaces them."""
     model_name: str | None = None
     """Reported in metadata; defaults to the compressor's decoder base model."""
+    adapter: bool = True
+    """False runs the untouched base decoder on plain text: the uncompressed baseline of the same
+    base model (it refuses latent markers, which the base never learned to read)."""
 
     @property
     def _model_name(self) -> str:
@@ -150,6 +153,8 @@ class LatentDecoding(BaseModel):
             gen.update(do_sample=True, temperature=self.temperature)
             if self.top_p is not None:
                 gen["top_p"] = self.top_p
+        if not self.adapter:
+            gen["adapter"] = False
         gen.update(kwargs)
         counter = TokenCounter()
         gen["stopping_criteria"] = StoppingCriteriaList(

@@ -154,3 +154,16 @@ async def test_async_invoke_and_stream(llm, prompt) -> None:
     results = await llm.agenerate([prompt, prompt])
     assert [g[0].text for g in results.generations] == [whole, whole]
     assert results.llm_output["token_usage"]["completion_tokens"] == 24
+
+
+def test_base_decoder_baseline_reads_plain_text_only(service, documents, prompt) -> None:
+    base = SemiDynamicLLM(service=service, max_new_tokens=12, adapter=False)
+    plain = qa_prompt(service).format(context=format_docs(documents[:2]), question="Where?")
+    resolved = service.resolve(plain)
+    want = service.compressor.complete([resolved], adapter=False, max_new_tokens=12)[0]
+    assert base.invoke(plain) == want
+    assert "".join(base.stream(plain)) == want
+    tuned = service.compressor.complete([resolved], max_new_tokens=12)[0]
+    assert want != tuned  # the adapter (randomized in the fixture) is really switched off
+    with pytest.raises(ValueError, match="cannot read latent"):
+        base.invoke(prompt)
