@@ -363,17 +363,12 @@ def precompress_ray(
                     compressor, model, store, plan.todo, shard_dir, config, ray_config
                 )
             embedded = embed_chunks(store, chunks, embed, config) if embed is not None else 0
-        report = PrecompressReport(
-            store=str(store.path),
-            chunks=len(chunks),
-            unique=plan.unique,
-            duplicates=plan.duplicates,
-            skipped=plan.skipped,
-            new=len(plan.todo),
+        report = plan.report(
+            store,
             tokens=tokens,
             latents=latents,
             embedded=embedded,
-            seconds=time.perf_counter() - start,
+            start=start,
             backend=f"ray ({ray_config.workers} workers)",
         )
     finally:

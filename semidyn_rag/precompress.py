@@ -383,6 +383,31 @@ class WorkPlan:
     def skipped(self) -> int:
         return self.unique - len(self.todo)
 
+    def report(
+        self,
+        store: LatentStore,
+        *,
+        tokens: int,
+        latents: int,
+        embedded: int,
+        start: float,
+        backend: str = "local",
+    ) -> PrecompressReport:
+        """The run's report once this plan is carried out (``start``: its perf_counter time)."""
+        return PrecompressReport(
+            store=str(store.path),
+            chunks=len(self.keys),
+            unique=self.unique,
+            duplicates=self.duplicates,
+            skipped=self.skipped,
+            new=len(self.todo),
+            tokens=tokens,
+            latents=latents,
+            embedded=embedded,
+            seconds=time.perf_counter() - start,
+            backend=backend,
+        )
+
 
 def plan_work(chunks: Sequence[Chunk], store: LatentStore, policy: str) -> WorkPlan:
     """Deduplicate by key and ask the store which keys it lacks (call inside ``store.writer()``,
@@ -508,18 +533,7 @@ def precompress(
             )  # fmt: skip
             tokens, latents = _compress_into(compressor, store, plan, config)
             embedded = embed_chunks(store, chunks, embed, config) if embed is not None else 0
-        report = PrecompressReport(
-            store=str(store.path),
-            chunks=len(chunks),
-            unique=plan.unique,
-            duplicates=plan.duplicates,
-            skipped=plan.skipped,
-            new=len(plan.todo),
-            tokens=tokens,
-            latents=latents,
-            embedded=embedded,
-            seconds=time.perf_counter() - start,
-        )
+        report = plan.report(store, tokens=tokens, latents=latents, embedded=embedded, start=start)
     finally:
         if owned:
             store.close()

@@ -64,14 +64,19 @@ def save_tiny_compressor(directory: str | Path, texts: Iterable[str], **kwargs: 
 
 
 def save_paper_layout(
-    directory: str | Path, base_dir: str | Path, *, base_path_in_config: str | None = None
+    directory: str | Path,
+    base_dir: str | Path,
+    *,
+    gated: bool = False,
+    base_path_in_config: str | None = None,
 ) -> Path:
     """Write a random checkpoint in the paper's release layout around the base in ``base_dir``.
 
     ``config.json`` + ``projector.pth`` (``{"projector", "compress_ratio_head"}``) + ``encoder/``
     and ``decoder/`` LoRA adapters on one shared base, five ratios 2-32. ``base_path_in_config``
     is what ``config.json`` names as both bases (default ``base_dir``); naming a path that does not
-    exist mimics a downloaded release whose base paths point at the authors' machine.
+    exist mimics a downloaded release whose base paths point at the authors' machine. ``gated``
+    adds the converter's optional gate projection.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -90,6 +95,8 @@ def save_paper_layout(
         "up_proj.weight": torch.randn(hidden, d) * 0.1,
         "down_proj.weight": torch.randn(d, hidden) * 0.1,
     }
+    if gated:
+        projector["gate_proj.weight"] = torch.randn(hidden, d) * 0.1
     head = {"weight": torch.randn(1, d) * 0.1, "bias": torch.tensor([2.5])}
     torch.save({"projector": projector, "compress_ratio_head": head}, out / "projector.pth")
     named = base_path_in_config or str(base_dir)

@@ -10,6 +10,7 @@ import torch
 
 from semidyn_rag.config import CompressorConfig
 from semidyn_rag.modeling import SemiDynamicCompressor
+from semidyn_rag.testing import randomize_lora
 from semidyn_rag.tiny import build_qwen3, build_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,16 +23,6 @@ CORPUS = [
     "Alice was born in 1990 in Lyon; Bob moved to Oslo in 2004 with his sister.",
 ] * 20
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def randomize_lora(model: SemiDynamicCompressor, seed: int = 0) -> SemiDynamicCompressor:
-    """LoRA B starts at zero (adapters are no-ops); give them weights so they matter in tests."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-    return model
 
 
 @pytest.fixture(scope="session")

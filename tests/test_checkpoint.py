@@ -1,13 +1,13 @@
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from semidyn_rag.checkpoint import CheckpointError, import_official
 from semidyn_rag.modeling import SemiDynamicCompressor
+from semidyn_rag.testing import save_paper_layout
 
 TEXTS = ["Paris is the capital of France.", "Alice was born in 1990 in Lyon; Bob moved to Oslo."]
 
@@ -57,58 +57,20 @@ def test_hidden_size_mismatch_in_own_tensors(compressor, tmp_path):
         SemiDynamicCompressor.from_pretrained(tmp_path / "ck")
 
 
-def _official_checkpoint(directory, base_dir, gated=False):
-    """Write the paper's release layout from tiny models: config.json, adapters, projector.pth."""
-    torch.manual_seed(3)
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    lora = dict(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
-    peft = get_peft_model(base, LoraConfig(lora_alpha=16, **lora), adapter_name="encoder")
-    peft.add_adapter("decoder", LoraConfig(lora_alpha=8, **lora))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    peft.save_pretrained(directory, selected_adapters=["encoder", "decoder"])
-    d, hidden = base.config.hidden_size, 40
-    projector = {
-        "rms_norm.weight": torch.rand(d) + 0.5,
-        "up_proj.weight": torch.randn(hidden, d) * 0.1,
-        "down_proj.weight": torch.randn(d, hidden) * 0.1,
-    }
-    if gated:
-        projector["gate_proj.weight"] = torch.randn(hidden, d) * 0.1
-    head = {"weight": torch.randn(1, d) * 0.1, "bias": torch.tensor([2.5])}
-    torch.save({"projector": projector, "compress_ratio_head": head}, directory / "projector.pth")
-    (directory / "config.json").write_text(
-        json.dumps(
-            {
-                "comp_ratio_or_len": [0.5, 0.25, 0.125, 0.0625, 0.03125],
-                "placeholder_token_id": 3,
-                "mlp_converter_hidden_dim": hidden,
-                "feature_extract_method": "mean_pooling",
-                "base_encoder_model_path": str(base_dir),
-                "base_decoder_model_path": str(base_dir),
-                "discretize_ratio_mode": "round",
-                "discretize_compare_in_log": False,
-                "encoder_training": "lora",
-                "decoder_training": "lora",
-            }
-        )
-    )
-    return peft, projector, head
-
-
 @pytest.mark.parametrize("gated", [False, True])
 def test_official_layout_imports_and_matches_direct_computation(tiny_dir, tmp_path, gated):
-    peft, proj, head = _official_checkpoint(tmp_path, tiny_dir, gated)
+    save_paper_layout(tmp_path, tiny_dir, gated=gated)
     model = import_official(tmp_path)
     assert model.config.pooling_alignment == "end" and model.config.ratios == [2, 4, 8, 16, 32]
     [out] = model.compress([TEXTS[1]], scale=-0.7)
 
     # the same computation by hand, from the files alone
+    tensors = torch.load(tmp_path / "projector.pth", weights_only=True)
+    proj, head = tensors["projector"], tensors["compress_ratio_head"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    peft = PeftModel.from_pretrained(base, tmp_path / "encoder")
     tok = model.tokenizer
     ids = tok(TEXTS[1], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    peft.set_adapter("encoder")
     with torch.no_grad():
         h = peft.get_base_model().model(torch.tensor([ids]), is_causal=False).last_hidden_state[0]
         y = (h[-1] @ head["weight"].T + head["bias"]).item()
@@ -135,7 +97,7 @@ def test_official_layout_imports_and_matches_direct_computation(tiny_dir, tmp_pa
 
 
 def test_official_checkpoint_missing_projector(tiny_dir, tmp_path):
-    _official_checkpoint(tmp_path, tiny_dir)
+    save_paper_layout(tmp_path, tiny_dir)
     (tmp_path / "projector.pth").unlink()
     with pytest.raises(CheckpointError, match=r"projector\.pth"):
         import_official(tmp_path)

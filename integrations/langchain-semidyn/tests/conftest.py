@@ -7,10 +7,7 @@ documents sharing words with the query really are nearer, so FAISS results can b
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from semidyn_rag.config import CompressorConfig
 from semidyn_rag.modeling import SemiDynamicCompressor
 from semidyn_rag.service import LatentService
 from semidyn_rag.store import LatentStore
+from semidyn_rag.testing import EncodeCounter, hashing_embedding, randomize_lora
 from semidyn_rag.tiny import build_qwen3, build_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,50 +34,16 @@ CORPUS = [
 
 
 class HashingEmbeddings(Embeddings):
-    """Signed feature hashing of lower-cased words, L2-normalised (deterministic across runs)."""
+    """`semidyn_rag.testing.hashing_embedding` as LangChain `Embeddings`."""
 
     def __init__(self, dim: int = 256) -> None:
         self.dim = dim
 
-    def _vector(self, text: str) -> list[float]:
-        vec = [0.0] * self.dim
-        for word in re.findall(r"[a-z0-9]+", text.lower()):
-            digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
-            slot = int.from_bytes(digest[:4], "big") % self.dim
-            vec[slot] += 1.0 if digest[4] & 1 else -1.0
-        norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-        return [v / norm for v in vec]
-
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        return [self._vector(t) for t in texts]
+        return [hashing_embedding(t, self.dim) for t in texts]
 
     def embed_query(self, text: str) -> list[float]:
-        return self._vector(text)
-
-
-class EncodeCounter:
-    """Wraps a compressor's real ``encode``: counts batched encoder passes and rows encoded."""
-
-    def __init__(self, compressor: SemiDynamicCompressor) -> None:
-        self.calls = 0
-        self.rows = 0
-        self._encode = compressor.encode
-        compressor.encode = self  # type: ignore[method-assign]
-
-    def __call__(self, contexts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        self.calls += 1
-        self.rows += len(contexts)
-        return self._encode(contexts)
-
-
-def randomize_lora(model: SemiDynamicCompressor, seed: int = 0) -> SemiDynamicCompressor:
-    """LoRA B starts at zero (adapters are no-ops); give them weights so they matter in tests."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-    return model
+        return hashing_embedding(text, self.dim)
 
 
 @pytest.fixture(autouse=True)

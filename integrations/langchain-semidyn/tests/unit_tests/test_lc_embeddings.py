@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 from langchain_community.vectorstores import FAISS
-
-from langchain_semidyn.embeddings import DEFAULT_MODEL, default_model_path
+from semidyn_rag.embeddings import DEFAULT_MODEL, default_model_path
 
 pytest.importorskip("sentence_transformers")
 if default_model_path() == DEFAULT_MODEL:

