@@ -281,6 +281,54 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- eval --------------------------------------------------------------------------------------
+
+
+@subcommand("eval")
+def _register_eval(sub: Any) -> None:
+    parser = sub.add_parser(
+        "eval",
+        help="accuracy vs compression: baselines, fixed ratios, scale sweep, Pareto plot",
+        description="Substring accuracy and the average compression ratio over correct answers "
+        "for: no context, full context (base decoder), each trained ratio and the semi-dynamic "
+        "scale sweep. Writes OUT/results.{md,json}, OUT/pareto.png and per-sample records; an "
+        "interrupted run resumes where it stopped.",
+    )
+    parser.add_argument("data", help="SQuAD .json, HotpotQA .jsonl, or the paper's .parquet")
+    parser.add_argument("--compressor", default=None, help="checkpoint (default: bundled)")
+    parser.add_argument("--out", required=True, help="results directory")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate N sampled rows")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
+    parser.add_argument(
+        "--scales", type=float, nargs="+", default=None, help="default: -2 ... 4 by 0.5"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from . import data
+    from .evaluation import PAPER_SCALES, Evaluator, default_settings
+    from .modeling import SemiDynamicCompressor
+
+    samples = data.load_samples(args.data)
+    if args.limit is not None:
+        samples = data.sample(samples, args.limit, args.seed)
+    model = SemiDynamicCompressor.from_pretrained(args.compressor, device=args.device).eval()
+    evaluator = Evaluator(
+        model,
+        samples,
+        args.out,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    evaluator.run(default_settings(model, args.scales or PAPER_SCALES))
+    sys.stdout.write((Path(args.out) / "results.md").read_text())
+    return 0
+
+
 # --- precompress and store -----------------------------------------------------------------------
 
 

@@ -51,3 +51,21 @@ def test_evaluation_writes_table_plot_and_resumes(compressor, tmp_path):
     again = evaluator.run_setting(settings[2])
     del compressor.complete
     assert sum(calls) == 2 and again.summary == fixed
+
+
+def test_cli_eval_on_a_saved_checkpoint(compressor, tmp_path, capsys):
+    from semidyn_rag.cli import main
+    from semidyn_rag.data import save_jsonl_samples
+
+    compressor.save_pretrained(tmp_path / "ckpt")
+    save_jsonl_samples(SAMPLES, tmp_path / "qa.jsonl")
+    out = tmp_path / "eval"
+    argv = ["eval", str(tmp_path / "qa.jsonl"), "--compressor", str(tmp_path / "ckpt")]
+    argv += ["--out", str(out), "--limit", "3", "--scales", "0", "1", "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in rows]
+    assert names[:2] == ["no_context", "full_context"]
+    assert "semi_dynamic_scale_+1" in names and "fixed_ratio_32" in names
+    assert all(r["summary"]["n"] == 3 for r in rows)
+    assert "semi_dynamic_scale_+0" in capsys.readouterr().out
