@@ -47,7 +47,7 @@ COMPRESSOR = CompressorConfig(
     max_segment_tokens=512,
 )
 TRAIN = TrainConfig(
-    steps=150,
+    steps=300,
     batch_size=4,
     lr=2e-4,
     warmup_steps=10,
