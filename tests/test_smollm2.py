@@ -47,3 +47,18 @@ def test_decoder_path_equals_plain_generation_of_the_base(smol):
         out = smol.decoder.get_base_model().generate(**ids, max_new_tokens=8, do_sample=False)
     assert answer == tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "paris" in answer.lower()
+
+
+def test_the_bundled_default_loads_and_answers_from_latents():
+    from semidyn_rag.checkpoint import DEFAULT_CHECKPOINT
+
+    if not (DEFAULT_CHECKPOINT / "semidyn_config.json").exists():
+        pytest.skip("no bundled default in this checkout")
+    size = sum(p.stat().st_size for p in DEFAULT_CHECKPOINT.rglob("*") if p.is_file())
+    assert size <= 40 * 2**20  # adapters, converter and head only: the base comes from its package
+    model = SemiDynamicCompressor.from_pretrained(None).eval()
+    assert model.config.mode == "semi_dynamic" and model.config.encoder_model == SMOLLM2
+    [out] = model.compress([CONTEXT])
+    assert out.ratio in model.config.ratios and 0 < out.num_latents < out.num_tokens
+    answer = model.generate("In what country is Normandy located?", [out], max_new_tokens=12)
+    assert isinstance(answer, str) and answer.strip()
