@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format train-default
+.PHONY: install demo test lint format bench train-default
 
 $(STAMP): pyproject.toml Makefile $(wildcard integrations/*/pyproject.toml)
 	python3 -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# Side-by-side measurements (compressed vs plain, cached vs fresh); tables go to benchmarks/results.
+bench: $(STAMP)
+	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
 
 # The bundled default compressor, retrained from scratch (see recipes/default.py).
 train-default: $(STAMP)
