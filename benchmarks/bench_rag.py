@@ -62,7 +62,12 @@ VARIANTS = ("plain", "warm", "cold")
 
 
 def llama_index_engines(
-    model: SemiDynamicCompressor, index, store: LatentStore, top_k: int, new_tokens: int
+    model: SemiDynamicCompressor,
+    index,
+    store: LatentStore,
+    top_k: int,
+    new_tokens: int,
+    scale: float,
 ) -> dict[str, Ask]:
     gen = {"min_new_tokens": new_tokens}
 
@@ -71,7 +76,7 @@ def llama_index_engines(
         engine = as_semidyn_query_engine(index, service, llm=llm, similarity_top_k=top_k)
         return engine.query
 
-    warm_service = LatentService(model, store, memory_entries=0)
+    warm_service = LatentService(model, store, scale=scale, memory_entries=0)
     base = SemiDynamicLLM(
         LatentService(model), max_new_tokens=new_tokens, generate_kwargs=gen, adapter=False
     )
@@ -93,7 +98,9 @@ def llama_index_engines(
     return {
         "plain": plain.query,
         "warm": checked_warm,
-        "cold": lambda q: compressed(LatentService(model))(q),  # new service: nothing cached
+        "cold": lambda q: compressed(LatentService(model, scale=scale))(
+            q
+        ),  # new service: nothing cached
     }
 
 
@@ -103,6 +110,7 @@ def langchain_chains(
     store: LatentStore,
     top_k: int,
     new_tokens: int,
+    scale: float,
 ) -> dict[str, Ask]:
     documents = [Document(page_content=n.get_content(), metadata=n.metadata) for n in nodes]
     retriever = FAISS.from_documents(documents, SentenceTransformerEmbeddings()).as_retriever(
@@ -115,7 +123,7 @@ def langchain_chains(
         chain = create_semidyn_rag_chain(retriever, compressor, llm.bind(min_new_tokens=new_tokens))
         return chain.invoke
 
-    warm_service = LatentService(model, store, memory_entries=0)
+    warm_service = LatentService(model, store, scale=scale, memory_entries=0)
     base = ChainLLM(service=LatentService(model), max_new_tokens=new_tokens, adapter=False)
     plain = (
         {"context": retriever | format_docs, "question": RunnablePassthrough()}
@@ -134,14 +142,16 @@ def langchain_chains(
     return {
         "plain": plain.invoke,
         "warm": checked_warm,
-        "cold": lambda q: compressed(LatentService(model))(q),
+        "cold": lambda q: compressed(LatentService(model, scale=scale))(q),
     }
 
 
-def context_sizes(model, index, questions: Sequence[str], top_k: int, store) -> tuple[float, float]:
+def context_sizes(
+    service: LatentService, index, questions: Sequence[str], top_k: int
+) -> tuple[float, float]:
     """Mean chunk tokens and mean latent positions the decoder reads per question."""
     retriever = index.as_retriever(similarity_top_k=top_k)
-    service = LatentService(model, store)
+    model = service.compressor
     tokens, latents = [], []
     for question in questions:
         texts = [n.node.get_content() for n in retriever.retrieve(question)]
@@ -156,6 +166,7 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=160, help="chunk size (tokens)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens decoded per answer")
     p.add_argument("--questions", type=int, default=None, help="ask only the first N")
+    p.add_argument("--scale", type=float, default=0.0, help="DRS scale (higher compresses more)")
     args = p.parse_args()
     dtype = setup(args)
     model, description, _ = load_model(args, dtype)
@@ -165,14 +176,15 @@ def main() -> None:
     index = build_index(nodes, SentenceTransformerEmbedding())
 
     with tempfile.TemporaryDirectory() as tmp, LatentStore(Path(tmp), model.fingerprint) as store:
-        LatentService(model, store).compress([n.get_content() for n in nodes])  # offline step
-        tokens, latents = context_sizes(model, index, questions, args.top_k, store)
+        offline = LatentService(model, store, scale=args.scale)
+        offline.compress([n.get_content() for n in nodes])  # the offline precompression step
+        tokens, latents = context_sizes(offline, index, questions, args.top_k)
         frameworks = {
             "LlamaIndex query engine": llama_index_engines(
-                model, index, store, args.top_k, args.new_tokens
+                model, index, store, args.top_k, args.new_tokens, args.scale
             ),
             "LangChain LCEL chain": langchain_chains(
-                model, nodes, store, args.top_k, args.new_tokens
+                model, nodes, store, args.top_k, args.new_tokens, args.scale
             ),
         }
         variants = {
