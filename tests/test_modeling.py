@@ -14,7 +14,8 @@ LONG = " ".join([TEXT] * 12)
 def test_compress_one_pass_gives_ratio_and_latents(compressor):
     [out] = compressor.compress([TEXT], scale=0.5)
     ids = compressor.tokenize([TEXT])[0]
-    hidden, y = compressor.encode([ids])
+    with torch.no_grad():
+        hidden, y = compressor.encode([ids])
     expected_ratio = selector.select_ratio(float(y[0]), 0.5)
     assert out.ratio == expected_ratio
     assert out.predicted_y == pytest.approx(float(y[0]), abs=1e-6)
