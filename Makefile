@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Idle OpenMP threads sleep instead of spinning: a 2-core machine shared with anything else
+# otherwise slows every torch call many times over.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test lint format bench train-default
 
