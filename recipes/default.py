@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from semidyn_rag import CompressorConfig, SemiDynamicCompressor
 from semidyn_rag.checkpoint import DEFAULT_CHECKPOINT
 from semidyn_rag.data import load_hotpotqa, sample, squad_article_split
-from semidyn_rag.evaluation import EvalSetting, Evaluator
+from semidyn_rag.evaluation import Evaluator, default_settings
 from semidyn_rag.loading import SMOLLM2, SMOLLM2_GGUF
 from semidyn_rag.training.samples import TrainSample, density_label, from_qa_samples, read_jsonl
 from semidyn_rag.training.synth import HFTeacher, Seed, SynthConfig, synthesize
@@ -230,11 +230,8 @@ def ship() -> None:
 def evaluate(limit: int, scales: list[float]) -> None:
     _, held_out = squad_split()
     model = SemiDynamicCompressor.from_pretrained(None)
-    settings = [EvalSetting(kind="no_context"), EvalSetting(kind="full_context")]
-    settings += [EvalSetting(kind="fixed_ratio", ratio=r) for r in model.config.ratios]
-    settings += [EvalSetting(kind="semi_dynamic", scale=s) for s in scales]
     evaluator = Evaluator(model, sample(held_out, limit, SEED), RESULTS, max_new_tokens=24)
-    evaluator.run(settings)
+    evaluator.run(default_settings(model, scales))
     print((RESULTS / "results.md").read_text())
 
 

@@ -54,7 +54,7 @@ def _check_base_reads_text(prompts: Sequence[LatentPrompt], adapter: bool) -> No
     """The base decoder (``adapter=False``) never learned to read latents: refuse, don't babble."""
     if not adapter and any(p.latents for p in prompts):
         raise ValueError(
-            "adapter=False runs the base decoder, which cannot read latent contexts; "
+            "adapter=False runs the base decoder, which cannot read latent markers or contexts; "
             "give it the contexts' plain text"
         )
 

@@ -71,7 +71,8 @@ class SemiDynamicLLM(CustomLLM):
     through LlamaIndex's completion-to-chat derivation with :func:`render_messages`.
 
     ``adapter=False`` runs the untouched base decoder on plain text: the honest uncompressed
-    baseline on the same base model. It refuses markers (the base never learned to read latents).
+    baseline on the same base model; the core refuses markers there (the base never learned to
+    read latents).
     """
 
     model_name: str = Field(default="semidyn", description="Name reported in metadata.")
@@ -124,11 +125,6 @@ class SemiDynamicLLM(CustomLLM):
                 "the prompt holds a cut or altered latent marker: a response mode re-split the "
                 "context by token count (use response_mode='simple_summarize' or "
                 "SemiDynamicSynthesizer; 'compact' and 'refine' re-split text)"
-            )
-        if found and not self.adapter:
-            raise ValueError(
-                "adapter=False runs the base decoder, which cannot read latent markers; "
-                "give it the chunks' plain text"
             )
         return prompt
 
