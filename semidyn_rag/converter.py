@@ -39,6 +39,22 @@ class Converter(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, out_dim, bias=False)
         self.act = nn.GELU()
 
+    @torch.no_grad()
+    def match_output_scale(self, target_rms: float, seed: int = 0) -> None:
+        """Rescale ``down_proj`` so that a fresh converter's outputs have RMS ``target_rms``.
+
+        A randomly initialised MLP emits vectors about ten times larger than a pretrained decoder's
+        token embeddings; such inputs swamp the residual stream, and the decoder must first learn
+        to ignore their size before it can read them. Matching the scale of the embeddings the
+        decoder was trained on removes that detour. Inputs pass the RMSNorm first, so unit-normal
+        probes measure the output scale for any encoder.
+        """
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        weight = self.down_proj.weight
+        probe = torch.randn(256, self.rms_norm.weight.shape[0], generator=generator)
+        out = self(probe.to(device=weight.device, dtype=weight.dtype)).float()
+        weight.mul_(target_rms / out.pow(2).mean().sqrt().clamp_min(1e-12))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.rms_norm(x)
         if self.gate_proj is None:

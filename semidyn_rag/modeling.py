@@ -162,7 +162,10 @@ class SemiDynamicCompressor(nn.Module):
                 config.decoder_model, config.decoder_gguf_file, config, device, dtype
             )
             decoder = get_peft_model(dec_base, _lora(config.decoder_lora), adapter_name="decoder")
-        return cls(config, encoder, decoder, *cls._tokenizers(config))
+        model = cls(config, encoder, decoder, *cls._tokenizers(config))
+        embeddings = decoder.get_input_embeddings().weight.detach().float()
+        model.converter.match_output_scale(float(embeddings.pow(2).mean().sqrt()))
+        return model
 
     @staticmethod
     def _tokenizers(

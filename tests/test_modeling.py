@@ -5,6 +5,7 @@ import torch
 
 from semidyn_rag import pooling, selector
 from semidyn_rag.config import CompressorConfig
+from semidyn_rag.converter import Converter
 from semidyn_rag.modeling import PLACEHOLDER, LatentPrompt, SemiDynamicCompressor
 
 TEXT = "Paris is the capital of France and Berlin is the capital of Germany."
@@ -179,3 +180,18 @@ def test_closing_a_stream_early_stops_the_decoder(compressor):
     stream.close()  # returns only once the generation thread has ended
     assert compressor._lock.acquire(blocking=False)
     compressor._lock.release()
+
+
+def test_fresh_converter_speaks_at_the_scale_of_decoder_embeddings(compressor):
+    """A new compressor's latents have the RMS of the decoder's token embeddings, not ~10x it."""
+    embeddings = compressor.decoder.get_input_embeddings().weight.float()
+    target = float(embeddings.pow(2).mean().sqrt())
+    [ctx] = compressor.compress(["Paris is the capital of France, on the Seine."], ratio=2)
+    rms = float(ctx.latents.float().pow(2).mean().sqrt())
+    assert 0.5 * target < rms < 2 * target
+    plain = Converter(64, 64, 128)
+    probe = torch.randn(64, 64)
+    before = float(plain(probe).detach().pow(2).mean().sqrt())
+    plain.match_output_scale(0.01)
+    assert float(plain(probe).detach().pow(2).mean().sqrt()) == pytest.approx(0.01, rel=0.2)
+    assert before > 0.05  # the unscaled MLP is far off: the rescale is what makes the difference

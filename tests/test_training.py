@@ -18,9 +18,11 @@ from semidyn_rag.training import (
     from_qa_samples,
     list_checkpoints,
     read_jsonl,
+    reconstruction_sample,
     to_examples,
     write_jsonl,
 )
+from semidyn_rag.training.samples import RECONSTRUCTION_PROMPT
 from semidyn_rag.training.trainer import lr_at
 
 torch.set_num_threads(1)  # 2 shared cores: one thread avoids OpenMP spin contention
@@ -106,7 +108,38 @@ def test_lr_schedule():
     assert lr_at(linear, 5) == pytest.approx(0.5)
 
 
+def test_reconstruction_sample_targets_the_whole_context(compressor):
+    text = "Paris is the capital of France and its largest city."
+    sample = reconstruction_sample(text, "r1", "squad")
+    assert (sample.contexts, sample.question, sample.answer) == (
+        [text],
+        RECONSTRUCTION_PROMPT,
+        text,
+    )
+    assert sample.provenance["kind"] == "reconstruction" and sample.y is None
+    [ex] = to_examples(compressor, [sample])
+    assert (
+        ex.answer[:-1] == compressor.decoder_tokenizer(text, add_special_tokens=False)["input_ids"]
+    )
+
+
 # --- the trainer -----------------------------------------------------------------------------
+
+
+def test_module_lr_scale_reaches_only_the_fresh_modules(make_compressor):
+    """The converter and head learn at ``lr × module_lr_scale``; LoRA and base at the schedule's."""
+    model = make_compressor()
+    config = TrainConfig(steps=2, batch_size=2, lr=1e-3, module_lr_scale=8, progress=False)
+    trainer = Trainer(model, to_examples(model, fixed_set()), config)
+    trainer.train()
+    fresh = {id(p) for n, p in model.named_parameters() if n.startswith(("converter.", "ratio_"))}
+    for group in trainer.optimizer.param_groups:
+        is_fresh = {id(p) in fresh for p in group["params"]}
+        assert len(is_fresh) == 1, "a group mixes fresh modules with adapters"
+        expected = lr_at(config, 1) * (8 if is_fresh.pop() else 1)
+        assert group["lr"] == pytest.approx(expected)
+    covered = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert fresh <= covered
 
 
 @pytest.mark.parametrize("train_base", [False, True])

@@ -7,6 +7,7 @@ from .samples import (
     from_qa_sample,
     from_qa_samples,
     read_jsonl,
+    reconstruction_sample,
     to_examples,
     write_jsonl,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "from_qa_samples",
     "list_checkpoints",
     "read_jsonl",
+    "reconstruction_sample",
     "to_examples",
     "write_jsonl",
 ]

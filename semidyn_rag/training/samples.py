@@ -59,6 +59,26 @@ class TrainSample(BaseModel):
         return [math.nan if v is None else float(v) for v in self.y]
 
 
+RECONSTRUCTION_PROMPT = "Repeat the context word for word."
+
+
+def reconstruction_sample(text: str, id: str | None = None, source: str = "unknown") -> TrainSample:
+    """An autoencoding sample: the decoder rewrites the context from its latents.
+
+    Every context token becomes a target, against a handful for a short QA answer, so mixing these
+    in teaches a decoder to read latents with far fewer samples (ICAE's pretraining task, here in
+    the same single stage). The paper's SFT has no such task; recipes opt in.
+    """
+    return TrainSample(
+        id=id,
+        contexts=[text],
+        question=RECONSTRUCTION_PROMPT,
+        answer=text,
+        source=source,
+        provenance={"kind": "reconstruction"},
+    )
+
+
 def density_label(ctx_tokens: int, summary_tokens: int) -> float:
     """Eq. 6: ``y = log2(L_ctx / L_sum)``; both lengths must be positive token counts."""
     if ctx_tokens <= 0 or summary_tokens <= 0:

@@ -59,6 +59,11 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = 1.0
+    module_lr_scale: float = Field(1.0, gt=0)
+    """Learning-rate multiplier for the tensors that start from random weights outside the base
+    models (converter, ratio head, memory tokens): LoRA adapters start as a no-op and move slowly
+    at a pretrained model's learning rate, while a fresh converter must travel far to map encoder
+    states into the decoder's embedding space."""
     mse_weight: float = Field(1.0, ge=0)
     """λ of Eq. 7."""
     ratio_sampling: Literal["multi", "mode"] = "multi"
@@ -111,13 +116,17 @@ def lr_at(config: TrainConfig, step: int) -> float:
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _peft_prefixes(model: nn.Module) -> list[str]:
+    return [name + "." for name, m in model.named_modules() if isinstance(m, PeftModel)]
+
+
 def mark_trainable(model: nn.Module, train_base: bool = False) -> list[tuple[str, nn.Parameter]]:
     """Set ``requires_grad`` and return the trainable ``(name, param)`` pairs in a fixed order.
 
     Everything outside the peft-wrapped base models trains (ratio head, converter, memory); inside
     them the LoRA tensors of every adapter train, and the base weights only with ``train_base``.
     """
-    bases = [name + "." for name, m in model.named_modules() if isinstance(m, PeftModel)]
+    bases = _peft_prefixes(model)
     chosen = []
     for name, param in model.named_parameters():
         is_base = any(name.startswith(b) for b in bases) and "lora_" not in name
@@ -125,6 +134,31 @@ def mark_trainable(model: nn.Module, train_base: bool = False) -> list[tuple[str
         if param.requires_grad:
             chosen.append((name, param))
     return chosen
+
+
+def param_groups(
+    model: nn.Module, params: Sequence[tuple[str, nn.Parameter]], config: TrainConfig
+) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; ``module_lr_scale`` on the tensors outside
+    the base models. Group ``lr_scale`` entries are applied by the schedule each step."""
+    bases = _peft_prefixes(model)
+    groups = []
+    for fresh in (False, True):
+        for decay in (True, False):
+            chosen = [
+                p
+                for name, p in params
+                if (not any(name.startswith(b) for b in bases)) == fresh and (p.dim() >= 2) == decay
+            ]
+            if chosen:
+                groups.append(
+                    {
+                        "params": chosen,
+                        "weight_decay": config.weight_decay if decay else 0.0,
+                        "lr_scale": config.module_lr_scale if fresh else 1.0,
+                    }
+                )
+    return groups
 
 
 class _Loss(nn.Module):
@@ -189,15 +223,8 @@ class Trainer:
         )
         model.train()
         self.params = mark_trainable(model, config.train_base)
-        decay = [p for _, p in self.params if p.dim() >= 2]
-        no_decay = [p for _, p in self.params if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=config.lr,
-            betas=config.betas,
+            param_groups(model, self.params, config), lr=config.lr, betas=config.betas
         )
         self.loss_module, self.prepared_optimizer = self.accelerator.prepare(
             _Loss(model), self.optimizer
@@ -278,7 +305,7 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         lr = lr_at(cfg, self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         ratio = self.ratio_for(self.step)
         sums = torch.zeros(3)
         for micro in range(cfg.grad_accum):
