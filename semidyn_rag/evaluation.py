@@ -141,11 +141,37 @@ class Evaluator:
             for s, out, n, r in zip(batch, outputs, latents, ratios, strict=True)
         ]
 
+    def _owner(self, setting: EvalSetting) -> str:
+        """Who wrote a setting's records: the base decoder for text settings, else the compressor
+        (its fingerprint), and the generation length. Resuming only ever continues the same one."""
+        cfg = self.model.config
+        who = (
+            f"base decoder {cfg.decoder_model or cfg.encoder_model}"
+            if setting.kind in ("no_context", "full_context")
+            else f"compressor {self.model.fingerprint}"
+        )
+        return f"{who}, max_new_tokens={self.max_new_tokens}"
+
+    def _claim(self, setting: EvalSetting) -> None:
+        """Refuse to mix answers of another model into a resumed run (stale records, same name)."""
+        path = self._records_path(setting)
+        owner_file = path.with_suffix(".owner")
+        owner = self._owner(setting)
+        if path.exists() and path.stat().st_size:
+            found = owner_file.read_text().strip() if owner_file.exists() else "unknown"
+            if found != owner:
+                raise ValueError(
+                    f"{path} holds answers written by {found}, not by {owner}; "
+                    "evaluate into another out_dir or delete that file"
+                )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        owner_file.write_text(owner + "\n")
+
     def run_setting(self, setting: EvalSetting) -> SettingResult:
+        self._claim(setting)
         done = self._load(setting)
         todo = [s for s in self.samples if s.id not in done]
         path = self._records_path(setting)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as sink, tqdm(total=len(self.samples), desc=setting.name) as bar:
             bar.update(len(self.samples) - len(todo))
             for start in range(0, len(todo), self.batch_size):

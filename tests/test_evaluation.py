@@ -1,5 +1,8 @@
 import json
 
+import pytest
+import torch
+
 from semidyn_rag.data import QASample
 from semidyn_rag.evaluation import EvalSetting, Evaluator, default_settings
 
@@ -51,6 +54,24 @@ def test_evaluation_writes_table_plot_and_resumes(compressor, tmp_path):
     again = evaluator.run_setting(settings[2])
     del compressor.complete
     assert sum(calls) == 2 and again.summary == fixed
+
+
+def test_resume_refuses_records_of_another_compressor(make_compressor, tmp_path):
+    """Stale answers of an earlier model must not count for a retrained one in the same dir."""
+    setting = EvalSetting(kind="fixed_ratio", ratio=4)
+    first = Evaluator(make_compressor(), SAMPLES[:2], tmp_path, max_new_tokens=4)
+    first.run_setting(setting)
+    before = (tmp_path / "records" / "fixed_ratio_4.jsonl").read_text()
+    other = make_compressor()
+    with torch.no_grad():
+        other.converter.down_proj.weight.mul_(2)  # "retrained": another fingerprint
+    with pytest.raises(ValueError, match="holds answers written by compressor"):
+        Evaluator(other, SAMPLES[:2], tmp_path, max_new_tokens=4).run_setting(setting)
+    assert (tmp_path / "records" / "fixed_ratio_4.jsonl").read_text() == before
+    # the text settings depend on the base decoder only: they resume across compressors
+    text = EvalSetting(kind="no_context")
+    first.run_setting(text)
+    Evaluator(other, SAMPLES[:2], tmp_path, max_new_tokens=4).run_setting(text)
 
 
 def test_cli_eval_on_a_saved_checkpoint(compressor, tmp_path, capsys):
