@@ -32,7 +32,7 @@ from semidyn_rag.training.samples import (
     density_label,
     from_qa_samples,
     read_jsonl,
-    reconstruction_sample,
+    reconstruction_samples,
 )
 from semidyn_rag.training.synth import HFTeacher, Seed, SynthConfig, synthesize
 from semidyn_rag.training.trainer import STATE_DIR, TrainConfig, Trainer, list_checkpoints
@@ -204,16 +204,8 @@ def training_samples() -> list[TrainSample]:
     train, _ = squad_split()
     hotpot = load_hotpotqa(DATA / "hotpotqa" / "train.jsonl")
     synthetic = read_jsonl(RUN / "synth.jsonl") if (RUN / "synth.jsonl").exists() else []
-    passages = dict.fromkeys(c for s in [*train, *hotpot] for c in s.contexts)
-    pieces = [
-        " ".join(words[start : start + RECONSTRUCTION_WORDS])
-        for words in (p.split() for p in passages)
-        for start in range(0, len(words), RECONSTRUCTION_WORDS)
-        if len(words) - start >= RECONSTRUCTION_WORDS // 4
-    ]
-    reconstruction = [
-        reconstruction_sample(t, f"recon-{i}", "squad+hotpotqa") for i, t in enumerate(pieces)
-    ]
+    passages = [c for s in [*train, *hotpot] for c in s.contexts]
+    reconstruction = reconstruction_samples(passages, RECONSTRUCTION_WORDS, "squad+hotpotqa")
     count = _count_tokens(SemiDynamicCompressor._tokenizers(COMPRESSOR)[0])
     samples = [
         s.model_copy(update={"y": [extractive_label(c, count) for c in s.contexts]})

@@ -109,12 +109,19 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
         "--qa", action="append", default=[], help="any file semidyn_rag.data.load_samples reads"
     )
     group.add_argument("--limit", type=int, default=None, help="at most N samples per file")
+    group.add_argument(
+        "--reconstruction-words",
+        type=int,
+        default=0,
+        help="also train rewriting every distinct context from its latents, in pieces of N "
+        "words (0: off); teaches the decoder to read latents with fewer samples",
+    )
 
 
 def load_training_data(args: argparse.Namespace) -> list:
     """All `TrainSample`s named by the data flags (and the config file's ``data`` section)."""
     from . import data
-    from .training import read_jsonl
+    from .training import read_jsonl, reconstruction_samples
     from .training.samples import from_qa_samples
 
     section = args.config_file.get("data", {})
@@ -141,6 +148,11 @@ def load_training_data(args: argparse.Namespace) -> list:
             out.extend(loaded)
     if not out:
         raise SystemExit("no training data: give --samples, --squad, --hotpotqa or --qa")
+    words = args.reconstruction_words or section.get("reconstruction_words", 0)
+    if words:
+        extra = reconstruction_samples([c for s in out for c in s.contexts], words)
+        logger.info("%d reconstruction samples of %d words", len(extra), words)
+        out.extend(extra)
     return out
 
 

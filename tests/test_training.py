@@ -1,3 +1,4 @@
+import json
 import math
 from itertools import pairwise
 
@@ -19,6 +20,7 @@ from semidyn_rag.training import (
     list_checkpoints,
     read_jsonl,
     reconstruction_sample,
+    reconstruction_samples,
     to_examples,
     write_jsonl,
 )
@@ -117,6 +119,10 @@ def test_reconstruction_sample_targets_the_whole_context(compressor):
         text,
     )
     assert sample.provenance["kind"] == "reconstruction" and sample.y is None
+    text9 = "a b c d e f g h i"
+    pieces = reconstruction_samples([text9, text9, "x y"], words=4)
+    assert [p.answer for p in pieces] == ["a b c d", "e f g h", "i", "x y"]  # duplicates once
+    assert [p.answer for p in reconstruction_samples([text9], words=8)] == ["a b c d e f g h"]
     [ex] = to_examples(compressor, [sample])
     assert (
         ex.answer[:-1] == compressor.decoder_tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -278,9 +284,15 @@ def test_cli_train_and_train_regressor(tiny_dir, tmp_path, capsys):
         str(out),
         "--progress",
         "false",
+        "--module-lr-scale",
+        "3",
+        "--reconstruction-words",
+        "4",
     ]
     assert main(["-q", *args]) == 0
     assert '"steps": 2' in capsys.readouterr().out
+    state = json.loads((out / "checkpoint-2" / "trainer" / "state.json").read_text())
+    assert state["train_config"]["module_lr_scale"] == 3.0
     model = SemiDynamicCompressor.from_pretrained(out / "checkpoint-2")
     assert model.config.ratios == [2, 4]
     reg_out = tmp_path / "reg"

@@ -8,6 +8,7 @@ from .samples import (
     from_qa_samples,
     read_jsonl,
     reconstruction_sample,
+    reconstruction_samples,
     to_examples,
     write_jsonl,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "list_checkpoints",
     "read_jsonl",
     "reconstruction_sample",
+    "reconstruction_samples",
     "to_examples",
     "write_jsonl",
 ]

@@ -79,6 +79,25 @@ def reconstruction_sample(text: str, id: str | None = None, source: str = "unkno
     )
 
 
+def reconstruction_samples(
+    texts: Iterable[str], words: int = 80, source: str = "unknown"
+) -> list[TrainSample]:
+    """Reconstruction samples over distinct ``texts`` cut into consecutive ``words``-word pieces.
+
+    Pieces keep a training step cheap (the target is as long as the context); a tail shorter
+    than a quarter piece is dropped rather than trained as a near-empty context.
+    """
+    if words < 1:
+        raise ValueError(f"words must be positive, got {words}")
+    pieces = [
+        " ".join(split[start : start + words])
+        for split in (t.split() for t in dict.fromkeys(texts))
+        for start in range(0, len(split), words)
+        if len(split) - start >= max(1, words // 4)
+    ]
+    return [reconstruction_sample(p, f"recon-{i}", source) for i, p in enumerate(pieces)]
+
+
 def density_label(ctx_tokens: int, summary_tokens: int) -> float:
     """Eq. 6: ``y = log2(L_ctx / L_sum)``; both lengths must be positive token counts."""
     if ctx_tokens <= 0 or summary_tokens <= 0:
