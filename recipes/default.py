@@ -53,10 +53,10 @@ COMPRESSOR = CompressorConfig(
     max_segment_tokens=512,
 )
 TRAIN = TrainConfig(
-    steps=900,
+    steps=450,
     batch_size=4,
-    lr=5e-4,
-    module_lr_scale=4.0,  # the fresh converter and head learn at 2e-3
+    lr=3e-4,
+    align_steps=300,  # converter fitted to pooled token embeddings before SFT (see align.py)
     warmup_steps=20,
     schedule="cosine",
     mse_weight=1.0,

@@ -24,6 +24,7 @@ from semidyn_rag.training import (
     to_examples,
     write_jsonl,
 )
+from semidyn_rag.training.align import align_converter
 from semidyn_rag.training.samples import RECONSTRUCTION_PROMPT
 from semidyn_rag.training.trainer import lr_at
 
@@ -313,3 +314,39 @@ def test_cli_train_and_train_regressor(tiny_dir, tmp_path, capsys):
     ]
     assert main(["-q", *reg]) == 0
     assert len(RatioRegressor.from_pretrained(reg_out / "checkpoint-2").predict(["x y"])) == 1
+
+
+# --- converter alignment -----------------------------------------------------------------------
+
+
+def test_align_converter_fits_pooled_embeddings(make_compressor):
+    model = make_compressor()
+    contexts = model.tokenize([ctx for ctx, _, _ in FACTS] * 3)
+    before, after = align_converter(model, contexts, steps=150, lr=3e-3, progress=False)
+    assert before > 1.0 and after < 0.5 * before
+    # an explicit check of what was fitted: latents now point like the tokens they pool
+    table = model.decoder.get_input_embeddings().weight
+    [ctx] = model.compress([FACTS[0][0]], ratio=2)
+    ids = torch.as_tensor(model.tokenize([FACTS[0][0]])[0][:2])
+    target = table[ids].mean(0)
+    assert torch.cosine_similarity(ctx.latents[0].float(), target.float(), dim=0) > 0.3
+    with pytest.raises(ValueError, match="mean_pooling"):
+        align_converter(make_compressor(backbone="last_tokens"), contexts, progress=False)
+
+
+def test_trainer_aligns_once_before_step_zero(make_compressor, tmp_path):
+    model = make_compressor()
+    config = TrainConfig(
+        steps=2, batch_size=2, align_steps=20, output_dir=str(tmp_path), progress=False
+    )
+    start = model.converter.down_proj.weight.detach().clone()
+    trainer = Trainer(model, to_examples(model, fixed_set()), config)
+    trainer.train()
+    assert not torch.equal(start, model.converter.down_proj.weight)
+    resumed = make_compressor()
+    more = config.model_copy(update={"steps": 3, "resume_from": "auto"})
+    calls = []
+    again = Trainer(resumed, to_examples(resumed, fixed_set()), more)
+    again._align = lambda: calls.append(1)
+    again.train()
+    assert calls == [] and again.step == 3

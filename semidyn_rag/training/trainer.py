@@ -64,6 +64,10 @@ class TrainConfig(BaseModel):
     models (converter, ratio head, memory tokens): LoRA adapters start as a no-op and move slowly
     at a pretrained model's learning rate, while a fresh converter must travel far to map encoder
     states into the decoder's embedding space."""
+    align_steps: int = Field(0, ge=0)
+    """Before step 0, fit the converter for this many steps to pooled decoder embeddings
+    (`align.align_converter`, on up to ``align_contexts`` training contexts); 0: off."""
+    align_contexts: int = Field(300, ge=1)
     mse_weight: float = Field(1.0, ge=0)
     """λ of Eq. 7."""
     ratio_sampling: Literal["multi", "mode"] = "multi"
@@ -270,6 +274,8 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         torch.manual_seed(cfg.seed)
         self._maybe_resume()
+        if self.step == 0 and cfg.align_steps:
+            self._align()
         self.model.train()
         bar = tqdm(
             total=cfg.steps,
@@ -300,6 +306,20 @@ class Trainer:
         bar.close()
         self.model.eval()
         return self.history
+
+    def _align(self) -> None:
+        from .align import align_converter
+
+        rng = random.Random(self.config.seed)
+        contexts = [c for ex in self.examples for c in ex.contexts]
+        chosen = rng.sample(contexts, min(len(contexts), self.config.align_contexts))
+        align_converter(
+            self.model,  # type: ignore[arg-type]
+            chosen,
+            steps=self.config.align_steps,
+            seed=self.config.seed,
+            progress=self.config.progress and self.accelerator.is_main_process,
+        )
 
     def _optimizer_step(self) -> StepLog:
         cfg, acc = self.config, self.accelerator
