@@ -220,6 +220,7 @@ def train(model, samples, name: str, sampling: str, args: argparse.Namespace) ->
         seed=args.seed,
         output_dir=str(ROOT / "runs" / "repro" / name),
         log_every=max(1, args.steps // 10),
+        progress=False,  # the log lines carry the loss; a bar per step floods the log
     )
     start = time.perf_counter()
     history = Trainer(model, samples, config).train()
