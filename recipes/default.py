@@ -57,6 +57,7 @@ TRAIN = TrainConfig(
     batch_size=4,
     lr=3e-4,
     align_steps=300,  # converter fitted to pooled token embeddings before SFT (see align.py)
+    decoder_warmup_steps=200,  # the decoder adapter waits until the latents are readable
     warmup_steps=20,
     schedule="cosine",
     mse_weight=1.0,

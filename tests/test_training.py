@@ -350,3 +350,22 @@ def test_trainer_aligns_once_before_step_zero(make_compressor, tmp_path):
     again._align = lambda: calls.append(1)
     again.train()
     assert calls == [] and again.step == 3
+
+
+def test_decoder_warmup_holds_the_decoder_adapter_only(make_compressor):
+    model = make_compressor()
+    config = TrainConfig(steps=3, batch_size=2, lr=1e-2, decoder_warmup_steps=2, progress=False)
+    trainer = Trainer(model, to_examples(model, fixed_set()), config)
+    names = {"lora_A.decoder", "lora_A.encoder", "converter."}
+    snapshots = []
+    for _ in range(3):
+        snapshots.append(state_of(model))
+        trainer._optimizer_step()
+    snapshots.append(state_of(model))
+
+    def moved(key: str, step: int) -> bool:
+        a, b = snapshots[step], snapshots[step + 1]
+        return any(not torch.equal(a[n], b[n]) for n in a if key in n)
+
+    assert {k for k in names if moved(k, 0) or moved(k, 1)} == {"lora_A.encoder", "converter."}
+    assert moved("lora_A.decoder", 2)  # released after the warmup

@@ -64,6 +64,11 @@ class TrainConfig(BaseModel):
     models (converter, ratio head, memory tokens): LoRA adapters start as a no-op and move slowly
     at a pretrained model's learning rate, while a fresh converter must travel far to map encoder
     states into the decoder's embedding space."""
+    decoder_warmup_steps: int = Field(0, ge=0)
+    """Keep the decoder's LoRA adapter fixed for the first this many steps (ICAE-style). A decoder
+    that learns from the start finds it cheaper to ignore uninformative latents than to wait for
+    them to become readable, and they then collapse to one constant vector; held fixed, it makes
+    encoder and converter write latents the pretrained decoder can read."""
     align_steps: int = Field(0, ge=0)
     """Before step 0, fit the converter for this many steps to pooled decoder embeddings
     (`align.align_converter`, on up to ``align_contexts`` training contexts); 0: off."""
@@ -337,6 +342,10 @@ class Trainer:
                     )
                 acc.backward(loss / cfg.grad_accum)
             sums += torch.tensor([float(loss.detach()), float(lm), float(mse)]) / cfg.grad_accum
+        if self.step < cfg.decoder_warmup_steps:
+            for name, param in self.params:  # AdamW leaves tensors without a gradient untouched
+                if "lora_" in name and ".decoder." in name:
+                    param.grad = None
         if cfg.max_grad_norm is not None:
             acc.clip_grad_norm_([p for _, p in self.params], cfg.max_grad_norm)
         self.prepared_optimizer.step()
