@@ -44,7 +44,7 @@ from semidyn_rag.training import TrainConfig, Trainer, TrainSample, density_labe
 logger = logging.getLogger("train_repro")
 
 ROOT = Path(__file__).resolve().parents[1]
-RATIOS = [2, 4, 8, 16, 32]
+RATIOS = [2.0, 4.0, 8.0, 16.0, 32.0]
 FACT_TOKENS = 8  # about one "The code of Name is 42." in the task's tokenizer
 SCALES = [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0]
 SYLLABLES = ["ka", "lo", "mi", "ru", "ze", "po", "ta", "ne", "vi", "so", "du", "fe", "ga", "bi"]
@@ -195,7 +195,7 @@ def new_model(base: Path, mode: str, args: argparse.Namespace, **fields) -> Semi
     config = CompressorConfig(
         encoder_model=str(base),
         mode=mode,
-        ratios=RATIOS,
+        ratios=args.ratios,
         converter_hidden=args.hidden * 2,
         encoder_lora=LoraSettings(r=8, alpha=16),
         decoder_lora=LoraSettings(r=8, alpha=16),
@@ -359,6 +359,8 @@ def parse_args() -> argparse.Namespace:
         "--threads", type=int, default=1, help="1 or 2 (2 is slower on a contended machine)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ratios", type=float, nargs="+", default=RATIOS, help="DRS candidates")
+    parser.add_argument("--scales", type=float, nargs="+", default=SCALES, help="scale sweep")
     parser.add_argument("--separate-fixed", action="store_true", help="one model per ratio too")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_repro"))
     args = parser.parse_args()
@@ -400,15 +402,15 @@ def main() -> None:
 
     multi = new_model(base, "semi_dynamic", args)
     training["multi"] = train(multi, train_set, "multi", "multi", args)
-    for ratio in RATIOS:
+    for ratio in args.ratios:
         rows.append(
             {
                 "method": "fixed ratio (multi-ratio weights)",
-                "setting": f"r={ratio}",
+                "setting": f"r={ratio:g}",
                 **evaluate(multi, eval_set, ratio=ratio),
             }
         )
-    for scale in SCALES:
+    for scale in args.scales:
         rows.append(
             {
                 "method": "semi-dynamic",
@@ -419,7 +421,7 @@ def main() -> None:
 
     dynamic = new_model(base, "fully_dynamic", args)
     training["fully_dynamic"] = train(dynamic, train_set, "fully_dynamic", "mode", args)
-    for scale in (0.0, 1.0, 2.0):
+    for scale in [s for s in args.scales if s >= 0 and s.is_integer()]:
         rows.append(
             {
                 "method": "fully dynamic",
@@ -429,14 +431,14 @@ def main() -> None:
         )
 
     if args.separate_fixed:
-        for ratio in RATIOS:
-            name = f"fixed_{ratio}"
+        for ratio in args.ratios:
+            name = f"fixed_{ratio:g}"
             model = new_model(base, "fixed_ratio", args, fixed_ratio=ratio)
             training[name] = train(model, train_set, name, "mode", args)
             rows.append(
                 {
                     "method": "fixed ratio (own model)",
-                    "setting": f"r={ratio}",
+                    "setting": f"r={ratio:g}",
                     **evaluate(model, eval_set),
                 }
             )
@@ -447,7 +449,7 @@ def main() -> None:
             f"pretrained on the task in plain text for {args.pretrain_steps} steps, then "
             f"shared base + LoRA, base trained too; {args.steps} steps x batch {args.batch_size}, "
             f"lr {args.lr} (converter x{args.module_lr_scale}); {len(train_set)} train / {len(eval_set)} eval contexts of <= "
-            f"{args.max_tokens} tokens with 1-16 facts; ratios {RATIOS}; {args.threads} threads"
+            f"{args.max_tokens} tokens with 1-16 facts; ratios {args.ratios}; {args.threads} threads"
             + (" (quick)" if args.quick else "")
         ),
         "rows": rows,
