@@ -66,9 +66,9 @@ class TrainConfig(BaseModel):
     states into the decoder's embedding space."""
     decoder_warmup_steps: int = Field(0, ge=0)
     """Keep the decoder's LoRA adapter fixed for the first this many steps (ICAE-style). A decoder
-    that learns from the start finds it cheaper to ignore uninformative latents than to wait for
-    them to become readable, and they then collapse to one constant vector; held fixed, it makes
-    encoder and converter write latents the pretrained decoder can read."""
+    that learns from the start can lower its loss by ignoring uninformative latents; held fixed, it
+    leaves encoder and converter only one way down, writing latents it can read. (On SmolLM2 in a
+    short CPU run they collapsed anyway; see the README.)"""
     align_steps: int = Field(0, ge=0)
     """Before step 0, fit the converter for this many steps to pooled decoder embeddings
     (`align.align_converter`, on up to ``align_contexts`` training contexts); 0: off."""
