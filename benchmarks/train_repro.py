@@ -185,7 +185,7 @@ def pretrain_base(base: Path, samples, args: argparse.Namespace) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % max(1, args.pretrain_steps // 10) == 0:
-            logger.info("pretrain step %d/%d loss %.4f", step + 1, args.pretrain_steps, float(loss))
+            logger.info("pretrain step %d/%d loss %.4f", step + 1, args.pretrain_steps, loss.item())
     model.save_pretrained(base)
     return {"seconds": round(time.perf_counter() - start, 1), "final_loss": float(loss)}
 
