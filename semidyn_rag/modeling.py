@@ -591,7 +591,7 @@ class SemiDynamicCompressor(nn.Module):
         hidden, y_hat = self.encode(contexts)
         pooled = []
         for row, (ctx, label) in enumerate(zip(contexts, labels.tolist(), strict=True)):
-            guide = label if math.isfinite(label) else float(y_hat[row])
+            guide = label if math.isfinite(label) else float(y_hat[row].detach())
             pooled.append(
                 self.extract(hidden[row], len(ctx), self.structure(guide, len(ctx), 0.0, ratio))
             )
