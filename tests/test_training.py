@@ -369,3 +369,17 @@ def test_decoder_warmup_holds_the_decoder_adapter_only(make_compressor):
 
     assert {k for k in names if moved(k, 0) or moved(k, 1)} == {"lora_A.encoder", "converter."}
     assert moved("lora_A.decoder", 2)  # released after the warmup
+
+
+def test_resume_names_an_optimizer_layout_mismatch(make_compressor, tmp_path):
+    model = make_compressor()
+    config = TrainConfig(steps=1, batch_size=2, output_dir=str(tmp_path), progress=False)
+    Trainer(model, to_examples(model, fixed_set()), config).train()
+    state_file = tmp_path / "checkpoint-1" / "trainer" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["param_groups"] = state["param_groups"][:2]  # as written before module_lr_scale
+    state_file.write_text(json.dumps(state))
+    again = make_compressor()
+    more = config.model_copy(update={"steps": 2, "resume_from": "auto"})
+    with pytest.raises(ValueError, match="optimizer groups"):
+        Trainer(again, to_examples(again, fixed_set()), more).train()

@@ -63,7 +63,8 @@ class TrainConfig(BaseModel):
     """Learning-rate multiplier for the tensors that start from random weights outside the base
     models (converter, ratio head, memory tokens): LoRA adapters start as a no-op and move slowly
     at a pretrained model's learning rate, while a fresh converter must travel far to map encoder
-    states into the decoder's embedding space."""
+    states into the decoder's embedding space. (Above 1 it sped up the latent collapse on SmolLM2;
+    see the README.)"""
     decoder_warmup_steps: int = Field(0, ge=0)
     """Keep the decoder's LoRA adapter fixed for the first this many steps (ICAE-style). A decoder
     that learns from the start can lower its loss by ignoring uninformative latents; held fixed, it
@@ -447,6 +448,12 @@ class Trainer:
                 _, idx, field = key.split(".", 2)
                 optim_state.setdefault(int(idx), {})[field] = value
         fresh = self.optimizer.state_dict()["param_groups"]
+        if len(state["param_groups"]) != len(fresh):
+            raise ValueError(
+                f"{checkpoint} has {len(state['param_groups'])} optimizer groups, this trainer "
+                f"{len(fresh)}; it was written by another version of the trainer or another "
+                "module_lr_scale/weight-decay layout"
+            )
         groups = [
             {**saved, "betas": tuple(saved["betas"]), "params": g["params"]}
             for saved, g in zip(state["param_groups"], fresh, strict=True)
