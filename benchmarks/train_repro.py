@@ -159,6 +159,14 @@ def pretrain_base(base: Path, samples, args: argparse.Namespace) -> dict:
     model = AutoModelForCausalLM.from_pretrained(base)
     prompts = [f"Context: {s.contexts[0]}\nQuestion: {s.question}" for s in samples]
     answers = [f"{s.answer}{tokenizer.eos_token}" for s in samples]
+    # tokenized once; token_type_ids mark the answer (the second text of each pair)
+    encoded = tokenizer(
+        prompts, answers, return_token_type_ids=True, add_special_tokens=False
+    ).encodings
+    rows = [
+        {"input_ids": e.ids, "token_type_ids": e.type_ids, "attention_mask": e.attention_mask}
+        for e in encoded
+    ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(args.seed)
     start, model = time.perf_counter(), model.train()
@@ -167,15 +175,8 @@ def pretrain_base(base: Path, samples, args: argparse.Namespace) -> dict:
             warm = min(1.0, (step + 1) / max(1, args.pretrain_steps // 20))
             cosine = 0.55 + 0.45 * math.cos(math.pi * step / args.pretrain_steps)
             group["lr"] = args.lr * warm * cosine
-        picks = torch.randint(len(prompts), (args.batch_size,), generator=generator).tolist()
-        batch = tokenizer(
-            [prompts[i] for i in picks],
-            [answers[i] for i in picks],
-            padding=True,
-            return_tensors="pt",
-            return_token_type_ids=True,
-            add_special_tokens=False,
-        )
+        picks = torch.randint(len(rows), (args.batch_size,), generator=generator).tolist()
+        batch = tokenizer.pad([rows[i] for i in picks], return_tensors="pt")
         # loss on the answer only: its few tokens would drown in the filler's otherwise
         labels = batch["input_ids"].masked_fill(batch.pop("token_type_ids") == 0, -100)
         labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
@@ -243,10 +244,7 @@ def evaluate(model, samples, *, ratio: float | None = None, scale: float = 0.0) 
         LatentPrompt(model.format_prompt(s.question, 1), [c.latents])
         for s, c in zip(samples, contexts, strict=True)
     ]
-    outputs: list[str] = []
-    for start in range(0, len(prompts), 64):
-        outputs += model.complete(prompts[start : start + 64], max_new_tokens=5)
-    correct = [substring_match(o, [s.answer]) for o, s in zip(outputs, samples, strict=True)]
+    correct = _answered(model, prompts, samples)
     tokens = [c.num_tokens for c in contexts]
     latents = [c.num_latents for c in contexts]
     chosen = Counter(int(c.ratio) for c in contexts)
@@ -272,10 +270,7 @@ def evaluate_text(model, samples, *, with_context: bool) -> dict:
         )
         for s in samples
     ]
-    outputs: list[str] = []
-    for start in range(0, len(prompts), 64):
-        outputs += model.complete(prompts[start : start + 64], adapter=False, max_new_tokens=5)
-    correct = [substring_match(o, [s.answer]) for o, s in zip(outputs, samples, strict=True)]
+    correct = _answered(model, prompts, samples, adapter=False)
     return {
         "accuracy": sum(correct) / len(correct),
         "avg_ratio_correct": 1.0 if with_context else None,
@@ -284,6 +279,14 @@ def evaluate_text(model, samples, *, with_context: bool) -> dict:
         "chosen_ratios": {},
         "accuracy_by_facts": _by_facts(samples, correct),
     }
+
+
+def _answered(model, prompts, samples, **kwargs) -> list[bool]:
+    """Generate in batches of 64 and check each answer by substring match."""
+    outputs: list[str] = []
+    for start in range(0, len(prompts), 64):
+        outputs += model.complete(prompts[start : start + 64], max_new_tokens=5, **kwargs)
+    return [substring_match(o, [s.answer]) for o, s in zip(outputs, samples, strict=True)]
 
 
 def _by_facts(samples, correct: list[bool]) -> dict[str, float]:

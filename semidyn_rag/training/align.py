@@ -81,10 +81,9 @@ def align_converter(
     inputs, targets = _features(model, contexts, model.config.ratios, seed, encode_batch_size)
     variance = targets.var(0).sum().clamp_min(1e-12)
     converter = model.converter
-    params = [p for p in converter.parameters()]
-    dtypes = [p.dtype for p in params]
+    dtype = model.dtype  # fitted in float32, handed back in the model's dtype
     converter.float()
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(converter.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
 
     def relative_error() -> float:
@@ -100,8 +99,7 @@ def align_converter(
         loss.backward()
         optimizer.step()
     after = relative_error()
-    for param, dtype in zip(params, dtypes, strict=True):
-        param.data = param.data.to(dtype)
+    converter.to(dtype)
     model.train(was_training)
     logger.info(
         "converter aligned on %d windows: relative error %.3f -> %.3f", len(inputs), before, after
