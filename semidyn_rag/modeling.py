@@ -579,23 +579,26 @@ class SemiDynamicCompressor(nn.Module):
         examples: Sequence[TrainExample],
         ratio: float | None = None,
         mse_weight: float = 1.0,
+        encoder_grad: bool = True,
     ) -> LossOutput:
         """Eq. 7: ``LM + λ·MSE(ŷ, y)`` for one batch (the LM loss counts answer tokens only).
 
         ``ratio`` fixes the structure for the whole batch (multi-ratio training draws one per batch);
         ``None`` lets the mode decide, with the label ``y`` standing in for the prediction so that
-        the fully dynamic baseline trains on the ratios its labels imply.
+        the fully dynamic baseline trains on the ratios its labels imply. ``encoder_grad=False``
+        builds the latents without a graph (encoder, head and converter held fixed): the backward
+        pass then costs the decoder only.
         """
         contexts = [c for ex in examples for c in ex.contexts]
         labels = torch.tensor([y for ex in examples for y in ex.y], device=self.device)
-        hidden, y_hat = self.encode(contexts)
-        pooled = []
-        for row, (ctx, label) in enumerate(zip(contexts, labels.tolist(), strict=True)):
-            guide = label if math.isfinite(label) else float(y_hat[row].detach())
-            pooled.append(
-                self.extract(hidden[row], len(ctx), self.structure(guide, len(ctx), 0.0, ratio))
-            )
-        latents = iter(self.converter(torch.cat(pooled)).split([p.shape[0] for p in pooled]))
+        with contextlib.nullcontext() if encoder_grad else torch.no_grad():
+            hidden, y_hat = self.encode(contexts)
+            pooled = []
+            for row, (ctx, label) in enumerate(zip(contexts, labels.tolist(), strict=True)):
+                guide = label if math.isfinite(label) else float(y_hat[row].detach())
+                structure = self.structure(guide, len(ctx), 0.0, ratio)
+                pooled.append(self.extract(hidden[row], len(ctx), structure))
+            latents = iter(self.converter(torch.cat(pooled)).split([p.shape[0] for p in pooled]))
         prompts = [
             LatentPrompt(
                 self.format_prompt(ex.question, len(ex.contexts)),

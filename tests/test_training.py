@@ -334,6 +334,21 @@ def test_align_converter_fits_pooled_embeddings(make_compressor):
         align_converter(make_compressor(backbone="last_tokens"), contexts, progress=False)
 
 
+def test_no_stale_gradient_reaches_the_first_step(make_compressor):
+    contexts = [ctx for ctx, _, _ in FACTS]
+    aligned = make_compressor()
+    align_converter(aligned, aligned.tokenize(contexts), steps=5, progress=False)
+    assert all(p.grad is None for p in aligned.converter.parameters())
+    # a gradient left on a tensor by anything before training must not be applied by step 1
+    config = TrainConfig(steps=1, batch_size=2, progress=False)
+    clean, stale = make_compressor(), make_compressor()
+    for param in stale.converter.parameters():
+        param.grad = torch.full_like(param, 1e3)
+    for model in (clean, stale):
+        Trainer(model, to_examples(model, fixed_set()), config).train()
+    assert torch.equal(clean.converter.down_proj.weight, stale.converter.down_proj.weight)
+
+
 def test_trainer_aligns_once_before_step_zero(make_compressor, tmp_path):
     model = make_compressor()
     config = TrainConfig(
@@ -352,11 +367,18 @@ def test_trainer_aligns_once_before_step_zero(make_compressor, tmp_path):
     assert calls == [] and again.step == 3
 
 
-def test_decoder_warmup_holds_the_decoder_adapter_only(make_compressor):
+@pytest.mark.parametrize(
+    ("warmup", "held"),
+    [
+        ("decoder_warmup_steps", {"lora_A.decoder"}),
+        ("encoder_warmup_steps", {"lora_A.encoder", "converter.", "ratio_head."}),
+    ],
+)
+def test_warmup_holds_one_side_then_releases_it(make_compressor, warmup, held):
     model = make_compressor()
-    config = TrainConfig(steps=3, batch_size=2, lr=1e-2, decoder_warmup_steps=2, progress=False)
+    config = TrainConfig(steps=3, batch_size=2, lr=1e-2, progress=False, **{warmup: 2})
     trainer = Trainer(model, to_examples(model, fixed_set()), config)
-    names = {"lora_A.decoder", "lora_A.encoder", "converter."}
+    names = {"lora_A.decoder", "lora_A.encoder", "converter.", "ratio_head."}
     snapshots = []
     for _ in range(3):
         snapshots.append(state_of(model))
@@ -367,8 +389,8 @@ def test_decoder_warmup_holds_the_decoder_adapter_only(make_compressor):
         a, b = snapshots[step], snapshots[step + 1]
         return any(not torch.equal(a[n], b[n]) for n in a if key in n)
 
-    assert {k for k in names if moved(k, 0) or moved(k, 1)} == {"lora_A.encoder", "converter."}
-    assert moved("lora_A.decoder", 2)  # released after the warmup
+    assert {k for k in names if moved(k, 0) or moved(k, 1)} == names - held
+    assert all(moved(k, 2) for k in held)  # released after the warmup
 
 
 def test_resume_names_an_optimizer_layout_mismatch(make_compressor, tmp_path):

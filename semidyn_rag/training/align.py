@@ -98,6 +98,7 @@ def align_converter(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # no stale gradient may leak into the SFT that follows
     after = relative_error()
     converter.to(dtype)
     model.train(was_training)

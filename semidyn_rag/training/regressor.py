@@ -138,10 +138,14 @@ class RatioRegressor(nn.Module):
         return out
 
     def training_loss(
-        self, examples: Sequence[TrainExample], ratio: float | None = None, mse_weight: float = 1.0
+        self,
+        examples: Sequence[TrainExample],
+        ratio: float | None = None,
+        mse_weight: float = 1.0,
+        encoder_grad: bool = True,
     ) -> LossOutput:
-        """MSE against the known labels (``ratio`` and ``mse_weight`` are accepted and unused:
-        the regressor's only objective is the label)."""
+        """MSE against the known labels (``ratio``, ``mse_weight`` and ``encoder_grad`` are
+        accepted and unused: the regressor's only objective is the label)."""
         pairs = [
             (ctx, y) for ex in examples for ctx, y in zip(ex.contexts, ex.y) if math.isfinite(y)
         ]

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CONFIG_NAME
 from ..modeling import LossOutput, SemiDynamicCompressor, TrainExample
+from .diagnostics import LatentUse, latent_use
 from .samples import TrainSample, to_examples
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,11 @@ class TrainConfig(BaseModel):
     that learns from the start can lower its loss by ignoring uninformative latents; held fixed, it
     leaves encoder and converter only one way down, writing latents it can read. (On SmolLM2 in a
     short CPU run they collapsed anyway; see the README.)"""
+    encoder_warmup_steps: int = Field(0, ge=0)
+    """Keep the encoder side (its LoRA adapter, ratio head, converter, memory tokens) fixed for the
+    first this many steps, which also spares their backward pass. Meant to follow ``align_steps``: the decoder first
+    learns to read latents that cannot collapse while it does, because nothing that makes them
+    moves (the collapse we measured on SmolLM2 came from encoder and converter; see the README)."""
     align_steps: int = Field(0, ge=0)
     """Before step 0, fit the converter for this many steps to pooled decoder embeddings
     (`align.align_converter`, on up to ``align_contexts`` training contexts); 0: off."""
@@ -92,6 +98,9 @@ class TrainConfig(BaseModel):
     keep_last: int | None = Field(None, ge=1)
     """Delete older checkpoints beyond this many (None keeps all)."""
     log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)
+    """Every this many steps (and at the end), log `diagnostics.latent_use` on the trainer's
+    ``eval_samples``: held-out loss with the right vs another example's latents (0: off)."""
     resume_from: str | None = None
     """A checkpoint directory, or ``auto`` for the latest one in ``output_dir`` (none: start)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -179,34 +188,16 @@ class _Loss(nn.Module):
         self.model = model
 
     def forward(
-        self, examples: Sequence[TrainExample], ratio: float | None, mse_weight: float
+        self,
+        examples: Sequence[TrainExample],
+        ratio: float | None,
+        mse_weight: float,
+        encoder_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out: LossOutput = self.model.training_loss(examples, ratio=ratio, mse_weight=mse_weight)
-        return out.loss, out.lm_loss, out.mse_loss
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model: nn.Module,
-    examples: Sequence[TrainExample],
-    *,
-    ratio: float | None = None,
-    mse_weight: float = 1.0,
-    batch_size: int = 8,
-) -> LossOutput:
-    """Mean losses over ``examples`` in eval mode (weighted by batch size); restores the mode."""
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(3)
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        out = model.training_loss(batch, ratio=ratio, mse_weight=mse_weight)
-        totals += torch.tensor([float(out.loss), float(out.lm_loss), float(out.mse_loss)]) * len(
-            batch
+        out: LossOutput = self.model.training_loss(
+            examples, ratio=ratio, mse_weight=mse_weight, encoder_grad=encoder_grad
         )
-    model.train(was_training)
-    mean = totals / max(1, len(examples))
-    return LossOutput(loss=mean[0], lm_loss=mean[1], mse_loss=mean[2])
+        return out.loss, out.lm_loss, out.mse_loss
 
 
 class Trainer:
@@ -217,16 +208,19 @@ class Trainer:
         model: nn.Module,
         samples: Sequence[TrainSample] | Sequence[TrainExample],
         config: TrainConfig,
+        eval_samples: Sequence[TrainSample] | Sequence[TrainExample] = (),
     ) -> None:
         if not samples:
             raise ValueError("no training samples")
+        if config.eval_every and len(eval_samples) < 2:
+            raise ValueError(
+                "eval_every needs at least two eval_samples (their latents are swapped)"
+            )
         self.config = config
         self.model = model
-        self.examples: list[TrainExample] = (
-            to_examples(model, samples, config.max_context_tokens)  # type: ignore[arg-type]
-            if isinstance(samples[0], TrainSample)
-            else list(samples)  # type: ignore[arg-type]
-        )
+        self.examples = self._examples(samples)
+        self.eval_examples = self._examples(eval_samples)
+        self.latent_use: list[tuple[int, LatentUse]] = []
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -251,6 +245,13 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ data
+    def _examples(
+        self, samples: Sequence[TrainSample] | Sequence[TrainExample]
+    ) -> list[TrainExample]:
+        if samples and isinstance(samples[0], TrainSample):
+            return to_examples(self.model, samples, self.config.max_context_tokens)  # type: ignore[arg-type]
+        return list(samples)  # type: ignore[arg-type]
+
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             order = list(range(len(self.examples)))
@@ -289,6 +290,7 @@ class Trainer:
             disable=not (cfg.progress and acc.is_main_process),
             desc="train",
         )
+        self.prepared_optimizer.zero_grad(set_to_none=True)  # nothing computed before may leak in
         while self.step < cfg.steps:
             log = self._optimizer_step()
             self.history.append(log)
@@ -305,6 +307,8 @@ class Trainer:
                     log.lr,
                     log.ratio,
                 )
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                self._check_latent_use()
             if cfg.output_dir and (
                 (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps
             ):
@@ -312,6 +316,17 @@ class Trainer:
         bar.close()
         self.model.eval()
         return self.history
+
+    def _check_latent_use(self) -> None:
+        use = latent_use(self.model, self.eval_examples, batch_size=self.config.batch_size)
+        self.latent_use.append((self.step, use))
+        logger.info(
+            "step %d held-out loss %.4f with own latents, %.4f with others' (gap %.4f)",
+            self.step,
+            use.own_loss,
+            use.other_loss,
+            use.gap,
+        )
 
     def _align(self) -> None:
         from .align import align_converter
@@ -339,14 +354,16 @@ class Trainer:
             with nullcontext() if last else acc.no_sync(self.loss_module):
                 with acc.autocast():
                     loss, lm, mse = self.loss_module(
-                        self.batch(self.step, micro), ratio, cfg.mse_weight
+                        self.batch(self.step, micro),
+                        ratio,
+                        cfg.mse_weight,
+                        self.step >= cfg.encoder_warmup_steps,
                     )
                 acc.backward(loss / cfg.grad_accum)
             sums += torch.tensor([float(loss.detach()), float(lm), float(mse)]) / cfg.grad_accum
-        if self.step < cfg.decoder_warmup_steps:
-            for name, param in self.params:  # AdamW leaves tensors without a gradient untouched
-                if "lora_" in name and ".decoder." in name:
-                    param.grad = None
+        for name, param in self.params:  # AdamW leaves tensors without a gradient untouched
+            if self._held(name):
+                param.grad = None
         if cfg.max_grad_norm is not None:
             acc.clip_grad_norm_([p for _, p in self.params], cfg.max_grad_norm)
         self.prepared_optimizer.step()
@@ -360,6 +377,18 @@ class Trainer:
             lr=lr,
             ratio=ratio,
         )
+
+    def _held(self, name: str) -> bool:
+        """Whether tensor ``name`` is held fixed at the current step (the warmup options)."""
+        cfg = self.config
+        if "lora_" in name:
+            adapter_held = {
+                "decoder": self.step < cfg.decoder_warmup_steps,
+                "encoder": self.step < cfg.encoder_warmup_steps,
+            }
+            return any(held and f".{a}." in name for a, held in adapter_held.items())
+        encoder_side = ("converter.", "memory", "ratio_head.")
+        return self.step < cfg.encoder_warmup_steps and name.startswith(encoder_side)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str | Path | None = None) -> Path:

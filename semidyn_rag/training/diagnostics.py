@@ -1,0 +1,96 @@
+"""Does the decoder read the latents? The counterfactual check that caught the latent collapse.
+
+A falling training loss says nothing about the latents: a decoder adapter also learns the answer
+format, and a compressor whose latents have collapsed to one harmless vector trains just as
+smoothly. The check that tells them apart is counterfactual: the held-out LM loss with each
+example's own latents against the loss with *another* example's latents. Equal losses mean the
+latents are ignored; the gap is how much the decoder takes from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from ..modeling import LossOutput, TrainExample
+
+
+class LatentUse(BaseModel):
+    """Held-out LM losses with the right and with another example's latents."""
+
+    own_loss: float
+    other_loss: float
+
+    @property
+    def gap(self) -> float:
+        """What the right latents are worth, in nats per answer token (0: they are ignored)."""
+        return self.other_loss - self.own_loss
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    examples: Sequence[TrainExample],
+    *,
+    ratio: float | None = None,
+    mse_weight: float = 1.0,
+    batch_size: int = 8,
+) -> LossOutput:
+    """Mean losses over ``examples`` in eval mode (weighted by batch size); restores the mode."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3)
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        out = model.training_loss(batch, ratio=ratio, mse_weight=mse_weight)
+        totals += torch.tensor([float(out.loss), float(out.lm_loss), float(out.mse_loss)]) * len(
+            batch
+        )
+    model.train(was_training)
+    mean = totals / max(1, len(examples))
+    return LossOutput(loss=mean[0], lm_loss=mean[1], mse_loss=mean[2])
+
+
+def swap_contexts(examples: Sequence[TrainExample]) -> list[TrainExample]:
+    """Each example with the contexts (and labels) of the one before it, cyclically."""
+    if len(examples) < 2:
+        raise ValueError("swapping contexts needs at least two examples")
+    previous = [examples[-1], *examples[:-1]]
+    return [
+        dataclasses.replace(ex, contexts=prev.contexts, y=prev.y)
+        for ex, prev in zip(examples, previous, strict=True)
+    ]
+
+
+def latent_use(
+    model: torch.nn.Module,
+    examples: Sequence[TrainExample],
+    *,
+    ratio: float | None = None,
+    batch_size: int = 8,
+) -> LatentUse:
+    """`LatentUse` of ``model`` on ``examples`` (at least two, with different contexts).
+
+    A swapped context of another length also moves the answer's position; with contexts of
+    similar length that effect is small next to a decoder that reads its latents.
+    """
+    own = evaluate_loss(model, examples, ratio=ratio, batch_size=batch_size)
+    other = evaluate_loss(model, swap_contexts(examples), ratio=ratio, batch_size=batch_size)
+    return LatentUse(own_loss=float(own.lm_loss), other_loss=float(other.lm_loss))
+
+
+def relative_spread(latents: torch.Tensor) -> float:
+    """Spread of one context's latents across positions, relative to their RMS.
+
+    ``latents`` is ``[n, d]``. About 1 for unrelated vectors, 0 when every position holds the same
+    vector (the collapse; the README lists measured values).
+    """
+    if latents.dim() != 2 or latents.shape[0] < 2:
+        raise ValueError(f"need [n >= 2, d] latents, got shape {tuple(latents.shape)}")
+    latents = latents.float()
+    rms = latents.pow(2).mean().sqrt().clamp_min(1e-12)
+    return float(latents.std(0).pow(2).mean().sqrt() / rms)
