@@ -27,7 +27,13 @@ from semidyn_rag.checkpoint import DEFAULT_CHECKPOINT
 from semidyn_rag.data import load_hotpotqa, sample, squad_article_split
 from semidyn_rag.evaluation import Evaluator, default_settings
 from semidyn_rag.loading import SMOLLM2, SMOLLM2_GGUF
-from semidyn_rag.training.samples import TrainSample, density_label, from_qa_samples, read_jsonl
+from semidyn_rag.training.samples import (
+    TrainSample,
+    density_label,
+    from_qa_samples,
+    read_jsonl,
+    reconstruction_samples,
+)
 from semidyn_rag.training.synth import HFTeacher, Seed, SynthConfig, synthesize
 from semidyn_rag.training.trainer import STATE_DIR, TrainConfig, Trainer, list_checkpoints
 
@@ -47,7 +53,7 @@ COMPRESSOR = CompressorConfig(
     max_segment_tokens=512,
 )
 TRAIN = TrainConfig(
-    steps=300,
+    steps=700,
     batch_size=4,
     lr=2e-4,
     warmup_steps=10,
@@ -55,13 +61,23 @@ TRAIN = TrainConfig(
     mse_weight=1.0,
     ratio_sampling="multi",
     max_context_tokens=384,
+    # against the latent collapse of the first default (README): fit the converter to pooled
+    # token embeddings, then let the decoder learn to read those latents before anything that
+    # makes them may move
+    align_steps=300,
+    encoder_warmup_steps=300,
+    mixed_precision="bf16",
     seed=SEED,
     output_dir=str(RUN / "checkpoints"),
-    save_every=10,
+    save_every=25,
     keep_last=2,
     resume_from="auto",
     log_every=5,
+    eval_every=50,
 )
+RECONSTRUCTION_WORDS = 80
+MONITOR = 16
+"""HotpotQA rows kept out of training to watch, during training, whether the latents are read."""
 
 
 def squad_split():
@@ -184,24 +200,43 @@ def extractive_label(text: str, count) -> float:
     return density_label(count(text), max(1, count(summary)))
 
 
-def training_samples() -> list[TrainSample]:
-    """SQuAD train articles + HotpotQA gold passages + synthetic tasks, density labels attached."""
+def _labelled(samples: list[TrainSample]) -> list[TrainSample]:
+    count = _count_tokens(SemiDynamicCompressor._tokenizers(COMPRESSOR)[0])
+    return [
+        s.model_copy(update={"y": [extractive_label(c, count) for c in s.contexts]})
+        for s in samples
+    ]
+
+
+def training_samples() -> tuple[list[TrainSample], list[TrainSample]]:
+    """Training samples and held-aside monitor samples, density labels attached.
+
+    Training: SQuAD train articles (QA, plus reconstruction of their paragraphs in
+    ``RECONSTRUCTION_WORDS``-word pieces: a signal on every context token), HotpotQA gold passages
+    and synthetic tasks; monitor: the last ``MONITOR`` HotpotQA rows.
+    """
     train, _ = squad_split()
     hotpot = load_hotpotqa(DATA / "hotpotqa" / "train.jsonl")
     synthetic = read_jsonl(RUN / "synth.jsonl") if (RUN / "synth.jsonl").exists() else []
-    count = _count_tokens(SemiDynamicCompressor._tokenizers(COMPRESSOR)[0])
-    samples = [
-        s.model_copy(update={"y": [extractive_label(c, count) for c in s.contexts]})
-        for s in [*from_qa_samples([*train, *hotpot]), *synthetic]
-    ]
-    logger.info("%d training samples (%d synthetic)", len(samples), len(synthetic))
-    return samples
+    paragraphs = [c for s in train for c in s.contexts]
+    reconstruction = reconstruction_samples(paragraphs, RECONSTRUCTION_WORDS, source="squad")
+    samples = _labelled(
+        [*from_qa_samples([*train, *hotpot[:-MONITOR]]), *synthetic, *reconstruction]
+    )
+    logger.info(
+        "%d training samples (%d synthetic, %d reconstruction)",
+        len(samples),
+        len(synthetic),
+        len(reconstruction),
+    )
+    return samples, _labelled(from_qa_samples(hotpot[-MONITOR:]))
 
 
 def train() -> None:
     torch.manual_seed(SEED)
     model = SemiDynamicCompressor.from_config(COMPRESSOR)
-    Trainer(model, training_samples(), TRAIN).train()
+    samples, monitor = training_samples()
+    Trainer(model, samples, TRAIN, eval_samples=monitor).train()
 
 
 def ship() -> None:

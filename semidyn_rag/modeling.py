@@ -273,10 +273,13 @@ class SemiDynamicCompressor(nn.Module):
                 attention_mask=mask,
                 is_causal=not self.config.bidirectional,
             ).last_hidden_state
+        return hidden, self._predict_y(hidden, lengths)
+
+    def _predict_y(self, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """The regression head on each row's ``<eos>`` state (position ``length``)."""
         eos_pos = torch.as_tensor(lengths, device=self.device)
-        eos_state = hidden[torch.arange(len(contexts), device=self.device), eos_pos]
-        y = self.ratio_head(eos_state).squeeze(-1).float()
-        return hidden, y
+        eos_state = hidden[torch.arange(len(lengths), device=self.device), eos_pos]
+        return self.ratio_head(eos_state).squeeze(-1).float()
 
     def structure(
         self, y: float, num_tokens: int, scale: float = 0.0, ratio: float | None = None
@@ -586,8 +589,8 @@ class SemiDynamicCompressor(nn.Module):
         ``ratio`` fixes the structure for the whole batch (multi-ratio training draws one per batch);
         ``None`` lets the mode decide, with the label ``y`` standing in for the prediction so that
         the fully dynamic baseline trains on the ratios its labels imply. ``encoder_grad=False``
-        builds the latents without a graph (encoder, head and converter held fixed): the backward
-        pass then costs the decoder only.
+        builds the latents without a graph (encoder and converter held fixed): the backward pass
+        then costs the decoder and the ratio head only.
         """
         contexts = [c for ex in examples for c in ex.contexts]
         labels = torch.tensor([y for ex in examples for y in ex.y], device=self.device)
@@ -599,6 +602,8 @@ class SemiDynamicCompressor(nn.Module):
                 structure = self.structure(guide, len(ctx), 0.0, ratio)
                 pooled.append(self.extract(hidden[row], len(ctx), structure))
             latents = iter(self.converter(torch.cat(pooled)).split([p.shape[0] for p in pooled]))
+        if not encoder_grad:  # the head still learns, on the fixed encoder's states
+            y_hat = self._predict_y(hidden, [len(c) for c in contexts])
         prompts = [
             LatentPrompt(
                 self.format_prompt(ex.question, len(ex.contexts)),

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -29,27 +31,51 @@ from ..modeling import SemiDynamicCompressor
 logger = logging.getLogger(__name__)
 
 
+AlignTarget = Literal["mean", "salient"]
+
+
+def salient_tokens(
+    ids: Sequence[int], window: int, align: pooling.Alignment, counts: Mapping[int, int]
+) -> list[int]:
+    """Per mean-pooling window, its rarest token under ``counts`` (the first of equally rare ones).
+
+    Windows are those of `pooling.mean_pool` with the same ``window`` and ``align``, so the result
+    lines up with the latents one to one.
+    """
+    n = pooling.num_windows(len(ids), window)
+    first = len(ids) - n * window if align == "end" else 0  # negative: the front pad of "end"
+    return [
+        min(ids[max(0, first + i * window) : first + (i + 1) * window], key=lambda t: counts[t])
+        for i in range(n)
+    ]
+
+
 @torch.no_grad()
 def _features(
     model: SemiDynamicCompressor,
     contexts: Sequence[Sequence[int]],
-    ratios: Sequence[float],
+    target: AlignTarget,
     seed: int,
     batch_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled encoder states and the matching pooled decoder embeddings, one ratio per context."""
+    """Pooled encoder states and the decoder embeddings they should map to, one ratio per context."""
     rng = random.Random(seed)
     table = model.decoder.get_input_embeddings()
     align = model.config.pooling_alignment
+    counts = Counter(t for ids in contexts for t in ids)
     inputs, targets = [], []
     for start in range(0, len(contexts), batch_size):
         batch = contexts[start : start + batch_size]
         hidden, _ = model.encode(batch)
         for row, ids in enumerate(batch):
-            window = max(1, round(rng.choice(list(ratios))))
+            window = max(1, round(rng.choice(list(model.config.ratios))))
             inputs.append(pooling.mean_pool(hidden[row, : len(ids)], window, align).float())
-            embeds = table(torch.as_tensor(ids, device=model.device)).float()
-            targets.append(pooling.mean_pool(embeds, window, align))
+            if target == "salient":
+                picked = salient_tokens(ids, window, align, counts)
+                targets.append(table(torch.as_tensor(picked, device=model.device)).float())
+            else:
+                embeds = table(torch.as_tensor(ids, device=model.device)).float()
+                targets.append(pooling.mean_pool(embeds, window, align))
     return torch.cat(inputs), torch.cat(targets)
 
 
@@ -62,13 +88,17 @@ def align_converter(
     batch_size: int = 256,
     encode_batch_size: int = 8,
     seed: int = 0,
+    target: AlignTarget = "mean",
     progress: bool = True,
 ) -> tuple[float, float]:
-    """Fit ``model.converter`` to map pooled encoder states to pooled decoder token embeddings.
+    """Fit ``model.converter`` to map pooled encoder states to decoder token embeddings.
 
     ``contexts`` are encoder token ids (e.g. a sample of the training contexts). Windows are drawn
-    from the model's candidate ratios. Returns the mean squared error relative to the targets'
-    variance before and after (1.0 = no better than predicting the mean embedding).
+    from the model's candidate ratios. ``target``: ``mean``, the mean embedding of the window's
+    tokens; ``salient``, the embedding of its rarest token (counted over ``contexts``), so that the
+    latents read like a telegram of the context's names and numbers — which an untrained SmolLM2
+    decoder can use, where it cannot use mean embeddings (README). Returns the mean squared error
+    relative to the targets' variance before and after (1.0 = no better than their mean).
     """
     if model.config.backbone != "mean_pooling":
         raise ValueError("converter alignment is defined for the mean_pooling backbone")
@@ -78,7 +108,7 @@ def align_converter(
         raise ValueError("no contexts to align on")
     was_training = model.training
     model.eval()
-    inputs, targets = _features(model, contexts, model.config.ratios, seed, encode_batch_size)
+    inputs, targets = _features(model, contexts, target, seed, encode_batch_size)
     variance = targets.var(0).sum().clamp_min(1e-12)
     converter = model.converter
     dtype = model.dtype  # fitted in float32, handed back in the model's dtype

@@ -72,14 +72,17 @@ class TrainConfig(BaseModel):
     leaves encoder and converter only one way down, writing latents it can read. (On SmolLM2 in a
     short CPU run they collapsed anyway; see the README.)"""
     encoder_warmup_steps: int = Field(0, ge=0)
-    """Keep the encoder side (its LoRA adapter, ratio head, converter, memory tokens) fixed for the
-    first this many steps, which also spares their backward pass. Meant to follow ``align_steps``: the decoder first
+    """Keep the encoder side (its LoRA adapter, converter, memory tokens) fixed for the first this
+    many steps, which also spares its backward pass; the ratio head learns. Meant to follow ``align_steps``: the decoder first
     learns to read latents that cannot collapse while it does, because nothing that makes them
     moves (the collapse we measured on SmolLM2 came from encoder and converter; see the README)."""
     align_steps: int = Field(0, ge=0)
     """Before step 0, fit the converter for this many steps to pooled decoder embeddings
     (`align.align_converter`, on up to ``align_contexts`` training contexts); 0: off."""
     align_contexts: int = Field(300, ge=1)
+    align_target: Literal["mean", "salient"] = "mean"
+    """What each latent is fitted to: the mean embedding of its window's tokens, or the embedding
+    of its rarest token (see `align.align_converter`)."""
     mse_weight: float = Field(1.0, ge=0)
     """λ of Eq. 7."""
     ratio_sampling: Literal["multi", "mode"] = "multi"
@@ -339,6 +342,7 @@ class Trainer:
             chosen,
             steps=self.config.align_steps,
             seed=self.config.seed,
+            target=self.config.align_target,
             progress=self.config.progress and self.accelerator.is_main_process,
         )
 
@@ -387,7 +391,7 @@ class Trainer:
                 "encoder": self.step < cfg.encoder_warmup_steps,
             }
             return any(held and f".{a}." in name for a, held in adapter_held.items())
-        encoder_side = ("converter.", "memory", "ratio_head.")
+        encoder_side = ("converter.", "memory")
         return self.step < cfg.encoder_warmup_steps and name.startswith(encoder_side)
 
     # ------------------------------------------------------------------ checkpoints
