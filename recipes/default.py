@@ -2,6 +2,7 @@
 
     python recipes/default.py synth   # synthetic QA tasks from the teacher (resumable)
     python recipes/default.py train   # one-stage SFT with the project's Trainer (resumable)
+    python recipes/default.py train --staged   # the staged attempt against the latent collapse
     python recipes/default.py ship    # fp16 copy of the final checkpoint into semidyn_rag/default
     python recipes/default.py eval    # held-out SQuAD articles: Pareto table + plot
 
@@ -52,8 +53,8 @@ COMPRESSOR = CompressorConfig(
     converter_hidden=1024,  # 4096 in the paper; smaller keeps the shipped files under 40 MB
     max_segment_tokens=512,
 )
-TRAIN = TrainConfig(
-    steps=700,
+TRAIN = TrainConfig(  # the run that produced the shipped default
+    steps=300,
     batch_size=4,
     lr=2e-4,
     warmup_steps=10,
@@ -61,19 +62,23 @@ TRAIN = TrainConfig(
     mse_weight=1.0,
     ratio_sampling="multi",
     max_context_tokens=384,
-    # against the latent collapse of the first default (README): fit the converter to pooled
-    # token embeddings, then let the decoder learn to read those latents before anything that
-    # makes them may move
-    align_steps=300,
-    encoder_warmup_steps=300,
-    mixed_precision="bf16",
     seed=SEED,
     output_dir=str(RUN / "checkpoints"),
-    save_every=25,
+    save_every=10,
     keep_last=2,
     resume_from="auto",
     log_every=5,
     eval_every=50,
+)
+STAGED = TRAIN.model_copy(  # `train --staged`: the attempt against the latent collapse (README)
+    update={
+        "steps": 700,
+        "align_steps": 300,  # converter fitted to pooled token embeddings first
+        "encoder_warmup_steps": 300,  # then the decoder learns to read them while they stay put
+        "mixed_precision": "bf16",
+        "save_every": 25,
+        "output_dir": str(RUN / "staged"),
+    }
 )
 RECONSTRUCTION_WORDS = 80
 MONITOR = 16
@@ -208,18 +213,22 @@ def _labelled(samples: list[TrainSample]) -> list[TrainSample]:
     ]
 
 
-def training_samples() -> tuple[list[TrainSample], list[TrainSample]]:
+def training_samples(reconstruction: bool) -> tuple[list[TrainSample], list[TrainSample]]:
     """Training samples and held-aside monitor samples, density labels attached.
 
-    Training: SQuAD train articles (QA, plus reconstruction of their paragraphs in
-    ``RECONSTRUCTION_WORDS``-word pieces: a signal on every context token), HotpotQA gold passages
-    and synthetic tasks; monitor: the last ``MONITOR`` HotpotQA rows.
+    Training: SQuAD train articles (QA, and with ``reconstruction`` the rewriting of their
+    paragraphs in ``RECONSTRUCTION_WORDS``-word pieces: a signal on every context token), HotpotQA
+    gold passages and synthetic tasks; monitor: the last ``MONITOR`` HotpotQA rows.
     """
     train, _ = squad_split()
     hotpot = load_hotpotqa(DATA / "hotpotqa" / "train.jsonl")
     synthetic = read_jsonl(RUN / "synth.jsonl") if (RUN / "synth.jsonl").exists() else []
     paragraphs = [c for s in train for c in s.contexts]
-    reconstruction = reconstruction_samples(paragraphs, RECONSTRUCTION_WORDS, source="squad")
+    reconstruction = (
+        reconstruction_samples(paragraphs, RECONSTRUCTION_WORDS, source="squad")
+        if reconstruction
+        else []
+    )
     samples = _labelled(
         [*from_qa_samples([*train, *hotpot[:-MONITOR]]), *synthetic, *reconstruction]
     )
@@ -232,11 +241,11 @@ def training_samples() -> tuple[list[TrainSample], list[TrainSample]]:
     return samples, _labelled(from_qa_samples(hotpot[-MONITOR:]))
 
 
-def train() -> None:
+def train(staged: bool) -> None:
     torch.manual_seed(SEED)
     model = SemiDynamicCompressor.from_config(COMPRESSOR)
-    samples, monitor = training_samples()
-    Trainer(model, samples, TRAIN, eval_samples=monitor).train()
+    samples, monitor = training_samples(reconstruction=staged)
+    Trainer(model, samples, STAGED if staged else TRAIN, eval_samples=monitor).train()
 
 
 def ship() -> None:
@@ -276,13 +285,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("step", choices=["synth", "train", "ship", "eval"])
     parser.add_argument("--synth-limit", type=int, default=40)
+    parser.add_argument(
+        "--staged", action="store_true", help="train: the staged run (not the shipped default)"
+    )
     parser.add_argument("--eval-limit", type=int, default=200)
     parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 2.0])
     args = parser.parse_args()
     if args.step == "synth":
         synth(args.synth_limit)
     elif args.step == "train":
-        train()
+        train(args.staged)
     elif args.step == "ship":
         ship()
     else:
