@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CONFIG_NAME
 from ..modeling import LossOutput, SemiDynamicCompressor, TrainExample
+from .align import AlignTarget
 from .diagnostics import LatentUse, latent_use
 from .samples import TrainSample, to_examples
 
@@ -73,14 +74,15 @@ class TrainConfig(BaseModel):
     short CPU run they collapsed anyway; see the README.)"""
     encoder_warmup_steps: int = Field(0, ge=0)
     """Keep the encoder side (its LoRA adapter, converter, memory tokens) fixed for the first this
-    many steps, which also spares its backward pass; the ratio head learns. Meant to follow ``align_steps``: the decoder first
-    learns to read latents that cannot collapse while it does, because nothing that makes them
-    moves (the collapse we measured on SmolLM2 came from encoder and converter; see the README)."""
+    many steps, which also spares its backward pass; the ratio head learns. Meant to follow
+    ``align_steps``: the decoder first learns to read latents that cannot collapse while it does,
+    because nothing that makes them moves (the collapse we measured on SmolLM2 came from encoder
+    and converter; see the README)."""
     align_steps: int = Field(0, ge=0)
     """Before step 0, fit the converter for this many steps to pooled decoder embeddings
     (`align.align_converter`, on up to ``align_contexts`` training contexts); 0: off."""
     align_contexts: int = Field(300, ge=1)
-    align_target: Literal["mean", "salient"] = "mean"
+    align_target: AlignTarget = "mean"
     """What each latent is fitted to: the mean embedding of its window's tokens, or the embedding
     of its rarest token (see `align.align_converter`)."""
     mse_weight: float = Field(1.0, ge=0)
