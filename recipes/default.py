@@ -205,8 +205,7 @@ def extractive_label(text: str, count) -> float:
     return density_label(count(text), max(1, count(summary)))
 
 
-def _labelled(samples: list[TrainSample]) -> list[TrainSample]:
-    count = _count_tokens(SemiDynamicCompressor._tokenizers(COMPRESSOR)[0])
+def _labelled(samples: list[TrainSample], count) -> list[TrainSample]:
     return [
         s.model_copy(update={"y": [extractive_label(c, count) for c in s.contexts]})
         for s in samples
@@ -229,8 +228,9 @@ def training_samples(reconstruction: bool) -> tuple[list[TrainSample], list[Trai
         if reconstruction
         else []
     )
+    count = _count_tokens(SemiDynamicCompressor._tokenizers(COMPRESSOR)[0])
     samples = _labelled(
-        [*from_qa_samples([*train, *hotpot[:-MONITOR]]), *synthetic, *reconstruction]
+        [*from_qa_samples([*train, *hotpot[:-MONITOR]]), *synthetic, *reconstruction], count
     )
     logger.info(
         "%d training samples (%d synthetic, %d reconstruction)",
@@ -238,7 +238,7 @@ def training_samples(reconstruction: bool) -> tuple[list[TrainSample], list[Trai
         len(synthetic),
         len(reconstruction),
     )
-    return samples, _labelled(from_qa_samples(hotpot[-MONITOR:]))
+    return samples, _labelled(from_qa_samples(hotpot[-MONITOR:]), count)
 
 
 def train(staged: bool) -> None:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CONFIG_NAME
 from ..modeling import LossOutput, SemiDynamicCompressor, TrainExample
-from .align import AlignTarget
+from .align import AlignTarget, align_converter
 from .diagnostics import LatentUse, latent_use
 from .samples import TrainSample, to_examples
 
@@ -334,8 +334,6 @@ class Trainer:
         )
 
     def _align(self) -> None:
-        from .align import align_converter
-
         rng = random.Random(self.config.seed)
         contexts = [c for ex in self.examples for c in ex.contexts]
         chosen = rng.sample(contexts, min(len(contexts), self.config.align_contexts))
