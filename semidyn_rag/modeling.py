@@ -129,6 +129,9 @@ class SemiDynamicCompressor(nn.Module):
         self.tokenizer = tokenizer
         self.decoder_tokenizer = decoder_tokenizer
         d_enc = encoder.get_base_model().config.hidden_size
+        layers = encoder.get_base_model().config.num_hidden_layers
+        if config.pool_layer is not None and config.pool_layer > layers:
+            raise ValueError(f"pool_layer {config.pool_layer} > the encoder's {layers} layers")
         d_dec = decoder.get_base_model().config.hidden_size
         self.ratio_head = nn.Linear(d_enc, 1)
         self.converter = Converter(d_enc, d_dec, config.converter_hidden, config.converter_gated)
@@ -250,8 +253,16 @@ class SemiDynamicCompressor(nn.Module):
         """One batched encoder pass: hidden states ``[B, T, d]`` and ratio predictions ``[B]``.
 
         Each row is ``context + <eos>`` (+ memory tokens for that backbone), right-padded. The head
-        reads the ``<eos>`` state; with bidirectional attention it has seen the whole context.
+        reads the last layer's ``<eos>`` state; with bidirectional attention it has seen the whole
+        context. The hidden states are those of ``config.pool_layer`` (default: the last layer).
         """
+        hidden, last = self._encoder_states(contexts)
+        return hidden, self._predict_y(last, [len(c) for c in contexts])
+
+    def _encoder_states(
+        self, contexts: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder pass of :meth:`encode`: states to pool and last-layer states (the head's)."""
         eos = self.tokenizer.eos_token_id
         n_mem = self.config.memory_tokens if self.memory is not None else 0
         lengths = [len(c) for c in contexts]
@@ -268,12 +279,15 @@ class SemiDynamicCompressor(nn.Module):
                 embeds = embeds.clone()
                 for row, n in enumerate(lengths):
                     embeds[row, n + 1 : n + 1 + n_mem] = self.memory
-            hidden = _inner(model)(
+            layer = self.config.pool_layer
+            out = _inner(model)(
                 inputs_embeds=embeds,
                 attention_mask=mask,
                 is_causal=not self.config.bidirectional,
-            ).last_hidden_state
-        return hidden, self._predict_y(hidden, lengths)
+                output_hidden_states=layer is not None,
+            )
+        last = out.last_hidden_state
+        return (last if layer is None else out.hidden_states[layer]), last
 
     def _predict_y(self, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         """The regression head on each row's ``<eos>`` state (position ``length``)."""
@@ -594,16 +608,17 @@ class SemiDynamicCompressor(nn.Module):
         """
         contexts = [c for ex in examples for c in ex.contexts]
         labels = torch.tensor([y for ex in examples for y in ex.y], device=self.device)
-        with contextlib.nullcontext() if encoder_grad else torch.no_grad():
-            hidden, y_hat = self.encode(contexts)
+        held = contextlib.nullcontext() if encoder_grad else torch.no_grad()
+        with held:
+            hidden, last = self._encoder_states(contexts)
+        y_hat = self._predict_y(last, [len(c) for c in contexts])  # the head learns either way
+        with held:
             pooled = []
             for row, (ctx, label) in enumerate(zip(contexts, labels.tolist(), strict=True)):
                 guide = label if math.isfinite(label) else float(y_hat[row].detach())
                 structure = self.structure(guide, len(ctx), 0.0, ratio)
                 pooled.append(self.extract(hidden[row], len(ctx), structure))
             latents = iter(self.converter(torch.cat(pooled)).split([p.shape[0] for p in pooled]))
-        if not encoder_grad:  # the head still learns, on the fixed encoder's states
-            y_hat = self._predict_y(hidden, [len(c) for c in contexts])
         prompts = [
             LatentPrompt(
                 self.format_prompt(ex.question, len(ex.contexts)),

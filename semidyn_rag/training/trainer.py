@@ -91,6 +91,9 @@ class TrainConfig(BaseModel):
     """``multi``: one ratio drawn from the model's candidate set per optimizer step (multi-ratio
     and semi-dynamic mean pooling); ``mode``: the mode decides (fixed ratio/length; semi- and fully
     dynamic follow the label ``y`` where known)."""
+    train_ratios: list[float] | None = None
+    """The ratios multi-ratio sampling draws from (default: all of the model's candidates); e.g. the
+    low ratios only, where a short run has the most to learn."""
     train_base: bool = False
     """Train the base weights as well (from-scratch runs, where LoRA on random weights is too weak);
     checkpoints then carry the trained base in ``base/``."""
@@ -221,6 +224,10 @@ class Trainer:
             raise ValueError(
                 "eval_every needs at least two eval_samples (their latents are swapped)"
             )
+        candidates = getattr(getattr(model, "config", None), "ratios", None) or []
+        unknown = set(config.train_ratios or []) - set(candidates)
+        if unknown:
+            raise ValueError(f"train_ratios {sorted(unknown)} are not in the model's {candidates}")
         self.config = config
         self.model = model
         self.examples = self._examples(samples)
@@ -275,7 +282,7 @@ class Trainer:
     def ratio_for(self, step: int) -> float | None:
         if self.config.ratio_sampling == "mode":
             return None
-        ratios = getattr(self.model.config, "ratios", None)
+        ratios = self.config.train_ratios or getattr(self.model.config, "ratios", None)
         if not ratios:  # e.g. a ratio regressor: no structure to choose
             return None
         return random.Random(self.config.seed * 7_919 + step).choice(list(ratios))
