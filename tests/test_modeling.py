@@ -38,6 +38,20 @@ def test_encoder_is_bidirectional(make_compressor):
     torch.testing.assert_close(c1[0, :-2], c2[0, :-2])  # ... and a causal one cannot
 
 
+def test_pool_layer_pools_an_earlier_layer_and_the_head_reads_the_last(make_compressor):
+    ids = make_compressor().tokenize([TEXT])[0]
+    last_hidden, last_y = make_compressor().encode([ids])
+    early = make_compressor(pool_layer=0)
+    hidden, y = early.encode([ids])
+    table = early.encoder.get_input_embeddings()
+    torch.testing.assert_close(hidden[0, : len(ids)], table(torch.tensor(ids)))
+    torch.testing.assert_close(y, last_y)  # same weights: the head saw the same last layer
+    assert not torch.allclose(hidden, last_hidden)
+    layers = early.encoder.get_base_model().config.num_hidden_layers
+    with pytest.raises(ValueError, match=f"pool_layer {layers + 1} > the encoder's {layers}"):
+        make_compressor(pool_layer=layers + 1)
+
+
 def test_padding_does_not_leak_into_bidirectional_states(compressor):
     short, long_ = compressor.tokenize(["Paris", LONG])
     alone, _ = compressor.encode([short])

@@ -402,14 +402,16 @@ def test_trainer_aligns_once_before_step_zero(make_compressor, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("warmup", "held"),
+    ("warmup", "held", "fields"),
     [
-        ("decoder_warmup_steps", {"lora_A.decoder"}),
-        ("encoder_warmup_steps", {"lora_A.encoder", "converter."}),
+        ("decoder_warmup_steps", {"lora_A.decoder"}, {}),
+        ("encoder_warmup_steps", {"lora_A.encoder", "converter."}, {}),
+        # the head reads the last layer while an earlier one is pooled: it still learns
+        ("encoder_warmup_steps", {"lora_A.encoder", "converter."}, {"pool_layer": 1}),
     ],
 )
-def test_warmup_holds_one_side_then_releases_it(make_compressor, warmup, held):
-    model = make_compressor()
+def test_warmup_holds_one_side_then_releases_it(make_compressor, warmup, held, fields):
+    model = make_compressor(**fields)
     config = TrainConfig(steps=3, batch_size=2, lr=1e-2, progress=False, **{warmup: 2})
     trainer = Trainer(model, to_examples(model, fixed_set()), config)
     names = {"lora_A.decoder", "lora_A.encoder", "converter.", "ratio_head."}
@@ -439,3 +441,12 @@ def test_resume_names_an_optimizer_layout_mismatch(make_compressor, tmp_path):
     more = config.model_copy(update={"steps": 2, "resume_from": "auto"})
     with pytest.raises(ValueError, match="optimizer groups"):
         Trainer(again, to_examples(again, fixed_set()), more).train()
+
+
+def test_train_ratios_restrict_multi_ratio_sampling(make_compressor):
+    model = make_compressor()
+    config = TrainConfig(steps=1, batch_size=2, progress=False, train_ratios=[2, 4])
+    trainer = Trainer(model, to_examples(model, fixed_set()), config)
+    assert {trainer.ratio_for(step) for step in range(50)} == {2.0, 4.0}
+    with pytest.raises(ValueError, match=r"train_ratios \[3.0\] are not in the model's"):
+        Trainer(model, fixed_set(), TrainConfig(steps=1, progress=False, train_ratios=[2, 3]))
