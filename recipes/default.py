@@ -2,7 +2,6 @@
 
     python recipes/default.py synth   # synthetic QA tasks from the teacher (resumable)
     python recipes/default.py train   # one-stage SFT with the project's Trainer (resumable)
-    python recipes/default.py train --staged   # the staged attempt against the latent collapse
     python recipes/default.py ship    # fp16 copy of the final checkpoint into semidyn_rag/default
     python recipes/default.py eval    # held-out SQuAD articles: Pareto table + plot
 
@@ -33,7 +32,6 @@ from semidyn_rag.training.samples import (
     density_label,
     from_qa_samples,
     read_jsonl,
-    reconstruction_samples,
 )
 from semidyn_rag.training.synth import HFTeacher, Seed, SynthConfig, synthesize
 from semidyn_rag.training.trainer import STATE_DIR, TrainConfig, Trainer, list_checkpoints
@@ -50,37 +48,31 @@ COMPRESSOR = CompressorConfig(
     encoder_model=SMOLLM2,
     encoder_gguf_file=SMOLLM2_GGUF,
     mode="semi_dynamic",
+    pool_layer=2,  # pooled states still close to token embeddings the decoder can learn to read
     converter_hidden=1024,  # 4096 in the paper; smaller keeps the shipped files under 40 MB
     max_segment_tokens=512,
 )
-TRAIN = TrainConfig(  # the run that produced the shipped default
-    steps=300,
+TRAIN = TrainConfig(  # the run that produced the shipped default (README)
+    steps=800,
     batch_size=4,
     lr=2e-4,
     warmup_steps=10,
-    schedule="cosine",
+    schedule="constant",
     mse_weight=1.0,
     ratio_sampling="multi",
+    train_ratios=[2, 4, 8],  # where 800 CPU steps can teach the decoder something
+    align_steps=1000,  # converter fitted to mean pooled decoder embeddings first ...
+    align_contexts=480,
+    encoder_warmup_steps=800,  # ... and held there: only the decoder adapter and the head train
     max_context_tokens=384,
     seed=SEED,
     output_dir=str(RUN / "checkpoints"),
-    save_every=10,
+    save_every=25,
     keep_last=2,
     resume_from="auto",
-    log_every=5,
-    eval_every=50,
+    log_every=10,
+    eval_every=100,
 )
-STAGED = TRAIN.model_copy(  # `train --staged`: the attempt against the latent collapse (README)
-    update={
-        "steps": 700,
-        "align_steps": 300,  # converter fitted to pooled token embeddings first
-        "encoder_warmup_steps": 300,  # then the decoder learns to read them while they stay put
-        "mixed_precision": "bf16",
-        "save_every": 25,
-        "output_dir": str(RUN / "staged"),
-    }
-)
-RECONSTRUCTION_WORDS = 80
 MONITOR = 16
 """HotpotQA rows kept out of training to watch, during training, whether the latents are read."""
 
@@ -212,40 +204,26 @@ def _labelled(samples: list[TrainSample], count) -> list[TrainSample]:
     ]
 
 
-def training_samples(reconstruction: bool) -> tuple[list[TrainSample], list[TrainSample]]:
+def training_samples() -> tuple[list[TrainSample], list[TrainSample]]:
     """Training samples and held-aside monitor samples, density labels attached.
 
-    Training: SQuAD train articles (QA, and with ``reconstruction`` the rewriting of their
-    paragraphs in ``RECONSTRUCTION_WORDS``-word pieces: a signal on every context token), HotpotQA
-    gold passages and synthetic tasks; monitor: the last ``MONITOR`` HotpotQA rows.
+    Training: SQuAD train articles, HotpotQA gold passages and synthetic tasks; monitor: the last
+    ``MONITOR`` HotpotQA rows.
     """
     train, _ = squad_split()
     hotpot = load_hotpotqa(DATA / "hotpotqa" / "train.jsonl")
     synthetic = read_jsonl(RUN / "synth.jsonl") if (RUN / "synth.jsonl").exists() else []
-    paragraphs = [c for s in train for c in s.contexts]
-    reconstruction = (
-        reconstruction_samples(paragraphs, RECONSTRUCTION_WORDS, source="squad")
-        if reconstruction
-        else []
-    )
     count = _count_tokens(SemiDynamicCompressor._tokenizers(COMPRESSOR)[0])
-    samples = _labelled(
-        [*from_qa_samples([*train, *hotpot[:-MONITOR]]), *synthetic, *reconstruction], count
-    )
-    logger.info(
-        "%d training samples (%d synthetic, %d reconstruction)",
-        len(samples),
-        len(synthetic),
-        len(reconstruction),
-    )
+    samples = _labelled([*from_qa_samples([*train, *hotpot[:-MONITOR]]), *synthetic], count)
+    logger.info("%d training samples (%d synthetic)", len(samples), len(synthetic))
     return samples, _labelled(from_qa_samples(hotpot[-MONITOR:]), count)
 
 
-def train(staged: bool) -> None:
+def train() -> None:
     torch.manual_seed(SEED)
     model = SemiDynamicCompressor.from_config(COMPRESSOR)
-    samples, monitor = training_samples(reconstruction=staged)
-    Trainer(model, samples, STAGED if staged else TRAIN, eval_samples=monitor).train()
+    samples, monitor = training_samples()
+    Trainer(model, samples, TRAIN, eval_samples=monitor).train()
 
 
 def ship() -> None:
@@ -285,16 +263,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("step", choices=["synth", "train", "ship", "eval"])
     parser.add_argument("--synth-limit", type=int, default=40)
-    parser.add_argument(
-        "--staged", action="store_true", help="train: the staged run (not the shipped default)"
-    )
     parser.add_argument("--eval-limit", type=int, default=200)
     parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 2.0])
     args = parser.parse_args()
     if args.step == "synth":
         synth(args.synth_limit)
     elif args.step == "train":
-        train(args.staged)
+        train()
     elif args.step == "ship":
         ship()
     else:

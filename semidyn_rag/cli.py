@@ -209,7 +209,9 @@ def _register_train_regressor(sub: Any) -> None:
     _add_common(parser)
     _add_data_flags(parser)
     add_model_flags(parser, RatioRegressorConfig, "regressor")
-    add_model_flags(parser, TrainConfig, "train", skip=("ratio_sampling", "train_base"))
+    add_model_flags(
+        parser, TrainConfig, "train", skip=("ratio_sampling", "train_ratios", "train_base")
+    )
     parser.set_defaults(func=run_train_regressor)
 
 
