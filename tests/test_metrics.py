@@ -14,6 +14,7 @@ from semidyn_rag.metrics import (
     EvalRecord,
     EvalSummary,
     average_compression_ratio,
+    mcnemar_exact,
     normalize_answer,
     pareto_front,
     substring_match,
@@ -208,3 +209,12 @@ def test_pareto_front_matches_brute_force(raw) -> None:
 
     expected = sorted({p for p in points if not dominated(p)})
     assert pareto_front(points) == expected
+
+
+def test_mcnemar_exact_by_hand() -> None:
+    a = {"q1": True, "q2": True, "q3": False, "q4": True}
+    b = {"q1": True, "q2": False, "q3": False, "q4": False, "q5": True}  # q5: not shared
+    assert mcnemar_exact(a, b) == (2, 0, 0.5)  # 2 * P(X <= 0), X ~ Bin(2, 1/2)
+    six = {f"q{i}": True for i in range(6)}
+    assert mcnemar_exact({k: False for k in six}, six) == (0, 6, 2 / 64)
+    assert mcnemar_exact(six, six) == (0, 0, 1.0)  # no discordant pair: no evidence either way
