@@ -27,12 +27,7 @@ from semidyn_rag.checkpoint import DEFAULT_CHECKPOINT
 from semidyn_rag.data import load_hotpotqa, sample, squad_article_split
 from semidyn_rag.evaluation import Evaluator, default_settings
 from semidyn_rag.loading import SMOLLM2, SMOLLM2_GGUF
-from semidyn_rag.training.samples import (
-    TrainSample,
-    density_label,
-    from_qa_samples,
-    read_jsonl,
-)
+from semidyn_rag.training.samples import TrainSample, density_label, from_qa_samples, read_jsonl
 from semidyn_rag.training.synth import HFTeacher, Seed, SynthConfig, synthesize
 from semidyn_rag.training.trainer import STATE_DIR, TrainConfig, Trainer, list_checkpoints
 

@@ -87,7 +87,7 @@ def relative_spread(latents: torch.Tensor) -> float:
     """Spread of one context's latents across positions, relative to their RMS.
 
     ``latents`` is ``[n, d]``. About 1 for unrelated vectors, 0 when every position holds the same
-    vector. Measured at r=4 on held-out SQuAD paragraphs: 0.10 for the collapsed shipped default,
+    vector. Measured at r=4 on held-out SQuAD paragraphs: 0.10 for the collapsed first default,
     0.63-0.66 for converters aligned to token embeddings (README).
     """
     if latents.dim() != 2 or latents.shape[0] < 2:
