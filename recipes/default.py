@@ -68,6 +68,11 @@ TRAIN = TrainConfig(  # the run that produced the shipped default (README)
     log_every=10,
     eval_every=100,
 )
+SPECIALIZE = TrainConfig.model_validate(
+    {**TRAIN.model_dump(), "steps": 1400, "train_ratios": [4], "encoder_warmup_steps": 1400}
+)
+"""Second phase: resumes the first one's last checkpoint and trains the decoder at ratio 4 alone,
+the lowest ratio the bar counts; the encoder side stays held."""
 MONITOR = 16
 """HotpotQA rows kept out of training to watch, during training, whether the latents are read."""
 
@@ -218,7 +223,8 @@ def train() -> None:
     torch.manual_seed(SEED)
     model = SemiDynamicCompressor.from_config(COMPRESSOR)
     samples, monitor = training_samples()
-    Trainer(model, samples, TRAIN, eval_samples=monitor).train()
+    for phase in (TRAIN, SPECIALIZE):  # each resumes from the last checkpoint in output_dir
+        Trainer(model, samples, phase, eval_samples=monitor).train()
 
 
 def ship() -> None:
