@@ -27,7 +27,13 @@ from semidyn_rag.checkpoint import DEFAULT_CHECKPOINT
 from semidyn_rag.data import load_hotpotqa, sample, squad_article_split
 from semidyn_rag.evaluation import Evaluator, default_settings
 from semidyn_rag.loading import SMOLLM2, SMOLLM2_GGUF
-from semidyn_rag.training.samples import TrainSample, density_label, from_qa_samples, read_jsonl
+from semidyn_rag.training.samples import (
+    TrainSample,
+    density_label,
+    from_qa_samples,
+    read_jsonl,
+    reconstruction_samples,
+)
 from semidyn_rag.training.synth import HFTeacher, Seed, SynthConfig, synthesize
 from semidyn_rag.training.trainer import STATE_DIR, TrainConfig, Trainer, list_checkpoints
 
@@ -69,10 +75,12 @@ TRAIN = TrainConfig(  # the run that produced the shipped default (README)
     eval_every=100,
 )
 SPECIALIZE = TrainConfig.model_validate(
-    {**TRAIN.model_dump(), "steps": 1400, "train_ratios": [4], "encoder_warmup_steps": 1400}
+    {**TRAIN.model_dump(), "steps": 1200, "train_ratios": [4], "encoder_warmup_steps": 1200}
 )
 """Second phase: resumes the first one's last checkpoint and trains the decoder at ratio 4 alone,
-the lowest ratio the bar counts; the encoder side stays held."""
+the lowest ratio the bar counts, with reconstruction samples mixed in; the encoder side stays held."""
+RECONSTRUCTION_WORDS = 48
+"""Piece length of the second phase's reconstruction samples (~64 tokens, 16 latents at r=4)."""
 MONITOR = 16
 """HotpotQA rows kept out of training to watch, during training, whether the latents are read."""
 
@@ -100,6 +108,10 @@ def synth(limit: int) -> None:
 
 def _count_tokens(tokenizer):
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _encoder_counter():
+    return _count_tokens(SemiDynamicCompressor._tokenizers(COMPRESSOR)[0])
 
 
 STOPWORDS = frozenset(
@@ -213,18 +225,22 @@ def training_samples() -> tuple[list[TrainSample], list[TrainSample]]:
     train, _ = squad_split()
     hotpot = load_hotpotqa(DATA / "hotpotqa" / "train.jsonl")
     synthetic = read_jsonl(RUN / "synth.jsonl") if (RUN / "synth.jsonl").exists() else []
-    count = _count_tokens(SemiDynamicCompressor._tokenizers(COMPRESSOR)[0])
+    count = _encoder_counter()
     samples = _labelled([*from_qa_samples([*train, *hotpot[:-MONITOR]]), *synthetic], count)
     logger.info("%d training samples (%d synthetic)", len(samples), len(synthetic))
     return samples, _labelled(from_qa_samples(hotpot[-MONITOR:]), count)
 
 
 def train() -> None:
+    """Both phases; each resumes from the last checkpoint in ``output_dir``."""
     torch.manual_seed(SEED)
     model = SemiDynamicCompressor.from_config(COMPRESSOR)
     samples, monitor = training_samples()
-    for phase in (TRAIN, SPECIALIZE):  # each resumes from the last checkpoint in output_dir
-        Trainer(model, samples, phase, eval_samples=monitor).train()
+    Trainer(model, samples, TRAIN, eval_samples=monitor).train()
+    contexts = [c for s in samples for c in s.contexts]
+    recon = _labelled(reconstruction_samples(contexts, RECONSTRUCTION_WORDS), _encoder_counter())
+    logger.info("second phase: %d reconstruction samples mixed in", len(recon))
+    Trainer(model, [*samples, *recon], SPECIALIZE, eval_samples=monitor).train()
 
 
 def ship() -> None:
