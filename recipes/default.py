@@ -75,7 +75,7 @@ TRAIN = TrainConfig(  # the run that produced the shipped default (README)
     eval_every=100,
 )
 SPECIALIZE = TrainConfig.model_validate(
-    {**TRAIN.model_dump(), "steps": 1200, "train_ratios": [4], "encoder_warmup_steps": 1200}
+    {**TRAIN.model_dump(), "steps": 1400, "train_ratios": [4], "encoder_warmup_steps": 1400}
 )
 """Second phase: resumes the first one's last checkpoint and trains the decoder at ratio 4 alone,
 the lowest ratio the bar counts, with reconstruction samples mixed in; the encoder side stays held."""
@@ -281,7 +281,7 @@ def main() -> None:
     parser.add_argument("step", choices=["synth", "train", "ship", "eval"])
     parser.add_argument("--synth-limit", type=int, default=40)
     parser.add_argument("--eval-limit", type=int, default=200)
-    parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 2.0])
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 1.5, 2.0])
     args = parser.parse_args()
     if args.step == "synth":
         synth(args.synth_limit)
