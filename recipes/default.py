@@ -1,7 +1,7 @@
 """Recipe of the bundled default compressor (SmolLM2-135M-Instruct as encoder and decoder base).
 
     python recipes/default.py synth   # synthetic QA tasks from the teacher (resumable)
-    python recipes/default.py train   # one-stage SFT with the project's Trainer (resumable)
+    python recipes/default.py train   # converter fit + two SFT phases with the project's Trainer (resumable)
     python recipes/default.py ship    # fp16 copy of the final checkpoint into semidyn_rag/default
     python recipes/default.py eval    # held-out SQuAD articles: Pareto table + plot
 
@@ -53,7 +53,7 @@ COMPRESSOR = CompressorConfig(
     converter_hidden=1024,  # 4096 in the paper; smaller keeps the shipped files under 40 MB
     max_segment_tokens=512,
 )
-TRAIN = TrainConfig(  # the run that produced the shipped default (README)
+TRAIN = TrainConfig(  # first phase of the run that produced the shipped default (README)
     steps=700,
     batch_size=4,
     lr=2e-4,
