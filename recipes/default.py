@@ -1,7 +1,7 @@
 """Recipe of the bundled default compressor (SmolLM2-135M-Instruct as encoder and decoder base).
 
     python recipes/default.py synth   # synthetic QA tasks from the teacher (resumable)
-    python recipes/default.py train   # converter fit + two SFT phases with the project's Trainer (resumable)
+    python recipes/default.py train   # converter fit + two SFT phases (resumable)
     python recipes/default.py ship    # fp16 copy of the final checkpoint into semidyn_rag/default
     python recipes/default.py eval    # held-out SQuAD articles: Pareto table + plot
 
@@ -110,10 +110,6 @@ def _count_tokens(tokenizer):
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _encoder_counter():
-    return _count_tokens(SemiDynamicCompressor._tokenizers(COMPRESSOR)[0])
-
-
 STOPWORDS = frozenset(
     [
         "a",
@@ -216,7 +212,7 @@ def _labelled(samples: list[TrainSample], count) -> list[TrainSample]:
     ]
 
 
-def training_samples() -> tuple[list[TrainSample], list[TrainSample]]:
+def training_samples(count) -> tuple[list[TrainSample], list[TrainSample]]:
     """Training samples and held-aside monitor samples, density labels attached.
 
     Training: SQuAD train articles, HotpotQA gold passages and synthetic tasks; monitor: the last
@@ -225,7 +221,6 @@ def training_samples() -> tuple[list[TrainSample], list[TrainSample]]:
     train, _ = squad_split()
     hotpot = load_hotpotqa(DATA / "hotpotqa" / "train.jsonl")
     synthetic = read_jsonl(RUN / "synth.jsonl") if (RUN / "synth.jsonl").exists() else []
-    count = _encoder_counter()
     samples = _labelled([*from_qa_samples([*train, *hotpot[:-MONITOR]]), *synthetic], count)
     logger.info("%d training samples (%d synthetic)", len(samples), len(synthetic))
     return samples, _labelled(from_qa_samples(hotpot[-MONITOR:]), count)
@@ -235,10 +230,11 @@ def train() -> None:
     """Both phases; each resumes from the last checkpoint in ``output_dir``."""
     torch.manual_seed(SEED)
     model = SemiDynamicCompressor.from_config(COMPRESSOR)
-    samples, monitor = training_samples()
+    count = _count_tokens(model.tokenizer)  # density labels count encoder tokens
+    samples, monitor = training_samples(count)
     Trainer(model, samples, TRAIN, eval_samples=monitor).train()
     contexts = [c for s in samples for c in s.contexts]
-    recon = _labelled(reconstruction_samples(contexts, RECONSTRUCTION_WORDS), _encoder_counter())
+    recon = _labelled(reconstruction_samples(contexts, RECONSTRUCTION_WORDS), count)
     logger.info("second phase: %d reconstruction samples mixed in", len(recon))
     Trainer(model, [*samples, *recon], SPECIALIZE, eval_samples=monitor).train()
 
