@@ -1,7 +1,7 @@
 """Recipe of the bundled default compressor (SmolLM2-135M-Instruct as encoder and decoder base).
 
     python recipes/default.py synth   # synthetic QA tasks from the teacher (resumable)
-    python recipes/default.py train   # converter fit + two SFT phases (resumable)
+    python recipes/default.py train   # converter fit + three SFT phases (resumable)
     python recipes/default.py ship    # fp16 copy of the final checkpoint into semidyn_rag/default
     python recipes/default.py eval    # held-out SQuAD articles: Pareto table + plot
 
@@ -79,6 +79,10 @@ SPECIALIZE = TrainConfig.model_validate(
 )
 """Second phase: resumes the first one's last checkpoint and trains the decoder at ratio 4 alone,
 the lowest ratio the bar counts, with reconstruction samples mixed in; the encoder side stays held."""
+WIDEN = TrainConfig.model_validate(
+    {**SPECIALIZE.model_dump(), "steps": 2000, "train_ratios": [4, 8], "encoder_warmup_steps": 2000}
+)
+"""Third phase: the same mix at ratios 4 and 8, so that the selector's choices above 4 are read too."""
 RECONSTRUCTION_WORDS = 48
 """Piece length of the second phase's reconstruction samples (~64 tokens, 16 latents at r=4)."""
 MONITOR = 16
@@ -227,7 +231,7 @@ def training_samples(count) -> tuple[list[TrainSample], list[TrainSample]]:
 
 
 def train() -> None:
-    """Both phases; each resumes from the last checkpoint in ``output_dir``."""
+    """All three phases; each resumes from the last checkpoint in ``output_dir``."""
     torch.manual_seed(SEED)
     model = SemiDynamicCompressor.from_config(COMPRESSOR)
     count = _count_tokens(model.tokenizer)  # density labels count encoder tokens
@@ -235,8 +239,9 @@ def train() -> None:
     Trainer(model, samples, TRAIN, eval_samples=monitor).train()
     contexts = [c for s in samples for c in s.contexts]
     recon = _labelled(reconstruction_samples(contexts, RECONSTRUCTION_WORDS), count)
-    logger.info("second phase: %d reconstruction samples mixed in", len(recon))
-    Trainer(model, [*samples, *recon], SPECIALIZE, eval_samples=monitor).train()
+    logger.info("later phases: %d reconstruction samples mixed in", len(recon))
+    for phase in (SPECIALIZE, WIDEN):
+        Trainer(model, [*samples, *recon], phase, eval_samples=monitor).train()
 
 
 def ship() -> None:
