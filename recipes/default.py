@@ -282,7 +282,7 @@ def main() -> None:
     parser.add_argument("step", choices=["synth", "train", "ship", "eval"])
     parser.add_argument("--synth-limit", type=int, default=40)
     parser.add_argument("--eval-limit", type=int, default=200)
-    parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 1.5, 2.0])
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 1.25, 1.5, 1.75, 2.0])
     args = parser.parse_args()
     if args.step == "synth":
         synth(args.synth_limit)
