@@ -84,7 +84,7 @@ WIDEN = TrainConfig.model_validate(
 )
 """Third phase: the same mix at ratios 4 and 8, so that the selector's choices above 4 are read too."""
 RECONSTRUCTION_WORDS = 48
-"""Piece length of the second phase's reconstruction samples (~64 tokens, 16 latents at r=4)."""
+"""Piece length of the later phases' reconstruction samples (~64 tokens, 16 latents at r=4)."""
 MONITOR = 16
 """HotpotQA rows kept out of training to watch, during training, whether the latents are read."""
 
