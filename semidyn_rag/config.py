@@ -54,10 +54,15 @@ class CompressorConfig(BaseModel):
     bidirectional: bool = True
     pool_layer: int | None = Field(None, ge=0)
     """Encoder layer whose hidden states the backbone pools (0: the input embeddings; ``None``: the
-    last layer, as in the paper). The ratio head always reads the last layer. A pretrained
+    last layer, as in the paper). The ratio head reads ``head_layer``. A pretrained
     decoder can learn to read pooled token embeddings in a few hundred LoRA steps, while the last
     layer keeps little of them (SmolLM2: a converter fits mean embeddings with relative error 0.64
     from layer 30, 0.25 from layer 2), so an early layer is what a short training budget can use."""
+    head_layer: int | None = Field(None, ge=0)
+    """Encoder layer whose ``<eos>`` state the ratio head reads (``None``: the last layer, as in the
+    paper). With ``pool_layer`` and ``head_layer`` both set, the encoder runs only
+    ``max(pool_layer, head_layer)`` of its layers: an early exit that makes encoding cost a
+    fraction of a full forward pass."""
     num_memory_tokens: int | None = None
     """Learnable compression tokens appended to the context; default ``max(lengths)``."""
 

@@ -94,6 +94,26 @@ def _inner(peft_model: PeftModel) -> nn.Module:
     return peft_model.get_base_model().base_model
 
 
+@contextlib.contextmanager
+def _early_exit(inner: nn.Module, depth: int) -> Iterator[None]:
+    """Run only the first ``depth`` layers of a transformer stack for the duration of a call.
+
+    The final norm is skipped too, so the last state returned is layer ``depth``'s raw output,
+    exactly ``hidden_states[depth]`` of a full pass. Callers hold the model lock: the stack is
+    shared with the decoder when both use one base.
+    """
+    layers = inner.layers
+    if depth >= len(layers):
+        yield
+        return
+    norm = inner.norm
+    inner.layers, inner.norm = nn.ModuleList(layers[:depth]), nn.Identity()
+    try:
+        yield
+    finally:
+        inner.layers, inner.norm = layers, norm
+
+
 class _Cancelled(StoppingCriteria):
     """Stops ``generate`` once the streaming consumer has gone away."""
 
@@ -130,8 +150,10 @@ class SemiDynamicCompressor(nn.Module):
         self.decoder_tokenizer = decoder_tokenizer
         d_enc = encoder.get_base_model().config.hidden_size
         layers = encoder.get_base_model().config.num_hidden_layers
-        if config.pool_layer is not None and config.pool_layer > layers:
-            raise ValueError(f"pool_layer {config.pool_layer} > the encoder's {layers} layers")
+        for name in ("pool_layer", "head_layer"):
+            value = getattr(config, name)
+            if value is not None and value > layers:
+                raise ValueError(f"{name} {value} > the encoder's {layers} layers")
         d_dec = decoder.get_base_model().config.hidden_size
         self.ratio_head = nn.Linear(d_enc, 1)
         self.converter = Converter(d_enc, d_dec, config.converter_hidden, config.converter_gated)
@@ -253,16 +275,24 @@ class SemiDynamicCompressor(nn.Module):
         """One batched encoder pass: hidden states ``[B, T, d]`` and ratio predictions ``[B]``.
 
         Each row is ``context + <eos>`` (+ memory tokens for that backbone), right-padded. The head
-        reads the last layer's ``<eos>`` state; with bidirectional attention it has seen the whole
-        context. The hidden states are those of ``config.pool_layer`` (default: the last layer).
+        reads the ``<eos>`` state of ``config.head_layer`` (default: the last layer); with
+        bidirectional attention it has seen the whole context. The hidden states are those of
+        ``config.pool_layer`` (default: the last layer).
         """
-        hidden, last = self._encoder_states(contexts)
-        return hidden, self._predict_y(last, [len(c) for c in contexts])
+        hidden, head_states = self._encoder_states(contexts)
+        return hidden, self._predict_y(head_states, [len(c) for c in contexts])
+
+    @property
+    def encoder_depth(self) -> int:
+        """How many encoder layers a pass runs: only as deep as pooling and the head read."""
+        layers = self.encoder.get_base_model().config.num_hidden_layers
+        wanted = (self.config.pool_layer, self.config.head_layer)
+        return layers if None in wanted else max(wanted)  # type: ignore[type-var]
 
     def _encoder_states(
         self, contexts: Sequence[Sequence[int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoder pass of :meth:`encode`: states to pool and last-layer states (the head's)."""
+        """The encoder pass of :meth:`encode`: states to pool and states for the ratio head."""
         eos = self.tokenizer.eos_token_id
         n_mem = self.config.memory_tokens if self.memory is not None else 0
         lengths = [len(c) for c in contexts]
@@ -273,21 +303,27 @@ class SemiDynamicCompressor(nn.Module):
             ids[row, : len(ctx)] = torch.as_tensor(ctx, dtype=torch.long)
             mask[row, : len(ctx) + 1 + n_mem] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
+        pool, head, depth = self.config.pool_layer, self.config.head_layer, self.encoder_depth
         with self._adapter("encoder") as model:
             embeds = model.get_input_embeddings()(ids)
             if self.memory is not None:
                 embeds = embeds.clone()
                 for row, n in enumerate(lengths):
                     embeds[row, n + 1 : n + 1 + n_mem] = self.memory
-            layer = self.config.pool_layer
-            out = _inner(model)(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                is_causal=not self.config.bidirectional,
-                output_hidden_states=layer is not None,
-            )
-        last = out.last_hidden_state
-        return (last if layer is None else out.hidden_states[layer]), last
+            inner = _inner(model)
+            with _early_exit(inner, depth):
+                out = inner(
+                    inputs_embeds=embeds,
+                    attention_mask=mask,
+                    is_causal=not self.config.bidirectional,
+                    output_hidden_states=any(x not in (None, depth) for x in (pool, head)),
+                )
+        last = out.last_hidden_state  # layer `depth`: raw after an early exit, normed at the top
+
+        def states(layer: int | None) -> torch.Tensor:
+            return last if layer is None or layer == depth else out.hidden_states[layer]
+
+        return states(pool), states(head)
 
     def _predict_y(self, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         """The regression head on each row's ``<eos>`` state (position ``length``)."""
@@ -610,8 +646,8 @@ class SemiDynamicCompressor(nn.Module):
         labels = torch.tensor([y for ex in examples for y in ex.y], device=self.device)
         held = contextlib.nullcontext() if encoder_grad else torch.no_grad()
         with held:
-            hidden, last = self._encoder_states(contexts)
-        y_hat = self._predict_y(last, [len(c) for c in contexts])  # the head learns either way
+            hidden, head_states = self._encoder_states(contexts)
+        y_hat = self._predict_y(head_states, [len(c) for c in contexts])  # learns either way
         with held:
             pooled = []
             for row, (ctx, label) in enumerate(zip(contexts, labels.tolist(), strict=True)):
