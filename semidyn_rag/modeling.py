@@ -119,6 +119,11 @@ class _Cancelled(StoppingCriteria):
 
     def __init__(self, event: threading.Event) -> None:
         self.event = event
+    teacher_ids: list[list[int]] | None = None
+    """Per answer token, the ids of the teacher's ``top_k`` next-token candidates ``[A, k]``
+    (token-level distillation; ``None``: none)."""
+    teacher_logprobs: list[list[float]] | None = None
+    """Their log-probabilities under the teacher, same shape as ``teacher_ids``."""
 
     def __call__(
         self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object
@@ -126,6 +131,35 @@ class _Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
 
 
+    kd_loss: torch.Tensor | None = None
+    """Token-level distillation term (before its weight); ``None`` when no example has targets."""
+
+
+def distillation_loss(
+    logits: torch.Tensor, targets: torch.Tensor, examples: Sequence[TrainExample]
+) -> torch.Tensor | None:
+    """Sparse token-level KD: ``-Σ_k p_teacher(k) · log p_student(k)`` over the teacher's top-k,
+    averaged over every answer token of the examples that carry teacher targets.
+
+    ``logits`` ``[B, T, V]`` and ``targets`` ``[B, T]`` (-100 outside answers) are those of the LM
+    loss; answer token ``j`` of row ``i`` is predicted at the position before it. ``None`` when no
+    example has targets. Raises ``ValueError`` when an example's targets do not cover its answer.
+    """
+    terms = []
+    for i, ex in enumerate(examples):
+        if ex.teacher_ids is None or ex.teacher_logprobs is None:
+            continue
+        positions = (targets[i] != -100).nonzero().squeeze(-1) - 1
+        if len(ex.teacher_ids) != positions.numel():
+            raise ValueError(
+                f"teacher targets cover {len(ex.teacher_ids)} tokens, the answer has "
+                f"{positions.numel()}"
+            )
+        student = logits[i, positions].float().log_softmax(-1)  # [A, V]
+        ids = torch.as_tensor(ex.teacher_ids, device=logits.device)
+        probs = torch.as_tensor(ex.teacher_logprobs, device=logits.device).exp()
+        terms.append(-(probs * student.gather(-1, ids)).sum(-1))
+    return torch.cat(terms).mean() if terms else None
 class SemiDynamicCompressor(nn.Module):
     """Compresses texts into decoder-space latents and answers questions from them.
 
@@ -634,7 +668,8 @@ class SemiDynamicCompressor(nn.Module):
         mse_weight: float = 1.0,
         encoder_grad: bool = True,
     ) -> LossOutput:
-        """Eq. 7: ``LM + λ·MSE(ŷ, y)`` for one batch (the LM loss counts answer tokens only).
+        """Eq. 7: ``LM + λ·MSE(ŷ, y)`` for one batch (the LM loss counts answer tokens only),
+        plus ``kd_weight ×`` `distillation_loss` where examples carry teacher targets.
 
         ``ratio`` fixes the structure for the whole batch (multi-ratio training draws one per batch);
         ``None`` lets the mode decide, with the label ``y`` standing in for the prediction so that
@@ -674,4 +709,14 @@ class SemiDynamicCompressor(nn.Module):
             if known.any()
             else y_hat.sum() * 0.0
         )
-        return LossOutput(loss=lm + mse_weight * mse, lm_loss=lm.detach(), mse_loss=mse.detach())
+        loss = lm + mse_weight * mse
+        kd = distillation_loss(logits, targets, examples) if kd_weight else None
+        if kd is not None:
+            loss = loss + kd_weight * kd
+        return LossOutput(
+            loss=loss,
+            lm_loss=lm.detach(),
+            mse_loss=mse.detach(),
+            kd_loss=None if kd is None else kd.detach(),
+        )
+        kd_weight: float = 0.0,

@@ -23,6 +23,29 @@ from ..modeling import TrainExample
 logger = logging.getLogger(__name__)
 
 
+class TeacherTargets(BaseModel):
+    """What a teacher decoder wrote for a sample (`distill.teacher_answers`): its answer as decoder
+    token ids and, per answer token, its ``k`` most likely next tokens with their log-probs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    answer_ids: list[int] = Field(min_length=1)
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+    @model_validator(mode="after")
+    def _check(self) -> TeacherTargets:
+        n = len(self.answer_ids)
+        if len(self.top_ids) != n or len(self.top_logprobs) != n:
+            raise ValueError(
+                f"{n} answer tokens but {len(self.top_ids)} top-k id rows and "
+                f"{len(self.top_logprobs)} log-prob rows"
+            )
+        if any(len(a) != len(b) for a, b in zip(self.top_ids, self.top_logprobs, strict=True)):
+            raise ValueError("top-k ids and log-probs differ in width")
+        return self
+
+
 class TrainSample(BaseModel):
     """One supervised sample: contexts, a question (instruction) about them, the target answer.
 
@@ -40,6 +63,8 @@ class TrainSample(BaseModel):
     y: list[float | None] | None = None
     source: str = "unknown"
     provenance: dict[str, str | int | float | None] = Field(default_factory=dict)
+    teacher: TeacherTargets | None = None
+    """Set by distillation: ``answer`` is then the teacher's, trained on its exact token ids."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainSample:
@@ -122,7 +147,8 @@ def to_examples(
 
     Contexts are truncated to ``max_context_tokens`` (default: the model's encoder segment size,
     so a training context is one segment); their labels are kept, as the density of a prefix is
-    that of its text. Answers get the decoder's ``<eos>`` appended so the model learns to stop.
+    that of its text. Answers get the decoder's ``<eos>`` appended so the model learns to stop;
+    a distilled sample's answer is its teacher's token ids as generated (with their top-k targets).
     """
     if max_context_tokens is None:
         max_context_tokens = model.config.max_segment_tokens  # type: ignore[attr-defined]
@@ -137,12 +163,15 @@ def to_examples(
             ids = next(ctx_ids)
             truncated += len(ids) > max_context_tokens
             contexts.append(ids[:max_context_tokens])
+        teacher = sample.teacher
         examples.append(
             TrainExample(
                 contexts=contexts,
                 question=sample.question,
-                answer=[*answer, dec.eos_token_id],
+                answer=teacher.answer_ids if teacher else [*answer, dec.eos_token_id],
                 y=sample.labels(),
+                teacher_ids=teacher.top_ids if teacher else None,
+                teacher_logprobs=teacher.top_logprobs if teacher else None,
             )
         )
     if truncated:

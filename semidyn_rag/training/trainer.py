@@ -87,6 +87,9 @@ class TrainConfig(BaseModel):
     of its rarest token (see `align.align_converter`)."""
     mse_weight: float = Field(1.0, ge=0)
     """λ of Eq. 7."""
+    kd_weight: float = Field(0.0, ge=0)
+    """Weight of token-level distillation (`modeling.distillation_loss`) on samples that carry
+    teacher targets (`distill.teacher_answers`); 0: off."""
     ratio_sampling: Literal["multi", "mode"] = "multi"
     """``multi``: one ratio drawn from the model's candidate set per optimizer step (multi-ratio
     and semi-dynamic mean pooling); ``mode``: the mode decides (fixed ratio/length; semi- and fully
@@ -201,9 +204,11 @@ class _Loss(nn.Module):
         ratio: float | None,
         mse_weight: float,
         encoder_grad: bool,
+        kd_weight: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kwargs = {"kd_weight": kd_weight} if kd_weight else {}  # regressors have no decoder
         out: LossOutput = self.model.training_loss(
-            examples, ratio=ratio, mse_weight=mse_weight, encoder_grad=encoder_grad
+            examples, ratio=ratio, mse_weight=mse_weight, encoder_grad=encoder_grad, **kwargs
         )
         return out.loss, out.lm_loss, out.mse_loss
 
@@ -369,6 +374,7 @@ class Trainer:
                         ratio,
                         cfg.mse_weight,
                         self.step >= cfg.encoder_warmup_steps,
+                        cfg.kd_weight,
                     )
                 acc.backward(loss / cfg.grad_accum)
             sums += torch.tensor([float(loss.detach()), float(lm), float(mse)]) / cfg.grad_accum

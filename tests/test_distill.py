@@ -1,0 +1,136 @@
+"""Distillation targets (teacher answers + top-k) and the token-level distillation loss."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from semidyn_rag.modeling import LatentPrompt, TrainExample, distillation_loss
+from semidyn_rag.training.distill import plain_prompt, teacher_answers
+from semidyn_rag.training.samples import (
+    TeacherTargets,
+    TrainSample,
+    read_jsonl,
+    to_examples,
+    write_jsonl,
+)
+
+SAMPLES = [
+    TrainSample(contexts=["Paris is the capital of France."], question="Capital?", answer="Paris"),
+    TrainSample(
+        contexts=["Alice was born in 1990 in Lyon.", "Bob moved to Oslo in 2004."],
+        question="Where was Alice born?",
+        answer="Lyon",
+    ),
+]
+
+
+def _talkative(model):
+    """A tiny compressor whose random decoder never picks a token without text (special tokens,
+    whitespace), so that its answers are not empty."""
+    tok = model.decoder_tokenizer
+    blank = [i for i in range(len(tok)) if not tok.decode([i], skip_special_tokens=True).strip()]
+    with torch.no_grad():
+        model.decoder.get_output_embeddings().weight[blank] = 0.0
+    return model
+
+
+@pytest.fixture
+def compressor(make_compressor):
+    return _talkative(make_compressor())
+
+
+def test_teacher_answers_are_the_base_decoders_greedy_answers(compressor):
+    out = teacher_answers(compressor, SAMPLES, max_new_tokens=6, top_k=3, progress=False)
+    plain = compressor.complete(
+        [LatentPrompt(plain_prompt(compressor, s.question, s.contexts)) for s in SAMPLES],
+        adapter=False,
+        max_new_tokens=6,
+    )
+    assert [s.answer for s in out] == [p.strip() for p in plain]
+    for sample, gold in zip(out, SAMPLES, strict=True):
+        t = sample.teacher
+        assert t is not None and len(t.answer_ids) == 6
+        assert [row[0] for row in t.top_ids] == t.answer_ids  # greedy: each token is the top-1
+        assert all(len(r) == 3 for r in t.top_ids)
+        assert all(a >= b for r in t.top_logprobs for a, b in itertools.pairwise(r))
+        assert all(math.exp(r[0]) <= 1.0 + 1e-6 for r in t.top_logprobs)
+        assert sample.provenance["gold"] == gold.answer
+
+
+def test_teacher_answers_ignore_the_decoder_adapter(compressor, make_compressor):
+    other = _talkative(make_compressor())
+    with torch.no_grad():
+        for name, p in other.decoder.named_parameters():
+            if "lora_B" in name and ".decoder." in name:
+                p.add_(torch.randn_like(p))
+    a = teacher_answers(compressor, SAMPLES, max_new_tokens=5, progress=False)
+    b = teacher_answers(other, SAMPLES, max_new_tokens=5, progress=False)
+    assert [s.teacher for s in a] == [s.teacher for s in b]
+
+
+def test_distilled_samples_train_on_the_teachers_exact_tokens(compressor, tmp_path):
+    out = teacher_answers(compressor, SAMPLES, max_new_tokens=5, top_k=2, progress=False)
+    write_jsonl(out, tmp_path / "d.jsonl")
+    back = read_jsonl(tmp_path / "d.jsonl")
+    assert back == out
+    examples = to_examples(compressor, back)
+    for ex, s in zip(examples, back, strict=True):
+        assert ex.answer == s.teacher.answer_ids  # no re-tokenization, no extra <eos>
+        assert ex.teacher_ids == s.teacher.top_ids
+
+
+def test_teacher_targets_must_cover_every_answer_token():
+    with pytest.raises(ValueError, match="2 answer tokens but 1 top-k id rows"):
+        TeacherTargets(answer_ids=[1, 2], top_ids=[[1]], top_logprobs=[[0.0], [0.0]])
+    with pytest.raises(ValueError, match="differ in width"):
+        TeacherTargets(answer_ids=[1], top_ids=[[1, 2]], top_logprobs=[[0.0]])
+
+
+def _example(answer, ids=None, logprobs=None):
+    return TrainExample(
+        contexts=[[1]],
+        question="q",
+        answer=answer,
+        y=[math.nan],
+        teacher_ids=ids,
+        teacher_logprobs=logprobs,
+    )
+
+
+def test_distillation_loss_is_the_sparse_cross_entropy_to_the_teacher():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    targets = torch.full((2, 5), -100)
+    targets[0, 3:5] = torch.tensor([4, 6])  # answer predicted at positions 2 and 3
+    targets[1, 2:5] = torch.tensor([1, 2, 3])
+    teacher = [[4, 0], [6, 1]]
+    logp = [[math.log(0.7), math.log(0.2)], [math.log(0.9), math.log(0.05)]]
+    examples = [_example([4, 6], teacher, logp), _example([1, 2, 3])]  # row 1: no targets
+    got = distillation_loss(logits, targets, examples)
+    student = logits.log_softmax(-1)
+    want = (
+        -(
+            (0.7 * student[0, 2, 4] + 0.2 * student[0, 2, 0])
+            + (0.9 * student[0, 3, 6] + 0.05 * student[0, 3, 1])
+        )
+        / 2
+    )
+    torch.testing.assert_close(got, want)
+    assert distillation_loss(logits, targets, [_example([4, 6]), _example([1, 2, 3])]) is None
+    with pytest.raises(ValueError, match="cover 1 tokens, the answer has 2"):
+        distillation_loss(logits, targets, [_example([4, 6], [[4]], [[0.0]]), examples[1]])
+
+
+def test_training_loss_adds_the_weighted_distillation_term(compressor):
+    out = teacher_answers(compressor, SAMPLES, max_new_tokens=4, top_k=4, progress=False)
+    examples = to_examples(compressor, out)
+    torch.manual_seed(0)
+    plain = compressor.training_loss(examples, ratio=2)
+    torch.manual_seed(0)
+    with_kd = compressor.training_loss(examples, ratio=2, kd_weight=0.5)
+    assert plain.kd_loss is None and with_kd.kd_loss is not None and with_kd.kd_loss > 0
+    torch.testing.assert_close(with_kd.loss, plain.loss + 0.5 * with_kd.kd_loss)
