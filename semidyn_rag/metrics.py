@@ -101,6 +101,9 @@ class EvalRecord(BaseModel):
     """Latent positions that replaced them."""
     ratios: list[PositiveFloat] = Field(default_factory=list)
     """Ratio chosen per compressed segment (empty when nothing was selected, e.g. a baseline)."""
+    latency_s: float | None = Field(default=None, ge=0)
+    """Wall seconds spent compressing this sample's contexts (``None``: nothing was compressed,
+    or a record written before latencies were kept)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -137,6 +140,8 @@ class EvalSummary(BaseModel):
     log2_ratio_variance: float | None
     """Population variance of ``log2`` of every chosen segment ratio (paper Fig. 5): how much the
     selector adapts; ``None`` when no ratio was recorded."""
+    latency_s: float | None = None
+    """Mean compression seconds per sample over the records that carry one; ``None`` if none do."""
 
 
 def summarize(records: Sequence[EvalRecord]) -> EvalSummary:
@@ -146,6 +151,7 @@ def summarize(records: Sequence[EvalRecord]) -> EvalSummary:
     tokens = [r.num_tokens for r in records]
     latents = [r.num_latents for r in records]
     chosen = [math.log2(x) for r in records for x in r.ratios]
+    timed = [r.latency_s for r in records if r.latency_s is not None]
     plain = average_compression_ratio(tokens, latents)
     assert plain is not None  # records is non-empty
     return EvalSummary(
@@ -155,6 +161,7 @@ def summarize(records: Sequence[EvalRecord]) -> EvalSummary:
         avg_ratio=plain,
         mean_sample_ratio=statistics.fmean(r.ratio for r in records),
         log2_ratio_variance=statistics.pvariance(chosen) if chosen else None,
+        latency_s=statistics.fmean(timed) if timed else None,
     )
 
 
