@@ -4,28 +4,43 @@ Our layout (everything but JSON is safetensors, so loading never unpickles)::
 
     DIR/semidyn_config.json      CompressorConfig
     DIR/modules.safetensors      ratio_head.*, converter.*, memory
-    DIR/encoder/, DIR/decoder/   peft LoRA adapters
+    DIR/encoder/, DIR/decoder/   peft LoRA adapters (over the causal LM)
 
-The paper's layout: ``config.json`` (``comp_ratio_or_len``, ``feature_extract_method``, ...),
-``projector.pth`` (``{"projector": ..., "compress_ratio_head": ...}``, read with
-``weights_only=True``) and the same two adapter folders.
+The paper's layout, as its code saves it: ``config.json`` (``comp_ratio_or_len``,
+``feature_extract_method``, ...); ``projector.pth``, either ``{"projector": ...,
+"compress_ratio_head": ...}`` (semi-dynamic) or the converter's flat state dict (fixed ratio);
+``encoder/`` (LoRA over the bare transformer, keys ``base_model.model.layers.N...``) and
+``decoder/`` (LoRA over the causal LM); ``memory_token_embedding.pth`` (``{"indices", "weight"}``,
+the trained vocabulary rows) for compression-token checkpoints. ``.pth`` files are read with
+``weights_only=True``.
+
+Every tensor a file holds must land in the model and every tensor the model needs must come from a
+file: a missing or unexpected key is a `CheckpointError` naming the file and the keys. PEFT only
+warns when adapter keys do not load (the LoRA weights then stay at their zero init), so adapters
+are loaded here and checked key by key.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
 
 from .config import CompressorConfig
 from .loading import load_base
 from .modeling import SemiDynamicCompressor
+from .selector import CompareSpace, QuantizeMode
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +48,10 @@ CONFIG_NAME = "semidyn_config.json"
 MODULES_NAME = "modules.safetensors"
 OFFICIAL_CONFIG = "config.json"
 OFFICIAL_WEIGHTS = "projector.pth"
+OFFICIAL_MEMORY = "memory_token_embedding.pth"
 ADAPTERS = ("encoder", "decoder")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 DEFAULT_CHECKPOINT = Path(__file__).parent / "default"
 
 _BACKBONES = {
@@ -42,6 +60,10 @@ _BACKBONES = {
     "last_tokens": ("last_tokens", False),
     "same_memory_tokens": ("compression_tokens", False),
     "different_memory_tokens": ("compression_tokens", False),
+}
+_ALIASES = {
+    "mean_pooling_by_ratio": "mean_pooling",
+    "mean_pooling_by_ratio_causal": "mean_pooling_causal",
 }
 
 
@@ -83,6 +105,24 @@ def _require(directory: Path, *names: str) -> None:
         raise CheckpointError(f"checkpoint {directory} is missing {', '.join(missing)}")
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} cannot be read as JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a JSON object")
+    return raw
+
+
+def _read_pth(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` (no code runs), errors naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling, truncation and I/O errors all mean the same here
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
 def _resolve(name_or_path: str | Path | None) -> Path:
     if name_or_path is None:
         if not (DEFAULT_CHECKPOINT / CONFIG_NAME).exists():
@@ -98,22 +138,144 @@ def _resolve(name_or_path: str | Path | None) -> Path:
     return Path(snapshot_download(str(name_or_path)))
 
 
+# ---------------------------------------------------------------------- adapters
+def _adapter_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    found = [directory / n for n in ADAPTER_WEIGHTS if (directory / n).is_file()]
+    if not found:
+        raise CheckpointError(
+            f"adapter {directory} is missing {ADAPTER_WEIGHTS[0]} (the LoRA weights); copy the "
+            "whole checkpoint directory"
+        )
+    path = found[0]
+    if path.suffix == ".safetensors":
+        try:
+            return path, load_file(path)
+        except Exception as exc:  # safetensors raises its own error type for a damaged header
+            raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {exc})") from exc
+    state = _read_pth(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return path, state
+
+
+def _onto_causal_lm(weights: dict[str, torch.Tensor], base: PreTrainedModel) -> dict[str, Any]:
+    """Re-key an adapter saved over the bare transformer (``AutoModel``: ``base_model.model.
+    layers.N...``) for the causal LM that wraps it (``base_model.model.model.layers.N...``).
+
+    Keys that already address the causal LM are kept, so both layouts load; a key that fits
+    neither stays as it is and is then reported as unexpected.
+    """
+    prefix = "base_model.model."
+    inner_name = getattr(base, "base_model_prefix", "model")
+    inner = getattr(base, inner_name, None)
+    outer = {name for name, _ in base.named_children()}
+    keyed = {}
+    for key, value in weights.items():
+        head = key[len(prefix) :].split(".", 1)[0] if key.startswith(prefix) else None
+        if head is not None and head not in outer and inner is not None and hasattr(inner, head):
+            key = f"{prefix}{inner_name}.{key[len(prefix) :]}"
+        keyed[key] = value
+    return keyed
+
+
+def attach_adapter(
+    model: PreTrainedModel | PeftModel, directory: str | Path, name: str
+) -> PeftModel:
+    """Load the LoRA adapter saved in ``directory`` onto ``model`` as adapter ``name``.
+
+    ``model`` is a causal LM (a new `PeftModel` is made around it) or a `PeftModel` that gets one
+    more adapter. Adapters saved over the bare transformer (the paper's encoder) are re-keyed for
+    the causal LM. Raises `CheckpointError` naming the file and the keys when any LoRA tensor of
+    the adapter is not in the file, or any tensor of the file has no place in the model.
+    """
+    directory = Path(directory)
+    _require(directory, ADAPTER_CONFIG)
+    try:
+        config = PeftConfig.from_pretrained(str(directory))
+    except Exception as exc:  # a damaged or foreign adapter_config.json
+        raise CheckpointError(f"{directory / ADAPTER_CONFIG} cannot be read ({exc})") from exc
+    path, weights = _adapter_weights(directory)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    weights = _onto_causal_lm(weights, base)
+    config = copy.deepcopy(config)
+    # Our encoder is the causal LM's inner stack, whatever the adapter was saved over; one
+    # task type also keeps `generate` on a shared base whichever adapter is attached first.
+    config.task_type = "CAUSAL_LM"
+    config.inference_mode = True
+    config.base_model_name_or_path = base.name_or_path  # the base it now sits on
+    try:
+        if isinstance(model, PeftModel):
+            model.add_adapter(name, config)
+            peft = model
+        else:
+            peft = get_peft_model(model, config, adapter_name=name)
+        result = set_peft_model_state_dict(peft, weights, adapter_name=name)
+    except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatch, unknown modules
+        raise CheckpointError(f"{path} does not fit the base model: {exc}") from exc
+    marker = f".{name}."
+    missing = sorted(k for k in result.missing_keys if "lora_" in k and marker in k)
+    unexpected = sorted(result.unexpected_keys)
+    if missing or unexpected:
+        base_class = (getattr(config, "auto_mapping", None) or {}).get("base_model_class")
+        saved_over = f" (saved over {base_class})" if base_class else ""
+        raise CheckpointError(
+            f"{path}{saved_over}: LoRA weights not loaded onto {type(base).__name__}: "
+            f"{len(missing)} missing {_keys(missing)}, {len(unexpected)} unexpected "
+            f"{_keys(unexpected)}"
+        )
+    return peft
+
+
+def _keys(keys: list[str], limit: int = 6) -> str:
+    if not keys:
+        return "[]"
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}]"
+
+
+def _base(
+    name: str,
+    gguf_file: str | None,
+    config: CompressorConfig,
+    device: str | torch.device | None,
+    dtype: torch.dtype | None,
+    role: str,
+) -> PreTrainedModel:
+    try:
+        return load_base(name, gguf_file, config, device, dtype)
+    except OSError as exc:
+        raise CheckpointError(
+            f"the {role} base model {name!r} cannot be loaded ({exc}); pass "
+            f"{role}_model=<a local copy> to from_pretrained"
+        ) from exc
+
+
 def _with_adapters(
     config: CompressorConfig,
     directory: Path,
     device: str | torch.device | None,
     dtype: torch.dtype | None,
 ) -> SemiDynamicCompressor:
-    """Load the base model(s) and attach the saved ``encoder``/``decoder`` adapters."""
-    _require(directory, *(f"{a}/adapter_config.json" for a in ADAPTERS))
-    enc_base = load_base(config.encoder_model, config.encoder_gguf_file, config, device, dtype)
-    encoder = PeftModel.from_pretrained(enc_base, directory / "encoder", adapter_name="encoder")
+    """Load the base model(s) and attach the saved ``encoder``/``decoder`` adapters, checked."""
+    for adapter in ADAPTERS:  # before any base loads: a broken copy fails fast
+        _require(directory, f"{adapter}/{ADAPTER_CONFIG}")
+        _adapter_weights(directory / adapter)
+    enc_base = _base(
+        config.encoder_model, config.encoder_gguf_file, config, device, dtype, "encoder"
+    )
+    encoder = attach_adapter(enc_base, directory / "encoder", "encoder")
     if config.shared_base:
-        encoder.load_adapter(directory / "decoder", adapter_name="decoder")
-        decoder = encoder
+        decoder = attach_adapter(encoder, directory / "decoder", "decoder")
     else:
-        dec_base = load_base(config.decoder_model, config.decoder_gguf_file, config, device, dtype)
-        decoder = PeftModel.from_pretrained(dec_base, directory / "decoder", adapter_name="decoder")
+        dec_base = _base(
+            config.decoder_model or config.encoder_model,
+            config.decoder_gguf_file,
+            config,
+            device,
+            dtype,
+            "decoder",
+        )
+        decoder = attach_adapter(dec_base, directory / "decoder", "decoder")
     model = SemiDynamicCompressor(
         config, encoder, decoder, *SemiDynamicCompressor._tokenizers(config)
     )
@@ -121,7 +283,7 @@ def _with_adapters(
 
 
 def _load_state(model: SemiDynamicCompressor, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy our tensors in, naming any shape mismatch (e.g. a checkpoint for another base)."""
+    """Copy our tensors in, naming any missing, unexpected or misshapen one and its file."""
     own = _own_tensors(model)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -131,12 +293,15 @@ def _load_state(model: SemiDynamicCompressor, state: dict[str, torch.Tensor], so
         )
     with torch.no_grad():
         for key, target in own.items():
-            if target.shape != state[key].shape:
+            value = state[key]
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"{source}: {key} is a {type(value).__name__}, not a tensor")
+            if target.shape != value.shape:
                 raise CheckpointError(
-                    f"{source}: {key} has shape {tuple(state[key].shape)} but the model needs "
+                    f"{source}: {key} has shape {tuple(value.shape)} but the model needs "
                     f"{tuple(target.shape)} (hidden sizes of the checkpoint and the base differ)"
                 )
-            target.copy_(state[key].to(target.dtype))
+            target.copy_(value.to(target.dtype))
 
 
 def _local_bases(raw: dict, directory: Path) -> dict:
@@ -156,14 +321,29 @@ def load_compressor(
     dtype: torch.dtype | None = None,
     **overrides: object,
 ) -> SemiDynamicCompressor:
-    """Load our layout or the paper's; ``overrides`` replace config fields (e.g. ``mode``)."""
+    """Load our layout or the paper's; ``overrides`` replace config fields (e.g. ``mode``).
+
+    Raises `CheckpointError` naming the file for a missing file, a damaged one, or a tensor that
+    does not load (missing, unexpected, or of another shape).
+    """
     directory = _resolve(name_or_path)
     if (directory / CONFIG_NAME).exists():
         _require(directory, MODULES_NAME)
-        raw = _local_bases(json.loads((directory / CONFIG_NAME).read_text()), directory)
-        config = CompressorConfig.model_validate({**raw, **overrides})
+        raw = _local_bases(_read_json(directory / CONFIG_NAME), directory)
+        # only the caller may enable remote code (an override); a checkpoint's own flag never does
+        raw.pop("trust_remote_code", None)
+        try:
+            config = CompressorConfig.model_validate({**raw, **overrides})
+        except ValueError as exc:
+            raise CheckpointError(f"{directory / CONFIG_NAME}: {exc}") from exc
         model = _with_adapters(config, directory, device, dtype)
-        _load_state(model, load_file(directory / MODULES_NAME), directory)
+        try:
+            state = load_file(directory / MODULES_NAME)
+        except Exception as exc:  # a truncated or foreign file
+            raise CheckpointError(
+                f"{directory / MODULES_NAME} cannot be read ({type(exc).__name__}: {exc})"
+            ) from exc
+        _load_state(model, state, directory / MODULES_NAME)
         return model
     if (directory / OFFICIAL_CONFIG).exists() and (directory / OFFICIAL_WEIGHTS).exists():
         return import_official(directory, device=device, dtype=dtype, **overrides)
@@ -173,43 +353,231 @@ def load_compressor(
     )
 
 
-def official_config(raw: dict, **overrides: object) -> CompressorConfig:
-    """Translate the paper's ``config.json`` into a `CompressorConfig`.
+# ---------------------------------------------------------------------- the paper's semantics
+def official_select_ratio(
+    y: float,
+    scale: float,
+    ratios: list[float],
+    mode: QuantizeMode,
+    space: CompareSpace,
+    dtype: torch.dtype,
+) -> float:
+    """The ratio the paper's code picks for a head output ``y`` (``log2`` ratio) and ``scale``.
 
-    Ratios there are fractions (0.125 = 8x) and lengths are integers; windows are end-aligned
-    because that is how those weights were trained.
+    Computed as that code does, in ``dtype`` (the head's; bf16 in its evaluation): ``y + scale``,
+    then ``2 ** (y + scale)`` against the ratios (``linear``) or ``y + scale`` against their
+    ``log2`` (``log2``). ``round``: nearest, ties to the first of ``ratios`` in order.
+    ``ceil``/``floor``: the nearest candidate strictly above/below; when there is none, the
+    smallest (``ceil``) or largest (``floor``) ratio. Raises ``ValueError`` for a non-finite ``y``
+    (a checkpoint without a ratio head).
     """
-    method = raw.get("feature_extract_method", "mean_pooling")
-    if method not in _BACKBONES:
-        raise CheckpointError(f"unknown feature_extract_method {method!r}")
-    backbone, bidirectional = _BACKBONES[method]
-    values = raw.get("comp_ratio_or_len")
+    if not math.isfinite(y):
+        raise ValueError(
+            f"the ratio head gave {y!r}: this checkpoint has no trained ratio head; "
+            "pass ratio= or use a fixed mode"
+        )
+    pred = torch.tensor([y], dtype=dtype) + scale
+    if space == "log2":
+        target = pred
+        cand = torch.tensor([math.log2(r) for r in ratios], dtype=dtype)
+    else:
+        target = torch.pow(2.0, pred)
+        cand = torch.tensor(list(ratios), dtype=dtype)
+    diff = target - cand
+    inf = torch.full_like(diff, float("inf"))
+    if mode == "round":
+        index = diff.abs().argmin()
+    elif mode in ("ceil", "floor"):
+        side = diff < 0 if mode == "ceil" else diff > 0
+        pick = torch.where(side, diff.abs(), inf)
+        if bool(torch.isinf(pick).all()):
+            index = diff.argmax() if mode == "ceil" else diff.argmin()
+        else:
+            index = pick.argmin()
+    else:
+        raise ValueError(f"unknown quantize mode {mode!r}; expected round, ceil or floor")
+    return float(ratios[int(index)])
+
+
+def official_select_length(
+    y: float, length: int, scale: float, lengths: list[int], dtype: torch.dtype
+) -> int:
+    """The latent count the paper's code picks for token backbones: ``int(L * 2 ** -(y + scale))``
+    (the fraction clamped to ``(0, 1]``, computed in ``dtype``), then the nearest of ``lengths``
+    (ties to the first in order), at most ``L``. ``length`` counts the ``<eos>``."""
+    if not math.isfinite(y):
+        raise ValueError(f"the ratio head gave {y!r}: this checkpoint has no trained ratio head")
+    pred = torch.tensor([y], dtype=dtype) + scale
+    fraction = torch.pow(2.0, -pred).clamp(min=1e-9, max=1.0)
+    raw = (torch.tensor([float(length)]) * fraction).long()
+    index = (raw - torch.tensor(list(lengths))).abs().argmin()
+    return max(1, min(int(lengths[int(index)]), length))
+
+
+def _ratio_values(raw: dict, path: Path) -> list[float | int]:
+    values = raw.get("comp_ratio_or_len", raw.get("num_doc_tokens"))
     values = values if isinstance(values, list) else [values]
+    if not values or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values
+    ):
+        raise CheckpointError(
+            f"{path}: comp_ratio_or_len must be positive numbers (ratios in (0, 1] or latent "
+            f"counts), got {raw.get('comp_ratio_or_len')!r}"
+        )
+    return values
+
+
+def official_config(
+    raw: dict, *, has_head: bool = True, source: Path | None = None, **overrides: object
+) -> CompressorConfig:
+    """Translate the paper's ``config.json`` into a `CompressorConfig` with its inference semantics.
+
+    Ratios there are fractions (0.125 = 8x) kept in their order; latent counts are integers. The
+    result pools the context and its ``<eos>`` (``pool_eos``), start-aligned when the head picks
+    the ratio and end-aligned when it is fixed (``fixed_ratio_alignment``), keeps the encoder
+    tokenizer's special tokens, discretises as that code does (``selector_semantics``), gates the
+    converter on its raw input and keeps LoRA in float32. Several ratios without a ratio head
+    (``has_head=False``: a multi-ratio static checkpoint) give ``multi_ratio`` mode. Raises
+    `CheckpointError` naming ``source`` for a field that is missing or wrong.
+    """
+    path = source or Path(OFFICIAL_CONFIG)
+    method = raw.get("feature_extract_method", raw.get("compress_method", "mean_pooling"))
+    method = _ALIASES.get(method, method)
+    if method not in _BACKBONES:
+        raise CheckpointError(f"{path}: unknown feature_extract_method {method!r}")
+    backbone, bidirectional = _BACKBONES[method]
+    encoder = raw.get("base_encoder_model_path", raw.get("base_embed_model_path"))
+    decoder = raw.get("base_decoder_model_path", raw.get("base_gen_model_path"))
+    if not isinstance(encoder, str) or not encoder:
+        raise CheckpointError(f"{path} names no base_encoder_model_path")
+    values = _ratio_values(raw, path)
     fields: dict[str, object] = {
-        "encoder_model": raw["base_encoder_model_path"],
-        "decoder_model": raw.get("base_decoder_model_path"),
+        "encoder_model": encoder,
+        # one base named twice is one shared base: an encoder_model override then moves both
+        "decoder_model": None if decoder in (None, encoder) else decoder,
         "backbone": backbone,
         "bidirectional": bidirectional,
-        "pooling_alignment": "end",
+        "pooling_alignment": "start",
+        "fixed_ratio_alignment": "end",
+        "pool_eos": True,
+        "keep_special_tokens": True,
+        "selector_semantics": "official",
+        "converter_gate_input": "raw",
+        "lora_float32": True,
         "quantize": raw.get("discretize_ratio_mode", "round"),
         "compare_space": "log2" if raw.get("discretize_compare_in_log") else "linear",
-        "converter_hidden": raw.get("mlp_converter_hidden_dim", 4096),
+        "converter_hidden": raw.get("mlp_converter_hidden_dim", raw.get("mlp_hidden_dim", 4096)),
     }
-    if all(0 < v < 1 for v in values):
-        fields["ratios"] = sorted(round(1 / v) for v in values)
-        fields["fixed_ratio"] = fields["ratios"][0]
-        dynamic = len(values) > 1
-        fields["mode"] = "semi_dynamic" if dynamic else "fixed_ratio"
-        if backbone != "mean_pooling":
-            fields["mode"] = "fixed_ratio" if not dynamic else "multi_ratio"
+    several = len(values) > 1
+    if backbone == "mean_pooling":
+        if not all(0 < v <= 1 for v in values):
+            raise CheckpointError(
+                f"{path}: {method} takes ratios in (0, 1] as comp_ratio_or_len, got {values}"
+            )
+        fields["ratios"] = [1.0 / v for v in values]
+        if several and has_head:
+            fields["mode"] = "semi_dynamic"
+            fields["fixed_ratio"] = min(fields["ratios"])
+        else:
+            fields["mode"] = "multi_ratio" if several else "fixed_ratio"
+            fields["fixed_ratio"] = min(fields["ratios"])
     else:
-        fields["lengths"] = sorted(int(v) for v in values)
-        fields["fixed_length"] = fields["lengths"][0]
-        fields["mode"] = "semi_dynamic" if len(values) > 1 else "fixed_length"
-    if backbone == "compression_tokens":
-        fields["num_memory_tokens"] = max(fields.get("lengths", [1]))
+        if not all(isinstance(v, int) for v in values):
+            raise CheckpointError(
+                f"{path}: {method} takes latent counts (ints) as comp_ratio_or_len, got {values}"
+            )
+        fields["lengths"] = list(values)
+        fields["fixed_length"] = max(values) if several else values[0]
+        fields["mode"] = "semi_dynamic" if several and has_head else "fixed_length"
+        if backbone == "compression_tokens":
+            fields["num_memory_tokens"] = max(values)
     fields.update(overrides)
-    return CompressorConfig.model_validate(fields)
+    try:
+        return CompressorConfig.model_validate(fields)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def _split_projector(weights: Any, path: Path) -> tuple[dict, dict | None]:
+    """Converter and ratio-head state dicts from ``projector.pth`` in any of its saved forms:
+    ``{"projector": ..., "compress_ratio_head": ...}`` (semi-dynamic), the flat converter state
+    dict (fixed ratio), or converter keys prefixed ``projector.``."""
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path} holds a {type(weights).__name__}, not a state dict")
+    if "projector" in weights:
+        projector = weights["projector"]
+        head = weights.get("compress_ratio_head")
+        extra = sorted(set(weights) - {"projector", "compress_ratio_head"})
+    elif any(str(k).startswith("projector.") for k in weights):
+        projector = {
+            k[len("projector.") :]: v for k, v in weights.items() if k.startswith("projector.")
+        }
+        head = {
+            k[len("compress_ratio_head.") :]: v
+            for k, v in weights.items()
+            if k.startswith("compress_ratio_head.")
+        } or None
+        extra = sorted(
+            k for k in weights if not k.startswith(("projector.", "compress_ratio_head."))
+        )
+    else:
+        projector, head, extra = weights, None, []
+    if extra:
+        raise CheckpointError(f"{path}: unexpected entries {extra}")
+    for part, name in ((projector, "projector"), (head, "compress_ratio_head")):
+        if part is not None and not isinstance(part, dict):
+            raise CheckpointError(f"{path}: {name} is a {type(part).__name__}, not a state dict")
+    return projector, head
+
+
+def _memory_rows(
+    raw: dict, directory: Path, model: SemiDynamicCompressor, method: str
+) -> torch.Tensor:
+    """The compression-token embeddings the paper's code appends: vocabulary rows from
+    ``memory_token_begin_id`` (one row repeated, or consecutive rows), with the trained rows of
+    ``memory_token_embedding.pth`` written over the base's."""
+    count = model.config.memory_tokens
+    begin = raw.get("memory_token_begin_id", 151000)
+    table = model.encoder.get_input_embeddings().weight.detach().clone()
+    distinct = method == "different_memory_tokens"
+    valid = isinstance(begin, int) and not isinstance(begin, bool) and begin >= 0
+    wanted = list(range(begin, begin + count)) if valid and distinct else [begin]
+    if not valid or wanted[-1] >= table.shape[0]:
+        raise CheckpointError(
+            f"{directory / OFFICIAL_CONFIG}: memory_token_begin_id {begin!r} with {len(wanted)} "
+            f"memory tokens lies outside the encoder's vocabulary of {table.shape[0]}"
+        )
+    path = directory / OFFICIAL_MEMORY
+    if path.exists():
+        state = _read_pth(path)
+        if not isinstance(state, dict) or set(state) != {"indices", "weight"}:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(f"{path}: expected keys ['indices', 'weight'], found {keys}")
+        indices, weight = state["indices"], state["weight"]
+        indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+        missing = sorted(set(wanted) - set(indices))
+        unexpected = sorted(set(indices) - set(wanted))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path}: token rows missing {missing or 'none'}, unexpected "
+                f"{unexpected or 'none'} (expected rows {wanted[0]}..{wanted[-1]})"
+            )
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (
+            len(indices),
+            table.shape[1],
+        ):
+            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight)
+            raise CheckpointError(
+                f"{path}: weight has shape {shape}, expected {(len(indices), table.shape[1])}"
+            )
+        table[indices] = weight.to(device=table.device, dtype=table.dtype)
+    elif raw.get("encoder_training", "none") != "none":
+        raise CheckpointError(
+            f"checkpoint {directory} is missing {OFFICIAL_MEMORY}: its encoder was trained "
+            f"({raw.get('encoder_training')!r}), so its memory-token rows were saved there"
+        )
+    rows = wanted if distinct else [begin] * count
+    return table[rows]
 
 
 def import_official(
@@ -219,28 +587,41 @@ def import_official(
     dtype: torch.dtype | None = None,
     **overrides: object,
 ) -> SemiDynamicCompressor:
-    """Run the paper's released weights through our API (no research code, no unpickling)."""
+    """Run the paper's released weights through our API as its inference code does.
+
+    No research code runs and nothing is unpickled beyond tensors. The model pools the context
+    with its ``<eos>``, keeps the encoder tokenizer's special tokens and discretises as the
+    paper's code (see `official_config`); ``overrides`` replace any config field. Raises
+    `CheckpointError` naming the file for anything missing, damaged or not loaded.
+    """
     directory = Path(directory)
     _require(directory, OFFICIAL_CONFIG, OFFICIAL_WEIGHTS)
-    raw = json.loads((directory / OFFICIAL_CONFIG).read_text())
-    weights = torch.load(directory / OFFICIAL_WEIGHTS, map_location="cpu", weights_only=True)
-    projector = weights["projector"]
+    raw = _read_json(directory / OFFICIAL_CONFIG)
+    path = directory / OFFICIAL_WEIGHTS
+    projector, head = _split_projector(_read_pth(path), path)
     overrides.setdefault("converter_gated", "gate_proj.weight" in projector)
-    config = official_config(raw, **overrides)
+    config = official_config(
+        raw, has_head=head is not None, source=directory / OFFICIAL_CONFIG, **overrides
+    )
+    for name in ("encoder_training", "decoder_training"):
+        if raw.get(name, "lora") != "lora":
+            raise CheckpointError(
+                f"{directory / OFFICIAL_CONFIG}: {name}={raw.get(name)!r}; only LoRA-trained "
+                "encoders and decoders can be imported (a fully trained one is a new base model)"
+            )
     model = _with_adapters(config, directory, device, dtype)
     state = {f"converter.{k}": v for k, v in projector.items()}
-    head = weights.get("compress_ratio_head")
-    # fixed-ratio releases ship no ratio head; the fresh one is then never consulted
-    head = head or model.ratio_head.state_dict()
-    state.update({f"ratio_head.{k}": v for k, v in head.items()})
+    if head is not None:
+        state.update({f"ratio_head.{k}": v for k, v in head.items()})
+    else:
+        # No ratio head was trained: NaN marks it, so a mode that would consult it fails loudly
+        # (the selector refuses a non-finite prediction) instead of following random weights.
+        state["ratio_head.weight"] = torch.zeros_like(model.ratio_head.weight)
+        state["ratio_head.bias"] = torch.full_like(model.ratio_head.bias, float("nan"))
     if model.memory is not None:
-        begin = int(raw["memory_token_begin_id"])
-        table = model.encoder.get_input_embeddings().weight.detach()
-        rows = [begin] * config.memory_tokens
-        if raw.get("feature_extract_method") == "different_memory_tokens":
-            rows = list(range(begin, begin + config.memory_tokens))
-        state["memory"] = table[rows].clone()
-    _load_state(model, state, directory)
+        method = _ALIASES.get(raw.get("feature_extract_method"), raw.get("feature_extract_method"))
+        state["memory"] = _memory_rows(raw, directory, model, method)
+    _load_state(model, state, path)
     logger.info(
         "imported the paper's checkpoint %s as %s/%s", directory, config.backbone, config.mode
     )
@@ -261,6 +642,10 @@ def fingerprint(model: SemiDynamicCompressor) -> str:
         base = peft_model.get_base_model()
         base_config = base.config.to_dict()
         base_config.pop("_name_or_path", None)
+        # a GGUF base loads from its converted cache copy or (no writable cache) from the file
+        # itself, with the same weights: only the latter carries the GGUF quantization_config
+        if (base_config.get("quantization_config") or {}).get("quant_method") == "gguf":
+            base_config.pop("quantization_config")
         digest.update(json.dumps(base_config, sort_keys=True, default=str).encode())
         tensors[f"{role}.embed_tokens"] = base.get_input_embeddings().weight.detach().cpu()
     for name, param in model.named_parameters():

@@ -242,15 +242,24 @@ class SemiDynamicCompressor(nn.Module):
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
         **config_overrides: object,
     ) -> SemiDynamicCompressor:
         """Load a saved compressor: a local directory, a hub id, or ``None`` for the bundled default.
 
         Our own layout and the paper's released layout (``projector.pth``) are both recognised.
+        Code shipped with a base model runs only with ``trust_remote_code=True`` given here; the
+        flag saved in a checkpoint's config is ignored.
         """
         from .checkpoint import load_compressor
 
-        return load_compressor(name_or_path, device=device, dtype=dtype, **config_overrides)
+        return load_compressor(
+            name_or_path,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            **config_overrides,
+        )
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config JSON, the two LoRA adapters and our own tensors (safetensors only)."""
