@@ -190,7 +190,9 @@ class SemiDynamicCompressor(nn.Module):
                 raise ValueError(f"{name} {value} > the encoder's {layers} layers")
         d_dec = decoder.get_base_model().config.hidden_size
         self.ratio_head = nn.Linear(d_enc, 1)
-        self.converter = Converter(d_enc, d_dec, config.converter_hidden, config.converter_gated)
+        self.converter = Converter(
+            d_enc, d_dec, config.converter_hidden, config.converter_gated, config.converter_gate_input
+        )
         self.memory = (
             nn.Parameter(torch.randn(config.memory_tokens, d_enc) * 0.02)
             if config.backbone == "compression_tokens"
@@ -200,6 +202,10 @@ class SemiDynamicCompressor(nn.Module):
         self._fingerprint: str | None = None
         dtype = encoder.get_base_model().dtype
         self.to(device=encoder.get_base_model().device, dtype=dtype)
+        if config.lora_float32:  # PEFT computes a float32 LoRA on a bf16 base in float32
+            for name, param in self.named_parameters():
+                if "lora_" in name:
+                    param.data = param.data.float()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -308,11 +314,22 @@ class SemiDynamicCompressor(nn.Module):
 
     # ------------------------------------------------------------------ encoder
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encoder token ids per text, without special tokens; empty texts are rejected."""
+        """Encoder token ids per text, never ending in ``<eos>`` (the encoder appends it).
+
+        Without special tokens unless ``config.keep_special_tokens``: then the tokenizer's own
+        (a bos, an embedding tokenizer's ``<|endoftext|>``) stay, and a trailing ``<eos>`` is
+        dropped so that the encoder's appended one is not doubled. Raises ``ValueError`` for an
+        empty text.
+        """
         for i, text in enumerate(texts):
             if not text or not text.strip():
                 raise ValueError(f"text {i} is empty; there is nothing to compress")
-        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        keep = self.config.keep_special_tokens
+        ids = self.tokenizer(list(texts), add_special_tokens=keep)["input_ids"]
+        if keep:
+            eos = self.tokenizer.eos_token_id
+            ids = [row[:-1] if row and row[-1] == eos else row for row in ids]
+        return ids
 
     def encode(self, contexts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One batched encoder pass: hidden states ``[B, T, d]`` and ratio predictions ``[B]``.
@@ -380,40 +397,71 @@ class SemiDynamicCompressor(nn.Module):
         """The structural parameter for one segment: pooling window, or latent count for tokens.
 
         An explicit ``ratio`` (multi-ratio use) overrides the mode and must be a trained candidate.
+        With ``config.pool_eos`` the appended ``<eos>`` counts as a position (``num_tokens + 1``);
+        ``config.selector_semantics`` picks our discretisation or the paper code's.
         """
         cfg = self.config
         if ratio is not None:
             selector.check_ratio(ratio, cfg.ratios)
         mean = cfg.backbone == "mean_pooling"
+        length = num_tokens + 1 if cfg.pool_eos else num_tokens
+        official = cfg.selector_semantics == "official"
+        if official:
+            from .checkpoint import official_select_length, official_select_ratio
         if ratio is None and cfg.mode in ("fixed_ratio", "multi_ratio"):
             ratio = cfg.fixed_ratio
         if ratio is None and cfg.mode == "semi_dynamic" and mean:
-            ratio = selector.select_ratio(y, scale, cfg.ratios, cfg.quantize, cfg.compare_space)
+            if official:
+                ratio = official_select_ratio(
+                    y, scale, cfg.ratios, cfg.quantize, cfg.compare_space, self.dtype
+                )
+            else:
+                ratio = selector.select_ratio(
+                    y, scale, cfg.ratios, cfg.quantize, cfg.compare_space
+                )
         if ratio is None and cfg.mode == "fully_dynamic":
             ratio = max(1.0, selector.continuous_ratio(y, scale))
         if ratio is not None:
             window = max(1, round(ratio))
-            count = math.ceil(num_tokens / window)
+            count = math.ceil(length / window)
         elif cfg.mode == "fixed_length":
             count = cfg.fixed_length
-            window = pooling.window_for_length(num_tokens, count)
+            window = pooling.window_for_length(length, count)
+        elif official:  # semi-dynamic on a token backbone, as the paper's code chooses lengths
+            count = official_select_length(y, length, scale, cfg.lengths, self.dtype)
+            window = 0
         else:  # semi-dynamic on a token backbone: length-based DRS (Eq. 4-5)
             count = selector.select_length(
-                y, num_tokens, scale, cfg.lengths, cfg.quantize, cfg.compare_space
+                y, length, scale, cfg.lengths, cfg.quantize, cfg.compare_space
             )
             window = 0
         if mean:
             return window
-        limit = num_tokens if cfg.backbone == "last_tokens" else cfg.memory_tokens
+        limit = length if cfg.backbone == "last_tokens" else cfg.memory_tokens
+        if official:
+            limit = min(limit, length)
         return max(1, min(count, limit))
 
-    def extract(self, hidden: torch.Tensor, num_tokens: int, param: int) -> torch.Tensor:
-        """Apply the backbone to one row of encoder states (``param`` from :meth:`structure`)."""
+    def extract(
+        self, hidden: torch.Tensor, num_tokens: int, param: int, ratio: float | None = None
+    ) -> torch.Tensor:
+        """Apply the backbone to one row of encoder states ``[T, d]`` (``param`` from
+        :meth:`structure`, ``ratio`` the explicit one passed to it); returns ``[M, d]``.
+
+        The row is ``context + <eos>`` (+ memory tokens); with ``config.pool_eos`` the ``<eos>`` at
+        position ``num_tokens`` is pooled with the context. A ratio that the head did not choose
+        (fixed modes, explicit ``ratio``) uses ``config.fixed_ratio_alignment`` when it is set.
+        """
         cfg = self.config
+        length = num_tokens + 1 if cfg.pool_eos else num_tokens
         if cfg.backbone == "mean_pooling":
-            return pooling.mean_pool(hidden[:num_tokens], param, cfg.pooling_alignment)
+            fixed = ratio is not None or cfg.mode in ("fixed_ratio", "multi_ratio")
+            align = cfg.pooling_alignment
+            if fixed and cfg.fixed_ratio_alignment is not None:
+                align = cfg.fixed_ratio_alignment
+            return pooling.mean_pool(hidden[:length], param, align)
         if cfg.backbone == "last_tokens":
-            return pooling.last_tokens(hidden[:num_tokens], param)
+            return pooling.last_tokens(hidden[:length], param)
         start = num_tokens + 1
         return hidden[start : start + param]
 
@@ -465,7 +513,7 @@ class SemiDynamicCompressor(nn.Module):
             for row, i in enumerate(batch):
                 n = len(segments[i])
                 param = self.structure(ys[row], n, scale, ratio)
-                pooled.append(self.extract(hidden[row], n, param))
+                pooled.append(self.extract(hidden[row], n, param, ratio))
                 chosen = param if self.config.backbone == "mean_pooling" else n / param
                 params[i] = (float(chosen), ys[row])
             # One converter call per encoder batch: the token backbones' features are views of
@@ -697,7 +745,7 @@ class SemiDynamicCompressor(nn.Module):
             for row, (ctx, label) in enumerate(zip(contexts, labels.tolist(), strict=True)):
                 guide = label if math.isfinite(label) else float(y_hat[row].detach())
                 structure = self.structure(guide, len(ctx), 0.0, ratio)
-                pooled.append(self.extract(hidden[row], len(ctx), structure))
+                pooled.append(self.extract(hidden[row], len(ctx), structure, ratio))
             latents = iter(self.converter(torch.cat(pooled)).split([p.shape[0] for p in pooled]))
         prompts = [
             LatentPrompt(

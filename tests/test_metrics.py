@@ -191,6 +191,24 @@ def test_eval_record_validation_and_explicit_correct() -> None:
         _record(0, "a", ["a"], 10, 1, [0.0])
 
 
+def test_latency_is_the_mean_over_records_that_carry_one() -> None:
+    timed = [
+        EvalRecord(
+            id=str(i), prediction="a", answers=["a"], num_tokens=8, num_latents=2, latency_s=t
+        )
+        for i, t in enumerate([0.2, None, 0.4])
+    ]
+    assert summarize(timed).latency_s == pytest.approx(0.3)
+    assert summarize(timed[1:2]).latency_s is None
+    # records written before latencies were kept still load, without one
+    legacy = (
+        '{"id":"x","prediction":"a","answers":["a"],"correct":true,"num_tokens":4,"num_latents":1}'
+    )
+    assert EvalRecord.model_validate_json(legacy).latency_s is None
+    with pytest.raises(ValidationError):
+        EvalRecord(id="x", prediction="", answers=[], num_tokens=1, num_latents=1, latency_s=-1)
+
+
 def test_pareto_front_by_hand() -> None:
     points = [(2.0, 0.80), (4.0, 0.78), (4.0, 0.70), (8.0, 0.60), (6.0, 0.55), (8.0, 0.60)]
     assert pareto_front(points) == [(2.0, 0.80), (4.0, 0.78), (8.0, 0.60)]
