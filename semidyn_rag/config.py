@@ -65,9 +65,34 @@ class CompressorConfig(BaseModel):
     fraction of a full forward pass."""
     num_memory_tokens: int | None = None
     """Learnable compression tokens appended to the context; default ``max(lengths)``."""
+    pool_eos: bool = False
+    """Backbones read the appended ``<eos>`` as a context position: mean pooling covers ``n + 1``
+    states (``ceil((n + 1) / r)`` latents), ``last_tokens`` ends at the ``<eos>``, length choices
+    count ``n + 1``. The paper's code does this; our own checkpoints pool the ``n`` context states."""
+    fixed_ratio_alignment: Alignment | None = None
+    """Window alignment when the ratio is fixed instead of chosen by the head (``fixed_ratio`` and
+    ``multi_ratio`` modes, an explicit ``ratio=``); ``None``: ``pooling_alignment``. The paper's
+    code pools a fixed ratio end-aligned (zero-padded in front) and a head-chosen one start-aligned."""
+    keep_special_tokens: bool = False
+    """Encoder tokenization keeps the tokenizer's special tokens (a bos, or the ``<|endoftext|>``
+    an embedding tokenizer appends); a trailing ``<eos>`` is not doubled by the encoder's own."""
+    selector_semantics: Literal["ours", "official"] = "ours"
+    """How the ratio/length selector discretises. ``ours``: in float64; ``ceil``/``floor`` accept
+    an exact candidate and clamp to the set's ends; ``round`` ties go to the smaller candidate.
+    ``official`` (the paper's code): in the ratio head's dtype (bf16 when loaded in bf16);
+    ``ceil``/``floor`` take the nearest candidate strictly above/below and, outside the set, the
+    smallest/largest ratio; ``round`` ties go to the first candidate in ``ratios`` order; the
+    length selector truncates ``L / r`` to an int and takes the nearest length whatever
+    ``quantize`` says."""
+    lora_float32: bool = False
+    """Keep LoRA weights in float32 when the base runs in lower precision (PEFT's default, and the
+    paper's evaluation); ``False`` casts them with the base."""
 
     converter_hidden: int = 4096
     converter_gated: bool = False
+    converter_gate_input: Literal["normed", "raw"] = "normed"
+    """What the gate projection of a gated converter reads: the RMS-normed features (ours) or the
+    raw pooled features (the paper's code; its up-projection reads the normed ones)."""
     encoder_lora: LoraSettings = Field(default_factory=lambda: LoraSettings(alpha=128))
     decoder_lora: LoraSettings = Field(default_factory=lambda: LoraSettings(alpha=64))
 

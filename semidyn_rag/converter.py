@@ -24,15 +24,26 @@ class RMSNorm(nn.Module):
 class Converter(nn.Module):
     """RMSNorm → up-projection → GELU → down-projection (optionally gated: ``GELU(gate) * up``).
 
+    ``gate_input`` says what the gate reads: the normed features (``"normed"``) or the raw input
+    (``"raw"``, as the paper's gated converter does); the up-projection always reads the normed ones.
+
     The norm matters because pooled encoder states have a different scale from the decoder's token
     embeddings; parameter names (``rms_norm``, ``up_proj``, ``gate_proj``, ``down_proj``) follow the
     paper's released ``projector.pth`` so its weights load without renaming.
     """
 
     def __init__(
-        self, in_dim: int, out_dim: int, hidden_dim: int = 4096, gated: bool = False
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 4096,
+        gated: bool = False,
+        gate_input: str = "normed",
     ) -> None:
         super().__init__()
+        if gate_input not in ("normed", "raw"):
+            raise ValueError(f"gate_input must be 'normed' or 'raw', got {gate_input!r}")
+        self.gate_input = gate_input
         self.rms_norm = RMSNorm(in_dim)
         self.up_proj = nn.Linear(in_dim, hidden_dim, bias=False)
         self.gate_proj = nn.Linear(in_dim, hidden_dim, bias=False) if gated else None
@@ -56,9 +67,10 @@ class Converter(nn.Module):
         weight.mul_(target_rms / out.pow(2).mean().sqrt().clamp_min(1e-12))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.rms_norm(x)
+        raw, x = x, self.rms_norm(x)
         if self.gate_proj is None:
             h = self.act(self.up_proj(x))
         else:
-            h = self.act(self.gate_proj(x)) * self.up_proj(x)
+            gate_in = raw if self.gate_input == "raw" else x
+            h = self.act(self.gate_proj(gate_in)) * self.up_proj(x)
         return self.down_proj(h)
