@@ -23,7 +23,8 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,15 +41,17 @@ from .precompress import (
     Chunk,
     PrecompressConfig,
     PrecompressReport,
+    RowError,
     Throughput,
-    embed_chunks,
+    WorkPlan,
     exclusive_writer,
+    finish_run,
     open_store,
     plan_batches,
-    plan_work,
+    prepare_work,
     segment_count,
 )
-from .store import DTYPES, Embedder, LatentStore, text_hash
+from .store import DTYPES, Embedder, LatentStore, atomic_write, text_hash
 from .types import CompressedContext
 
 if TYPE_CHECKING:
@@ -94,9 +97,33 @@ class RayConfig(BaseModel):
 
 
 @contextlib.contextmanager
+def exit_on_signals(signals: Sequence[int] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+    """While the body runs, ``signals`` raise ``SystemExit`` so that ``finally`` blocks run.
+
+    Python's default for SIGTERM and SIGHUP ends the process without unwinding: a driver stopped
+    by ``kill`` or a closed terminal would leave the Ray processes it started. Only the main thread
+    can own signal handlers; elsewhere (and for SIGKILL, which nothing catches) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
 def ray_session(config: RayConfig) -> Iterator[Any]:
     """A Ray runtime for the job: joins one that is already up (and leaves it running), joins
-    ``config.address``, or starts a local instance on loopback that is shut down afterwards."""
+    ``config.address``, or starts a local instance on loopback that is shut down afterwards,
+    also when the driver is stopped by SIGTERM or SIGHUP (see :func:`exit_on_signals`)."""
     for name, value in LOOPBACK_ENV.items():
         os.environ.setdefault(name, value)
     if not config.address:  # our own instance: loopback whatever the environment says
@@ -109,23 +136,24 @@ def ray_session(config: RayConfig) -> Iterator[Any]:
         return
     if not config.address:  # ray may have been imported before the variable was set
         ray_constants.ENABLE_RAY_CLUSTER = False
-    if config.address:
-        ray.init(address=config.address, logging_level=logging.WARNING)
-    else:
-        num_cpus = config.num_cpus or math.ceil(config.workers * config.cpus_per_worker)
-        Path(config.temp_dir).mkdir(parents=True, exist_ok=True)
-        ray.init(
-            address="local",  # never attach to another user's cluster found in /tmp/ray
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            object_store_memory=config.object_store_mb * 2**20,
-            _temp_dir=config.temp_dir,
-            logging_level=logging.WARNING,
-        )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    with exit_on_signals():
+        try:
+            if config.address:
+                ray.init(address=config.address, logging_level=logging.WARNING)
+            else:
+                num_cpus = config.num_cpus or math.ceil(config.workers * config.cpus_per_worker)
+                Path(config.temp_dir).mkdir(parents=True, exist_ok=True)
+                ray.init(
+                    address="local",  # never attach to another user's cluster found in /tmp/ray
+                    num_cpus=num_cpus,
+                    include_dashboard=False,
+                    object_store_memory=config.object_store_mb * 2**20,
+                    _temp_dir=config.temp_dir,
+                    logging_level=logging.WARNING,
+                )
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 # --- shards -------------------------------------------------------------------------------------
@@ -186,19 +214,20 @@ def write_shard(
     ).replace_schema_metadata({FINGERPRINT_META: fingerprint.encode()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: pq.write_table(table, handle))
 
 
 def read_shard(path: str | Path) -> tuple[str, list[tuple[str, str, str, CompressedContext]]]:
-    """A shard's fingerprint and its ``(key, text_hash, policy, context)`` entries."""
+    """A shard's fingerprint and its ``(key, text_hash, policy, context)`` entries.
+
+    Raises ``ValueError`` naming the file when it is not a readable shard."""
+    try:
+        return _read_shard(path)
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+        raise ValueError(f"{path} is not a readable latent shard: {exc}") from exc
+
+
+def _read_shard(path: str | Path) -> tuple[str, list[tuple[str, str, str, CompressedContext]]]:
     table = pq.read_table(path)
     meta = table.schema.metadata or {}
     fingerprint = meta.get(FINGERPRINT_META, b"").decode()
@@ -330,8 +359,12 @@ def precompress_ray(
     model: SemiDynamicCompressor | None = None,
     embed: Embedder | None = None,
     store_dtype: str = "float16",
+    input_errors: Sequence[RowError] = (),
 ) -> PrecompressReport:
     """`semidyn_rag.precompress.precompress` with the encoder work spread over Ray actors.
+
+    The same plan (inputs with errors skipped and reported), the same sync by document and the
+    same vector index as the local job.
 
     ``compressor`` is what every actor passes to ``from_pretrained`` (a path all nodes can read, a
     hub id, or ``None`` for the bundled default). The driver needs the same model for the
@@ -352,17 +385,15 @@ def precompress_ray(
             if old:
                 written, _ = merge_shards(store, old)
                 logger.info("merged %d entries from %d shards of an earlier run", written, len(old))
-            plan = plan_work(chunks, store, config.policy)
+            plan = prepare_work(model, chunks, store, config, input_errors)
             logger.info(
                 "%d chunks, %d distinct texts, %d already stored, %d to compress on Ray",
-                len(chunks), plan.unique, plan.skipped, len(plan.todo),
+                len(plan.keys), plan.unique, plan.skipped, len(plan.todo),
             )  # fmt: skip
             tokens = latents = 0
             if plan.todo:
-                tokens, latents = _run_ray(
-                    compressor, model, store, plan.todo, shard_dir, config, ray_config
-                )
-            embedded = embed_chunks(store, chunks, embed, config) if embed is not None else 0
+                tokens, latents = _run_ray(compressor, store, plan, shard_dir, config, ray_config)
+            sync, embedded, unembedded = finish_run(store, plan, embed, config)
         report = plan.report(
             store,
             tokens=tokens,
@@ -370,6 +401,8 @@ def precompress_ray(
             embedded=embedded,
             start=start,
             backend=f"ray ({ray_config.workers} workers)",
+            sync=sync,
+            unembedded=unembedded,
         )
     finally:
         if owned:
@@ -383,16 +416,17 @@ def precompress_ray(
 
 def _run_ray(
     compressor: str | Path | None,
-    model: SemiDynamicCompressor,
     store: LatentStore,
-    todo: dict[str, str],
+    plan: WorkPlan,
     shard_dir: Path,
     config: PrecompressConfig,
     ray_config: RayConfig,
 ) -> tuple[int, int]:
-    """Dispatch ``todo`` (tokenized once here, longest first) and merge shards as they finish."""
+    """Dispatch ``plan.todo`` (tokenized once by the plan, longest first) and merge shards as
+    they finish."""
+    todo = plan.todo
     keys = list(todo)
-    token_lists = model.tokenize([todo[k] for k in keys])
+    token_lists = [plan.tokens[k] for k in keys]
     order = sorted(range(len(keys)), key=lambda i: -len(token_lists[i]))
     items = [
         {"key": keys[i], "text_hash": text_hash(todo[keys[i]]), "ids": token_lists[i]}

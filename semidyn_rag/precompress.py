@@ -18,13 +18,12 @@ compression pay off in RAG, so this job is built to run for hours and be interru
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
-import os
-import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +37,11 @@ from .store import (
     DTYPES,
     Embedder,
     LatentStore,
+    ManifestRow,
     Metric,
     StoreMismatchError,
+    SyncPlan,
+    atomic_write,
     policy_key,
     text_hash,
 )
@@ -54,6 +56,52 @@ logger = logging.getLogger(__name__)
 
 TEXT_FIELDS = ("text", "content", "context")
 TEXT_SUFFIXES = (".txt", ".md")
+MAX_SHOWN_ERRORS = 20  # input errors listed one by one in a report; the rest are counted
+
+
+class CorpusError(ValueError):
+    """The corpus as a whole cannot be used (no readable document, an unknown format)."""
+
+
+class CorpusRowError(ValueError):
+    """One row, file or chunk of the corpus is unusable; the message names it and the problem.
+
+    ``read_corpus`` raises it, or collects it and skips the row when given a ``skipped`` list
+    (what ``semidyn precompress`` does: per-row errors are counted and reported, not fatal).
+    """
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"{where}: {problem}")
+        self.where = where
+        self.problem = problem
+
+
+class ChunkTooLongError(CorpusRowError):
+    """A chunk gives more latents than the decoder has positions: it could never be read."""
+
+
+@dataclass(frozen=True)
+class RowError:
+    """One skipped input: where it is (``file:line``, ``file row N``, a chunk id) and why."""
+
+    where: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.problem}"
+
+
+def check_text(text: str, where: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate, e.g. from a JSON ``\\ud800``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise CorpusRowError(
+            where,
+            f"the text has a lone surrogate {text[exc.start]!r} at character "
+            f"{exc.start}, which is not valid Unicode (often half of an emoji escaped in JSON); "
+            "fix the source text",
+        ) from None
 
 
 # --- documents and chunks ---------------------------------------------------------------------
@@ -107,9 +155,10 @@ def _row_document(
 ) -> Document | None:
     text = next((row[k] for k in text_fields if isinstance(row.get(k), str)), None)
     if text is None:
-        raise ValueError(f"{where} has none of the text fields {list(text_fields)}")
+        raise CorpusRowError(where, f"none of the text fields {list(text_fields)}")
     if not text.strip():
         return None
+    check_text(text, where)
     metadata = dict(row["metadata"]) if isinstance(row.get("metadata"), Mapping) else {}
     skip = {*text_fields, id_field, "metadata"}
     metadata.update({k: v for k, v in row.items() if k not in skip and v is not None})
@@ -122,6 +171,7 @@ def read_corpus(
     text_fields: Sequence[str] = TEXT_FIELDS,
     id_field: str = "id",
     suffixes: Sequence[str] = TEXT_SUFFIXES,
+    skipped: list[RowError] | None = None,
 ) -> Iterator[Document]:
     """Documents from a directory of text files (recursive), one text file, JSON lines or parquet.
 
@@ -131,9 +181,24 @@ def read_corpus(
       present, the id is ``id_field`` (else a hash of the text), and metadata is the row's
       ``metadata`` object plus its other fields.
 
-    Rows are streamed, so a parquet file larger than memory can be read.
+    Rows are streamed, so a parquet file larger than memory can be read. A row or file that cannot
+    be used (invalid JSON, not an object, no text field, text that is not valid Unicode or UTF-8)
+    raises :class:`CorpusRowError` naming it; with a ``skipped`` list it is appended there and
+    skipped instead. Raises ``FileNotFoundError`` for a missing path and :class:`CorpusError`
+    for an unknown format.
     """
     path = Path(path)
+
+    def attempt(make: Callable[[], Document | None]) -> Document | None:
+        try:
+            return make()
+        except CorpusRowError as exc:
+            if skipped is None:
+                raise
+            skipped.append(RowError(exc.where, exc.problem))
+            logger.warning("skipped %s", exc)
+            return None
+
     if path.is_dir():
         files = sorted(
             p
@@ -143,72 +208,155 @@ def read_corpus(
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         for file in files:
-            text = file.read_text(encoding="utf-8")
-            if text.strip():
-                rel = file.relative_to(path).as_posix()
-                yield Document(rel, text, {"source": rel})
-    elif path.suffix.lower() in suffixes:
-        text = path.read_text(encoding="utf-8")
-        if text.strip():
-            yield Document(path.name, text, {"source": path.name})
-    elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
+            rel = file.relative_to(path).as_posix()
+            doc = attempt(lambda file=file, rel=rel: _file_document(file, rel))
+            if doc is not None:
+                yield doc
+    elif path.suffix.lower() in suffixes and path.is_file():
+        doc = attempt(lambda: _file_document(path, path.name))
+        if doc is not None:
+            yield doc
+    elif path.suffix == ".jsonl" and path.is_file():
+        with path.open(encoding="utf-8", errors="surrogateescape") as handle:
             for number, line in enumerate(handle, 1):
                 if line.strip():
-                    row = json.loads(line)
-                    if not isinstance(row, dict):
-                        raise ValueError(f"{path}:{number} is not a JSON object")
-                    doc = _row_document(row, f"{path}:{number}", text_fields, id_field)
+                    where = f"{path}:{number}"
+                    doc = attempt(
+                        lambda line=line, where=where: _json_document(
+                            line, where, text_fields, id_field
+                        )
+                    )
                     if doc is not None:
                         yield doc
-    elif path.suffix == ".parquet":
+    elif path.suffix == ".parquet" and path.is_file():
         import pyarrow.parquet as pq
 
         number = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 number += 1
-                doc = _row_document(row, f"{path} row {number}", text_fields, id_field)
+                where = f"{path} row {number}"
+                doc = attempt(
+                    lambda row=row, where=where: _row_document(row, where, text_fields, id_field)
+                )
                 if doc is not None:
                     yield doc
     elif not path.exists():
         raise FileNotFoundError(f"no corpus at {path}")
     else:
-        raise ValueError(
+        raise CorpusError(
             f"{path}: a corpus is a directory, {'/'.join(suffixes)}, .jsonl or .parquet"
         )
+
+
+def _file_document(file: Path, doc_id: str) -> Document | None:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorpusRowError(
+            str(file), f"not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8"
+        ) from None
+    if not text.strip():
+        return None
+    check_text(text, str(file))
+    return Document(doc_id, text, {"source": doc_id})
+
+
+def _json_document(
+    line: str, where: str, text_fields: Sequence[str], id_field: str
+) -> Document | None:
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as exc:  # undecodable bytes, kept by surrogateescape
+        raise CorpusRowError(where, f"not UTF-8 (character {exc.start})") from None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise CorpusRowError(where, f"invalid JSON: {exc}") from None
+    if not isinstance(row, dict):
+        raise CorpusRowError(where, "not a JSON object")
+    return _row_document(row, where, text_fields, id_field)
+
+
+def token_spans(
+    text: str, tokenizer: PreTrainedTokenizerBase, chunk_tokens: int, overlap_tokens: int = 0
+) -> list[tuple[int, int]]:
+    """Character spans ``(start, end)`` of ``text``, each at most ``chunk_tokens`` tokens.
+
+    Windows are cut at character boundaries of the tokenizer's offset mapping (a byte-level BPE
+    splits one CJK character or emoji into several tokens: a cut between them would repeat the
+    character in two chunks), stripped of surrounding whitespace, and checked by tokenizing the
+    span itself: a span whose own tokens exceed the budget (merges differ at its edges) is
+    shortened. Consecutive windows share about ``overlap_tokens`` tokens; with 0 they never
+    overlap. Needs a fast tokenizer (``return_offsets_mapping``); raises ``ValueError`` otherwise,
+    or when one character alone has more tokens than ``chunk_tokens``.
+    """
+    if overlap_tokens >= chunk_tokens:
+        raise ValueError(f"overlap {overlap_tokens} must be below the chunk size {chunk_tokens}")
+    if overlap_tokens < 0:
+        raise ValueError(f"overlap {overlap_tokens} must not be negative")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"token chunking needs a fast tokenizer (offset mapping), not "
+            f"{type(tokenizer).__name__}: pass a splitter instead"
+        )
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+        "offset_mapping"
+    ]
+    count = len(offsets)
+    # boundaries[j] is a token index where a new character starts (no character shared with
+    # the tokens before it); a window [b, e) of boundary indices covers whole characters only.
+    boundaries, reach = [], 0
+    for i, (begin, finish) in enumerate(offsets):
+        if i == 0 or begin >= reach:
+            boundaries.append(i)
+        reach = max(reach, finish)
+    boundaries.append(count)
+    char_at = [offsets[i][0] for i in boundaries[:-1]] + [len(text)]
+
+    def fits(a: int, b: int) -> bool:
+        piece = text[a:b].strip()
+        ids = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+        return len(ids) <= chunk_tokens
+
+    spans: list[tuple[int, int]] = []
+    first = 0  # index into boundaries
+    while first < len(boundaries) - 1:
+        start = boundaries[first]
+        last = bisect.bisect_right(boundaries, start + chunk_tokens) - 1  # largest end in budget
+        if last <= first:
+            raise ValueError(
+                f"chunk_tokens {chunk_tokens} is below the {boundaries[first + 1] - start} tokens "
+                f"of the single character at offset {char_at[first]}"
+            )
+        while last > first and not fits(char_at[first], char_at[last]):
+            last -= 1
+        if last == first:
+            raise ValueError(
+                f"no span starting at character {char_at[first]} fits in {chunk_tokens} tokens"
+            )
+        begin, finish = char_at[first], char_at[last]
+        piece = text[begin:finish]
+        stripped = piece.strip()
+        if stripped:
+            lead = len(piece) - len(piece.lstrip())
+            spans.append((begin + lead, begin + lead + len(stripped)))
+        if last == len(boundaries) - 1:
+            break
+        if overlap_tokens:
+            back = bisect.bisect_right(boundaries, boundaries[last] - overlap_tokens) - 1
+            first = max(back, first + 1)
+        else:
+            first = last
+    return spans
 
 
 def token_chunks(
     text: str, tokenizer: PreTrainedTokenizerBase, chunk_tokens: int, overlap_tokens: int = 0
 ) -> list[str]:
-    """Windows of ``chunk_tokens`` tokens that overlap by ``overlap_tokens``, as text.
-
-    With a fast tokenizer a window is the slice of the original text its tokens cover (so the
-    chunk is verbatim source text, whitespace and all); otherwise the window's tokens are decoded.
-    Chunks are stripped, so a re-tokenized chunk may differ by a token at its edges from the window.
-    """
-    if overlap_tokens >= chunk_tokens:
-        raise ValueError(f"overlap {overlap_tokens} must be below the chunk size {chunk_tokens}")
-    fast = bool(getattr(tokenizer, "is_fast", False))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
-    ids = enc["input_ids"]
-    if len(ids) <= chunk_tokens:
-        return [text.strip()] if text.strip() else []
-    step = chunk_tokens - overlap_tokens
-    pieces = []
-    for start in range(0, len(ids), step):
-        end = min(start + chunk_tokens, len(ids))
-        if fast:
-            spans = enc["offset_mapping"]
-            piece = text[spans[start][0] : spans[end - 1][1]]
-        else:
-            piece = tokenizer.decode(ids[start:end])
-        if piece.strip():
-            pieces.append(piece.strip())
-        if end == len(ids):
-            break
-    return pieces
+    """The texts of :func:`token_spans`: exact slices of ``text``, each within ``chunk_tokens``
+    tokens when tokenized alone."""
+    return [text[a:b] for a, b in token_spans(text, tokenizer, chunk_tokens, overlap_tokens)]
 
 
 def split_with(splitter: Splitter, documents: Sequence[Document]) -> list[list[str]]:
@@ -261,24 +409,49 @@ def chunk_documents(
     return chunks
 
 
+def documents_path(chunks_path: str | Path) -> Path:
+    """Where :func:`save_chunks` writes the documents' metadata: ``NAME.documents.jsonl``."""
+    path = Path(chunks_path)
+    return path.with_name(f"{path.stem}.documents{path.suffix or '.jsonl'}")
+
+
 def save_chunks(chunks: Sequence[Chunk], keys: Sequence[str], path: str | Path) -> Path:
     """Write chunks with their latent keys as JSON lines (a docstore for the vector index's ids).
 
-    Written to a temporary file and renamed, so a crash never leaves half a file.
+    A chunk row holds ``id``, ``doc_id``, ``key``, ``text`` and only the metadata of its own
+    (``chunk_index`` and any key whose value differs from its document's); each document's
+    metadata is written once, to :func:`documents_path` (``doc_id``, ``metadata``), so a document
+    with large metadata does not multiply it by its number of chunks. Both files are written to
+    temporary names and renamed, so a crash never leaves half a file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for chunk, key in zip(chunks, keys, strict=True):
-                row = {"id": chunk.id, "doc_id": chunk.doc_id, "key": key, "text": chunk.text}
-                handle.write(json.dumps({**row, "metadata": chunk.metadata}, default=str) + "\n")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    doc_meta: dict[str, dict[str, Any]] = {}
+    for chunk in chunks:
+        if chunk.doc_id not in doc_meta:
+            own = {k: v for k, v in chunk.metadata.items() if k not in ("doc_id", "chunk_index")}
+            doc_meta[chunk.doc_id] = own
+
+    def own_metadata(chunk: Chunk) -> dict[str, Any]:
+        shared = doc_meta[chunk.doc_id]
+        return {
+            k: v
+            for k, v in chunk.metadata.items()
+            if k != "doc_id" and (k not in shared or (shared[k] is not v and shared[k] != v))
+        }
+
+    def write_chunks(handle: Any) -> None:
+        for chunk, key in zip(chunks, keys, strict=True):
+            row = {"id": chunk.id, "doc_id": chunk.doc_id, "key": key, "text": chunk.text}
+            row["metadata"] = own_metadata(chunk)
+            handle.write((json.dumps(row, default=str) + "\n").encode("utf-8", "surrogatepass"))
+
+    def write_documents(handle: Any) -> None:
+        for doc_id, metadata in doc_meta.items():
+            line = json.dumps({"doc_id": doc_id, "metadata": metadata}, default=str) + "\n"
+            handle.write(line.encode("utf-8", "surrogatepass"))
+
+    atomic_write(documents_path(path), write_documents)
+    return atomic_write(path, write_chunks)
 
 
 # --- configuration and report -----------------------------------------------------------------
@@ -300,6 +473,13 @@ class PrecompressConfig(BaseModel):
     write_batch: int = Field(256, ge=1, description="entries per store transaction")
     index_metric: Metric = Field("cosine", description="metric of a new vector index")
     embed_batch: int = Field(256, ge=1, description="texts per embed call")
+    index_save_s: float = Field(
+        30.0, ge=0, description="save the vector index at least this often while embedding"
+    )
+    prune: bool = Field(
+        False,
+        description="the corpus is complete: delete stored documents it no longer has",
+    )
     progress: bool = Field(True, description="show a tqdm progress bar")
 
     @model_validator(mode="after")
@@ -328,6 +508,19 @@ class PrecompressReport(BaseModel):
     embedded: int = 0
     seconds: float
     backend: str = "local"
+    removed_chunks: int = 0
+    """Chunk ids of the run's documents that vanished (or of pruned documents): out of the
+    manifest and the vector index."""
+    changed_chunks: int = 0
+    """Chunk ids whose text changed since the last run: compressed and embedded again."""
+    pruned_documents: int = 0
+    deleted_entries: int = 0
+    """Stored latents of vanished or edited text, deleted."""
+    unembedded: int = 0
+    """Chunks the vector index lacks because this run had no embed function."""
+    invalid: list[str] = []
+    """Inputs skipped, each naming itself and its problem (lone surrogates, too long, bad rows)."""
+    invalid_count: int = 0
 
     @property
     def chunks_per_s(self) -> float:
@@ -354,11 +547,23 @@ class PrecompressReport(BaseModel):
             ("tokens compressed", f"{self.tokens:,}"),
             ("latents written", f"{self.latents:,}"),
             ("chunks embedded", f"{self.embedded:,}"),
+            ("chunk ids removed", f"{self.removed_chunks:,}"),
+            ("chunks changed", f"{self.changed_chunks:,}"),
+            ("documents pruned", f"{self.pruned_documents:,}"),
+            ("stale entries deleted", f"{self.deleted_entries:,}"),
+            ("chunks not embedded", f"{self.unembedded:,}"),
+            ("inputs skipped (errors)", f"{self.invalid_count:,}"),
             ("seconds", f"{self.seconds:.1f}"),
             ("chunks/s", f"{self.chunks_per_s:.1f}"),
             ("tokens/s", f"{self.tokens_per_s:,.0f}"),
         ]
-        return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+        table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+        if not self.invalid:
+            return table
+        errors = [f"- {e}" for e in self.invalid]
+        if self.invalid_count > len(self.invalid):
+            errors.append(f"- ... and {self.invalid_count - len(self.invalid)} more")
+        return "\n".join([table, "", "Skipped inputs:", *errors])
 
 
 # --- planning ---------------------------------------------------------------------------------
@@ -374,6 +579,12 @@ class WorkPlan:
     todo: dict[str, str]
     """Missing key -> text, first occurrence order."""
     unique: int
+    chunks: list[Chunk] = field(default_factory=list)
+    """The chunks the keys belong to (inputs with errors left out)."""
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+    """Encoder token ids of each ``todo`` text (tokenized once, by :func:`prepare_work`)."""
+    invalid: list[RowError] = field(default_factory=list)
+    """Inputs skipped: rows of the corpus files, chunks that are not valid text or too long."""
 
     @property
     def duplicates(self) -> int:
@@ -392,8 +603,11 @@ class WorkPlan:
         embedded: int,
         start: float,
         backend: str = "local",
+        sync: SyncPlan | None = None,
+        unembedded: int = 0,
     ) -> PrecompressReport:
         """The run's report once this plan is carried out (``start``: its perf_counter time)."""
+        sync = sync or SyncPlan([], [], [])
         return PrecompressReport(
             store=str(store.path),
             chunks=len(self.keys),
@@ -406,6 +620,13 @@ class WorkPlan:
             embedded=embedded,
             seconds=time.perf_counter() - start,
             backend=backend,
+            removed_chunks=len(sync.removed_ids),
+            changed_chunks=len(sync.changed_ids),
+            pruned_documents=len(sync.pruned_docs),
+            deleted_entries=sync.deleted_entries,
+            unembedded=unembedded,
+            invalid=[str(e) for e in self.invalid[:MAX_SHOWN_ERRORS]],
+            invalid_count=len(self.invalid),
         )
 
 
@@ -415,7 +636,83 @@ def plan_work(chunks: Sequence[Chunk], store: LatentStore, policy: str) -> WorkP
     keys = [store.key_for(c.text, policy) for c in chunks]
     texts = dict(zip(keys, (c.text for c in chunks)))  # later duplicates map to the same text
     missing = store.missing(texts)
-    return WorkPlan(policy, keys, {k: texts[k] for k in missing}, len(texts))
+    return WorkPlan(policy, keys, {k: texts[k] for k in missing}, len(texts), list(chunks))
+
+
+def decoder_positions(compressor: SemiDynamicCompressor) -> int | None:
+    """The decoder's position budget (``max_position_embeddings``), if its config has one."""
+    base = compressor.decoder.get_base_model().config
+    value = getattr(base, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def min_latents(compressor: SemiDynamicCompressor, num_tokens: int, ratio: float | None) -> int:
+    """A lower bound on the latents ``num_tokens`` tokens become: at the largest ratio the
+    selector may pick (or the fixed one), one or more per segment."""
+    cfg = compressor.config
+    segments = segment_count(num_tokens, cfg.max_segment_tokens)
+    if cfg.backbone != "mean_pooling":
+        return segments
+    if ratio is None and cfg.mode in ("fixed_ratio", "multi_ratio"):
+        ratio = cfg.fixed_ratio
+    top = ratio if ratio is not None else max(cfg.ratios)
+    return max(segments, math.ceil(num_tokens / top))
+
+
+def prepare_work(
+    compressor: SemiDynamicCompressor,
+    chunks: Sequence[Chunk],
+    store: LatentStore,
+    config: PrecompressConfig,
+    input_errors: Sequence[RowError] = (),
+) -> WorkPlan:
+    """:func:`plan_work` for the chunks that can be compressed and read, their missing texts
+    tokenized once; the rest are listed in ``invalid`` with the reason.
+
+    A chunk is refused when its text is not valid Unicode (:func:`check_text`), or when even at the
+    highest ratio its latents would exceed the decoder's positions: no prompt could hold it.
+    """
+    invalid = list(input_errors)
+    valid = []
+    for chunk in chunks:
+        try:
+            check_text(chunk.text, f"chunk {chunk.id}")
+            valid.append(chunk)
+        except CorpusRowError as exc:
+            invalid.append(RowError(exc.where, exc.problem))
+    plan = plan_work(valid, store, config.policy)
+    if plan.todo:
+        keys = list(plan.todo)
+        token_lists = compressor.tokenize([plan.todo[k] for k in keys])
+        budget = decoder_positions(compressor)
+        too_long = {}
+        for key, ids in zip(keys, token_lists):
+            need = min_latents(compressor, len(ids), config.ratio)
+            if budget is not None and need > budget:
+                too_long[key] = (
+                    f"{len(ids):,} tokens give at least {need:,} latents, more than the "
+                    f"decoder's {budget:,} positions (max_position_embeddings): split it into "
+                    "smaller chunks (chunk_tokens)"
+                )
+        if too_long:
+            kept = [(c, k) for c, k in zip(plan.chunks, plan.keys) if k not in too_long]
+            for chunk, key in zip(plan.chunks, plan.keys):
+                if key in too_long:
+                    invalid.append(RowError(f"chunk {chunk.id}", too_long[key]))
+            plan = WorkPlan(
+                plan.policy,
+                [k for _, k in kept],
+                {k: t for k, t in plan.todo.items() if k not in too_long},
+                plan.unique - len(too_long),
+                [c for c, _ in kept],
+            )
+        plan.tokens = {k: ids for k, ids in zip(keys, token_lists) if k not in too_long}
+    plan.invalid = invalid
+    for error in invalid[:MAX_SHOWN_ERRORS]:
+        logger.warning("skipped %s", error)
+    if len(invalid) > MAX_SHOWN_ERRORS:
+        logger.warning("skipped %d more inputs with errors", len(invalid) - MAX_SHOWN_ERRORS)
+    return plan
 
 
 def plan_batches(
@@ -511,13 +808,20 @@ def precompress(
     *,
     embed: Embedder | None = None,
     store_dtype: str = "float16",
+    input_errors: Sequence[RowError] = (),
 ) -> PrecompressReport:
-    """Compress every chunk the store lacks into it; optionally embed chunks into its vector index.
+    """Compress every chunk the store lacks into it; sync its documents; optionally embed.
 
     ``store`` is an open `LatentStore` of this compressor or a directory (created with
-    ``store_dtype``). ``embed`` (any ``list[str] -> vectors`` function, e.g. LangChain's
-    ``embed_documents``) fills ``store.vector_index()`` with the chunk ids in the same run; chunks
-    already in the index are not embedded again. Safe to kill at any point and rerun.
+    ``store_dtype``). ``chunks`` must hold *every* chunk of each document they name: the store is
+    synced by document, so a document's chunk ids that vanished, or whose text changed, leave the
+    corpus manifest and the vector index, and latents of text no chunk has any more are deleted
+    (``config.prune``: documents missing from ``chunks`` are deleted too). ``embed`` (any
+    ``list[str] -> vectors`` function, e.g. LangChain's ``embed_documents``) fills
+    ``store.vector_index()`` with the chunk ids in the same run; chunks already in the index with
+    unchanged text are not embedded again. Inputs with errors (``input_errors`` from
+    :func:`read_corpus`, chunks that are not valid text or too long for the decoder) are skipped
+    and listed in the report. Safe to kill at any point and rerun.
     """
     config = config or PrecompressConfig()
     if compressor.training:
@@ -526,14 +830,22 @@ def precompress(
     store, owned = open_store(store, compressor, store_dtype)
     try:
         with exclusive_writer(store):
-            plan = plan_work(chunks, store, config.policy)
+            plan = prepare_work(compressor, chunks, store, config, input_errors)
             logger.info(
                 "%d chunks, %d distinct texts, %d already stored, %d to compress",
-                len(chunks), plan.unique, plan.skipped, len(plan.todo),
+                len(plan.keys), plan.unique, plan.skipped, len(plan.todo),
             )  # fmt: skip
             tokens, latents = _compress_into(compressor, store, plan, config)
-            embedded = embed_chunks(store, chunks, embed, config) if embed is not None else 0
-        report = plan.report(store, tokens=tokens, latents=latents, embedded=embedded, start=start)
+            sync, embedded, unembedded = finish_run(store, plan, embed, config)
+        report = plan.report(
+            store,
+            tokens=tokens,
+            latents=latents,
+            embedded=embedded,
+            start=start,
+            sync=sync,
+            unembedded=unembedded,
+        )
     finally:
         if owned:
             store.close()
@@ -554,7 +866,7 @@ def _compress_into(
     keys = list(plan.todo)
     if not keys:
         return 0, 0
-    token_lists = compressor.tokenize([plan.todo[k] for k in keys])
+    token_lists = [plan.tokens[k] for k in keys]
     batches = plan_batches(
         [len(t) for t in token_lists],
         batch_tokens=config.batch_tokens,
@@ -592,22 +904,69 @@ def _compress_into(
     return tokens, latents
 
 
+def finish_run(
+    store: LatentStore,
+    plan: WorkPlan,
+    embed: Embedder | None,
+    config: PrecompressConfig,
+) -> tuple[SyncPlan, int, int]:
+    """Sync the store's documents to ``plan.chunks`` (after their latents are stored).
+
+    The vector index is updated first (vanished and changed chunk ids removed, new and changed
+    ones embedded, saved), the manifest is committed second: a kill in between leaves the old
+    manifest, so the rerun computes the same changes again. Returns the sync, the chunks embedded
+    and the chunks the index lacks because there was no ``embed``.
+    """
+    rows = {
+        c.id: ManifestRow(c.id, plan.policy, c.doc_id, k, text_hash(c.text))
+        for c, k in zip(plan.chunks, plan.keys, strict=True)
+    }
+    if config.prune and not rows:
+        raise CorpusError(
+            f"refusing to prune {store.path}: the run has no valid chunk, so every stored "
+            "document would be deleted"
+        )
+    changes = store.plan_sync(list(rows.values()), prune=config.prune, dry_run=True)
+    embedded, unembedded = embed_chunks(
+        store, plan.chunks, embed, config, stale=[*changes.removed_ids, *changes.changed_ids]
+    )
+    sync = store.plan_sync(list(rows.values()), prune=config.prune, dry_run=False)
+    return sync, embedded, unembedded
+
+
 def embed_chunks(
     store: LatentStore,
     chunks: Sequence[Chunk],
-    embed: Embedder,
+    embed: Embedder | None,
     config: PrecompressConfig,
-    save_every_s: float = 300.0,
-) -> int:
-    """Add the chunks missing from the store's vector index (by chunk id); save it atomically.
+    save_every_s: float | None = None,
+    *,
+    stale: Iterable[str] = (),
+) -> tuple[int, int]:
+    """Bring the store's vector index up to date with ``chunks``; save it atomically.
 
-    The index is saved every ``save_every_s`` seconds and at the end, so a killed run keeps most of
-    its embeddings and a rerun embeds only what the saved index lacks. Returns how many were added.
+    ``stale`` ids (vanished chunks, or chunks whose text changed) are removed first; then the
+    chunks missing from the index are embedded. The index is saved every ``save_every_s`` seconds
+    (default ``config.index_save_s``) and at the end, so a killed run keeps most of its
+    embeddings and a rerun embeds only what the saved index lacks. Without ``embed`` only the
+    removal happens. Returns (chunks embedded, chunks the index lacks for want of ``embed``).
     """
+    save_every_s = config.index_save_s if save_every_s is None else save_every_s
     index = store.vector_index() if store.index_path.exists() else None
+    stale = list(stale)
+    if index is not None and stale and index.remove(stale):
+        index.save()
     todo = list({c.id: c for c in chunks if index is None or c.id not in index}.values())
+    if embed is None:
+        missing = len(todo) if index is not None else 0
+        if missing:
+            logger.warning(
+                "%d chunks are not in the vector index %s: run again with an embed function",
+                missing, store.index_path,
+            )  # fmt: skip
+        return 0, missing
     if not todo:
-        return 0
+        return 0, 0
     last_save = time.perf_counter()
     bar = tqdm(total=len(todo), unit="chunk", desc="embed", disable=not config.progress)
     try:
@@ -621,14 +980,14 @@ def embed_chunks(
                 index = store.vector_index(dim=dim, metric=config.index_metric)
             index.add([c.id for c in batch], vectors)
             bar.update(len(batch))
-            if time.perf_counter() - last_save > save_every_s:
+            if time.perf_counter() - last_save >= save_every_s:
                 index.save()
                 last_save = time.perf_counter()
     finally:
         bar.close()
         if index is not None:
             index.save()
-    return len(todo)
+    return len(todo), 0
 
 
 def precompress_corpus(
@@ -640,10 +999,14 @@ def precompress_corpus(
     splitter: Splitter | None = None,
     embed: Embedder | None = None,
 ) -> tuple[list[Chunk], PrecompressReport]:
-    """Read, chunk and precompress corpus files in one call; returns the chunks and the report."""
+    """Read, chunk and precompress corpus files in one call; returns the chunks and the report.
+
+    Rows of the corpus files with errors are skipped and listed in the report."""
     config = config or PrecompressConfig()
-    chunks = load_chunks(paths, config, compressor.tokenizer, splitter)
-    return chunks, precompress(compressor, chunks, store, config, embed=embed)
+    skipped: list[RowError] = []
+    chunks = load_chunks(paths, config, compressor.tokenizer, splitter, skipped=skipped)
+    report = precompress(compressor, chunks, store, config, embed=embed, input_errors=skipped)
+    return chunks, report
 
 
 def load_chunks(
@@ -651,9 +1014,18 @@ def load_chunks(
     config: PrecompressConfig,
     tokenizer: PreTrainedTokenizerBase | None,
     splitter: Splitter | None = None,
+    *,
+    skipped: list[RowError] | None = None,
 ) -> list[Chunk]:
-    """Every corpus path read and chunked; chunk ids must be unique across the corpus."""
-    documents = [doc for path in paths for doc in read_corpus(path)]
+    """Every corpus path read and chunked; chunk ids must be unique across the corpus.
+
+    With a ``skipped`` list, rows with errors are collected there instead of raising
+    :class:`CorpusRowError`; a corpus where every row failed raises :class:`CorpusError`.
+    """
+    documents = [doc for path in paths for doc in read_corpus(path, skipped=skipped)]
+    if not documents and skipped:
+        shown = "; ".join(str(e) for e in skipped[:3])
+        raise CorpusError(f"no usable document in {', '.join(map(str, paths))}: {shown}")
     chunks = chunk_documents(
         documents,
         tokenizer=tokenizer,

@@ -29,6 +29,7 @@ from semidyn_rag.store import (
     StoreError,
     StoreInfo,
     StoreMismatchError,
+    StoreVersionError,
     VectorIndex,
     entry_key,
     policy_key,
@@ -251,14 +252,18 @@ def test_corrupt_files_raise_clear_errors(tmp_path):
         conn.execute("UPDATE entries SET latents = substr(latents, 1, 10) WHERE key = 'bad'")
     with LatentStore(tmp_path, FP) as store:
         assert store.get("good") is not None
-        with pytest.raises(StoreCorruptError, match="entry bad: latents have 10 bytes"):
+        with pytest.raises(StoreCorruptError, match="entry bad fails its checksum"):
             store.get_many(["good", "bad"])
         with pytest.raises(StoreCorruptError, match="entry bad"):
             store.verify()
 
     with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as conn, conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'format_version'")
-    with pytest.raises(StoreCorruptError, match="format version 99"):
+    with pytest.raises(StoreVersionError, match="format version 99"):
+        LatentStore(tmp_path, FP)
+    with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as conn, conn:
+        conn.execute("DELETE FROM meta WHERE key = 'fingerprint'")
+    with pytest.raises(StoreCorruptError, match="lacks its meta row 'fingerprint'"):
         LatentStore(tmp_path, FP)
 
 
