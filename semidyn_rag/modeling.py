@@ -387,9 +387,7 @@ class SemiDynamicCompressor(nn.Module):
 
     def _predict_y(self, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         """The regression head on each row's ``<eos>`` state (position ``length``)."""
-        eos_pos = torch.as_tensor(lengths, device=self.device)
-        eos_state = hidden[torch.arange(len(lengths), device=self.device), eos_pos]
-        return self.ratio_head(eos_state).squeeze(-1).float()
+        return self.ratio_head(self._eos_states(hidden, lengths)).squeeze(-1).float()
 
     def structure(
         self, y: float, num_tokens: int, scale: float = 0.0, ratio: float | None = None
@@ -449,6 +447,15 @@ class SemiDynamicCompressor(nn.Module):
         :meth:`structure`, ``ratio`` the explicit one passed to it); returns ``[M, d]``.
 
         The row is ``context + <eos>`` (+ memory tokens); with ``config.pool_eos`` the ``<eos>`` at
+    def head_inputs(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """What the ratio head reads: each context's ``<eos>`` state, ``[B, d_enc]`` (one pass)."""
+        _, states = self._encoder_states(contexts)
+        return self._eos_states(states, [len(c) for c in contexts])
+
+    def _eos_states(self, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        eos_pos = torch.as_tensor(lengths, device=self.device)
+        return hidden[torch.arange(len(lengths), device=self.device), eos_pos]
+
         position ``num_tokens`` is pooled with the context. A ratio that the head did not choose
         (fixed modes, explicit ``ratio``) uses ``config.fixed_ratio_alignment`` when it is set.
         """
