@@ -1,7 +1,8 @@
 """Backbones: how a window of encoder hidden states becomes a shorter sequence of features.
 
-All functions take the hidden states of ONE context (``[L, d]``, no padding, no ``<eos>``) plus the
-structural parameter chosen by the selector, and return ``[M, d]``. Per-context calls keep padding
+All functions take the hidden states of ONE context (``[L, d]``, no padding; the ``<eos>`` row
+included only when the compressor pools it, ``CompressorConfig.pool_eos``) plus the structural
+parameter chosen by the selector, and return ``[M, d]``. Per-context calls keep padding
 logic out of the arithmetic; the encoder pass itself is batched.
 """
 
@@ -27,9 +28,10 @@ def mean_pool(hidden: torch.Tensor, window: int, align: Alignment = "start") -> 
     """Mean over non-overlapping windows of ``window`` tokens.
 
     ``start``: windows begin at the first token and the last, partial window is averaged over its
-    real token count (our inference and training default). ``end``: windows end at the last token
-    and the sequence is zero-padded at the front, the padded zeros counting in the first window's mean
-    — how the paper's released weights were trained, needed to run those weights faithfully.
+    real token count (our default, and the paper's inference when its head picks the ratio).
+    ``end``: windows end at the last token and the sequence is zero-padded at the front, the padded
+    zeros counting in the first window's mean (the paper's code for a fixed ratio, in training and
+    inference alike).
     """
     length, dim = hidden.shape
     count = num_windows(length, window)
