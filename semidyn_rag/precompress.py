@@ -1016,13 +1016,16 @@ def load_chunks(
     splitter: Splitter | None = None,
     *,
     skipped: list[RowError] | None = None,
+    text_fields: Sequence[str] = TEXT_FIELDS,
 ) -> list[Chunk]:
     """Every corpus path read and chunked; chunk ids must be unique across the corpus.
 
     With a ``skipped`` list, rows with errors are collected there instead of raising
     :class:`CorpusRowError`; a corpus where every row failed raises :class:`CorpusError`.
     """
-    documents = [doc for path in paths for doc in read_corpus(path, skipped=skipped)]
+    documents = [
+        doc for path in paths for doc in read_corpus(path, skipped=skipped, text_fields=text_fields)
+    ]
     if not documents and skipped:
         shown = "; ".join(str(e) for e in skipped[:3])
         raise CorpusError(f"no usable document in {', '.join(map(str, paths))}: {shown}")
