@@ -3,9 +3,10 @@
 ``Trainer(model, samples, TrainConfig(...)).train()`` optimises ``LM + λ·MSE`` with AdamW over the
 trainable tensors (both LoRA adapters, ratio head, converter, memory tokens; the base weights too
 with ``train_base``), gradient accumulation, warmup + cosine/linear decay, and clipping. Checkpoints
-``output_dir/checkpoint-N`` hold a loadable compressor (``save_pretrained``) plus the trainer state:
-trainable tensors, AdamW moments and RNG in safetensors, scalars in JSON (no pickle anywhere), so
-``resume_from`` continues exactly where the run stopped. ``accelerate`` prepares model and optimizer
+``output_dir/checkpoint-N`` hold a loadable compressor (``save_pretrained``: what a user ships, no
+absolute paths in it); the trainer state (trainable tensors, AdamW moments and RNG in safetensors,
+scalars in JSON, no pickle anywhere) lies beside them in ``output_dir/trainer-state/checkpoint-N``,
+so ``resume_from`` continues exactly where the run stopped. ``accelerate`` prepares model and optimizer
 (DDP across GPUs; a no-op on CPU), each process taking its own slice of every batch.
 """
 
@@ -33,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import CONFIG_NAME
+from ..loading import portable_name
 from ..modeling import LossOutput, SemiDynamicCompressor, TrainExample
 from .align import AlignTarget, align_converter
 from .diagnostics import LatentUse, latent_use
@@ -41,6 +43,10 @@ from .samples import TrainSample, to_examples
 logger = logging.getLogger(__name__)
 
 STATE_DIR = "trainer"
+"""Trainer state inside a checkpoint: the layout of earlier versions, still read when resuming."""
+STATE_ROOT = "trainer-state"
+"""Trainer state lives in ``output_dir/trainer-state/checkpoint-N/``, beside the checkpoints, so a
+``checkpoint-N`` directory holds only what a user ships (config, adapters, our tensors)."""
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -237,6 +243,11 @@ class Trainer:
         self.model = model
         self.examples = self._examples(samples)
         self.eval_examples = self._examples(eval_samples)
+        self.labelled = sum(
+            1 for ex in self.examples if any(math.isfinite(y) for y in getattr(ex, "y", ()))
+        )
+        """Examples with at least one density label: the ratio head's only training signal."""
+        self._warn_unlabelled(model)
         self.latent_use: list[tuple[int, LatentUse]] = []
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
@@ -258,6 +269,21 @@ class Trainer:
             "training %d tensors (%.2fM values) on %d examples",
             len(self.params),
             n_params / 1e6,
+            len(self.examples),
+        )
+
+    def _warn_unlabelled(self, model: nn.Module) -> None:
+        """Say loudly when the ratio head cannot learn: no example carries a density label."""
+        if self.labelled or self.config.mse_weight == 0:
+            return
+        mode = getattr(getattr(model, "config", None), "mode", None)
+        if mode not in ("semi_dynamic", "fully_dynamic", None):
+            return  # a fixed or multi-ratio model never consults the head
+        logger.warning(
+            "none of the %d training examples carries a density label y: the ratio head gets "
+            "no training signal (the MSE term is 0 at every step) and semi-dynamic compression "
+            "will choose ratios from an untrained head. Add labelled samples (`semidyn synth`, "
+            "or density labels in --samples files), or pass --mse-weight 0 to train without it",
             len(self.examples),
         )
 
@@ -314,13 +340,14 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{log.loss:.4f}", lr=f"{log.lr:.2e}")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                mse = f"{log.mse_loss:.4f}" if self.labelled else "n/a: no density labels"
                 logger.info(
-                    "step %d/%d loss %.4f (lm %.4f, mse %.4f) lr %.2e ratio %s",
+                    "step %d/%d loss %.4f (lm %.4f, mse %s) lr %.2e ratio %s",
                     self.step,
                     cfg.steps,
                     log.loss,
                     log.lm_loss,
-                    log.mse_loss,
+                    mse,
                     log.lr,
                     log.ratio,
                 )
@@ -409,20 +436,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str | Path | None = None) -> Path:
-        """Write ``checkpoint-<step>``: the loadable model and the exact trainer state."""
+        """Write ``checkpoint-<step>`` (the loadable model, what a user ships) and its trainer state
+        in `state_dir` (``output_dir/trainer-state/checkpoint-<step>``: trainable tensors, AdamW
+        moments, RNG, step). The state is renamed into place first and a checkpoint counts only
+        with both (`list_checkpoints`), so a kill at any point leaves the last complete pair."""
         acc = self.accelerator
         acc.wait_for_everyone()
         out = Path(directory or Path(self.config.output_dir or ".") / f"checkpoint-{self.step}")
         if acc.is_main_process:
+            state = state_dir(out)
+            tmp_state = state.with_name(state.name + ".tmp")
+            shutil.rmtree(tmp_state, ignore_errors=True)
+            self._save_state(tmp_state)
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
+            _portable_adapters(self.model)
             self.model.save_pretrained(tmp)  # type: ignore[operator]
+            # PEFT writes a boilerplate model card naming the base; ours is the config JSON
+            (tmp / "README.md").unlink(missing_ok=True)
             if self.config.train_base:
                 save_trained_bases(self.model, tmp)
-            self._save_state(tmp / STATE_DIR)
+            shutil.rmtree(state, ignore_errors=True)
+            os.replace(tmp_state, state)
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
-            logger.info("saved %s", out)
+            logger.info("saved %s (trainer state in %s)", out, state)
             self._prune()
         acc.wait_for_everyone()
         return out
@@ -459,6 +497,7 @@ class Trainer:
         if not keep or not self.config.output_dir:
             return
         for old in list_checkpoints(self.config.output_dir)[:-keep]:
+            shutil.rmtree(state_dir(old), ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
 
     def _maybe_resume(self) -> None:
@@ -474,8 +513,17 @@ class Trainer:
         self.load_state(source)
 
     def load_state(self, checkpoint: str | Path) -> None:
-        """Restore trainable tensors, AdamW moments, RNG, step and history from a checkpoint."""
-        directory = Path(checkpoint) / STATE_DIR
+        """Restore trainable tensors, AdamW moments, RNG, step and history from a checkpoint.
+
+        Raises:
+            FileNotFoundError: the checkpoint has no trainer state (e.g. a shipped copy).
+        """
+        directory = state_dir(checkpoint)
+        if not (directory / "state.json").is_file():
+            raise FileNotFoundError(
+                f"no trainer state for {checkpoint} (looked in {directory}); resume from a "
+                "checkpoint of an output_dir, or start from its weights with --init"
+            )
         state = json.loads((directory / "state.json").read_text())
         names = [name for name, _ in self.params]
         if state["param_names"] != names:
@@ -514,17 +562,41 @@ class Trainer:
         logger.info("resumed from %s at step %d", checkpoint, self.step)
 
 
+def state_dir(checkpoint: str | Path) -> Path:
+    """Where the trainer state of ``checkpoint`` lives: ``../trainer-state/<name>``, or inside
+    the checkpoint (``trainer/``) for checkpoints written by earlier versions."""
+    checkpoint = Path(checkpoint)
+    legacy = checkpoint / STATE_DIR
+    if (legacy / "state.json").is_file():
+        return legacy
+    return checkpoint.parent / STATE_ROOT / checkpoint.name
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete ``checkpoint-N`` directories under ``output_dir``, oldest first."""
+    """Complete ``checkpoint-N`` directories under ``output_dir`` (model and trainer state),
+    oldest first."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
     found = [
         (int(m.group(1)), p)
         for p in root.iterdir()
-        if (m := _CHECKPOINT.match(p.name)) and (p / STATE_DIR / "state.json").exists()
+        if (m := _CHECKPOINT.match(p.name))
+        and p.is_dir()
+        and (state_dir(p) / "state.json").exists()
     ]
     return [p for _, p in sorted(found)]
+
+
+def _portable_adapters(model: nn.Module) -> None:
+    """Adapter configs name their base portably (a checkpoint loaded from an older save may
+    still carry a path of the machine it was trained on)."""
+    for module in model.modules():
+        if isinstance(module, PeftModel):
+            for peft_config in module.peft_config.values():
+                name = peft_config.base_model_name_or_path
+                if name:
+                    peft_config.base_model_name_or_path = portable_name(name)
 
 
 # --- trained base weights ------------------------------------------------------------------------
