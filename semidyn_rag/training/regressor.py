@@ -11,6 +11,7 @@ joint head at inference through :meth:`RatioRegressor.compress_with`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -21,11 +22,11 @@ from peft import PeftModel, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from .. import selector
 from ..config import LoraSettings
-from ..loading import resolve_source
+from ..loading import load_base, load_tokenizer
 from ..modeling import LossOutput, SemiDynamicCompressor, TrainExample, _inner, _lora
 from ..types import CompressedContext
 
@@ -63,12 +64,9 @@ class RatioRegressor(nn.Module):
 
     @staticmethod
     def _base(config: RatioRegressorConfig, dtype: torch.dtype | None) -> tuple:
-        source = resolve_source(config.base_model)
-        kwargs = {"gguf_file": config.gguf_file, "trust_remote_code": config.trust_remote_code}
-        base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
-        tok = AutoTokenizer.from_pretrained(source, **kwargs)
-        if tok.eos_token_id is None:
-            raise ValueError(f"tokenizer of {config.base_model!r} has no eos token")
+        trust = config.trust_remote_code
+        base = load_base(config.base_model, config.gguf_file, dtype=dtype, trust_remote_code=trust)
+        tok = load_tokenizer(config.base_model, config.gguf_file, trust_remote_code=trust)
         return base, tok
 
     @classmethod
@@ -80,10 +78,18 @@ class RatioRegressor(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, *, dtype: torch.dtype | None = None
+        cls,
+        directory: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
     ) -> RatioRegressor:
+        """Load a saved regressor; code shipped with its base runs only with
+        ``trust_remote_code=True`` given here (the flag in the saved config is ignored)."""
         directory = Path(directory)
-        config = RatioRegressorConfig.model_validate_json((directory / CONFIG_NAME).read_text())
+        raw = json.loads((directory / CONFIG_NAME).read_text())
+        raw["trust_remote_code"] = trust_remote_code
+        config = RatioRegressorConfig.model_validate(raw)
         base, tok = cls._base(config, dtype)
         encoder = PeftModel.from_pretrained(base, directory / ADAPTER, adapter_name=ADAPTER)
         model = cls(config, encoder, tok)

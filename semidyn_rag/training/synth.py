@@ -133,17 +133,12 @@ class HFTeacher:
     def __init__(
         self, name_or_path: str, *, gguf_file: str | None = None, device: str | None = None
     ) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from ..loading import load_base, load_tokenizer
 
-        from ..loading import resolve_source
-
-        source = resolve_source(name_or_path)
         self.name = f"hf:{name_or_path}"
-        self.tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            source, gguf_file=gguf_file, dtype=torch.float32
-        ).eval()
+        # a GGUF teacher loads from the converted cache; remote code never runs here
+        self.tokenizer = load_tokenizer(name_or_path, gguf_file, trust_remote_code=False)
+        self.model = load_base(name_or_path, gguf_file, trust_remote_code=False).eval()
         if device:
             self.model.to(device)
 
