@@ -14,7 +14,9 @@ come from an extractive summary (``extractive_label``): SmolLM2's own summaries 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import random
 import re
 import shutil
 from pathlib import Path
@@ -23,16 +25,26 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from semidyn_rag import CompressorConfig, SemiDynamicCompressor
-from semidyn_rag.checkpoint import DEFAULT_CHECKPOINT
+from semidyn_rag.checkpoint import CONFIG_NAME, DEFAULT_CHECKPOINT, MODULES_NAME
 from semidyn_rag.data import load_hotpotqa, sample, squad_article_split
 from semidyn_rag.evaluation import Evaluator, default_settings
 from semidyn_rag.loading import SMOLLM2, SMOLLM2_GGUF
+from semidyn_rag.training.density import (
+    bits_per_latent,
+    fit_ratio_head,
+    head_features,
+    install_head,
+    surprisal,
+    surprisal_label,
+)
+from semidyn_rag.training.distill import teacher_answers
 from semidyn_rag.training.samples import (
     TrainSample,
     density_label,
     from_qa_samples,
     read_jsonl,
     reconstruction_samples,
+    write_jsonl,
 )
 from semidyn_rag.training.synth import HFTeacher, Seed, SynthConfig, synthesize
 from semidyn_rag.training.trainer import STATE_DIR, TrainConfig, Trainer, list_checkpoints
@@ -83,6 +95,22 @@ WIDEN = TrainConfig.model_validate(
     {**SPECIALIZE.model_dump(), "steps": 2000, "train_ratios": [4, 8], "encoder_warmup_steps": 2000}
 )
 """Third phase: the same mix at ratios 4 and 8, so that the selector's choices above 4 are read too."""
+DISTILL = TrainConfig.model_validate(
+    {
+        **WIDEN.model_dump(),
+        "steps": 400,
+        "train_ratios": [4, 8],
+        "encoder_warmup_steps": 400,
+        "mse_weight": 0.0,  # the head is fitted in closed form (`density`), not by gradient
+        "kd_weight": 1.0,
+        "output_dir": str(RUN / "distill"),
+        "save_every": 20,
+    }
+)
+"""Fourth phase: sequence- and token-level distillation of the base decoder's full-text answers
+(``teach``) at ratios 4 and 8, with a quarter as many reconstruction samples mixed in. It starts
+from the third phase's last checkpoint (``--init default``: from the bundled default, which is that
+checkpoint in fp16) with a fresh optimizer, in its own directory."""
 RECONSTRUCTION_WORDS = 48
 """Piece length of the later phases' reconstruction samples (~64 tokens, 16 latents at r=4)."""
 MONITOR = 16
@@ -230,6 +258,124 @@ def training_samples(count) -> tuple[list[TrainSample], list[TrainSample]]:
     return samples, _labelled(from_qa_samples(hotpot[-MONITOR:]), count)
 
 
+TEACHER = RUN / "teacher.jsonl"
+"""The base decoder's answers (and top-k targets) on the full training contexts (``teach``)."""
+TEACH_CHUNK = 64
+
+
+def teach(limit: int | None = None) -> None:
+    """Distillation targets: the untouched base decoder answers every training question from the
+    full text (`distill.teacher_answers`). Appends in chunks; a rerun continues where it stopped."""
+    model = SemiDynamicCompressor.from_pretrained(None).eval()
+    samples, _ = training_samples(_count_tokens(model.tokenizer))
+    samples = [s for s in samples if s.provenance.get("kind") == "qa"][:limit]
+    done = {s.id for s in read_jsonl(TEACHER)} if TEACHER.exists() else set()
+    todo = [s for s in samples if s.id not in done]
+    logger.info("teacher: %d of %d samples left", len(todo), len(samples))
+    for start in range(0, len(todo), TEACH_CHUNK):
+        chunk = teacher_answers(model, todo[start : start + TEACH_CHUNK], progress=False)
+        write_jsonl(chunk, TEACHER, append=True)
+        logger.info("teacher: %d/%d", min(start + TEACH_CHUNK, len(todo)), len(todo))
+
+
+HEAD_LAYER = 2
+"""The ratio head reads layer 2's ``<eos>`` state, the layer pooling reads: encoding stops there."""
+DENSITY = ROOT / "benchmarks" / "results" / "density"
+HEAD_FILE = RUN / "ratio_head.safetensors"
+PER_KIND = 60
+"""Texts of each kind in the head's training mix (and 25 in the held-aside mix)."""
+REFERENCE_RATIO = 4.0
+"""The median training prose gets this ratio at scale 0 (it calibrates the bits per latent)."""
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0)
+
+
+def _mix_sources(held: bool) -> tuple[list[str], list[str]]:
+    """Paragraphs and names for `density_mix`: training articles, or held-out ones and HotpotQA dev."""
+    train, held_out = squad_split()
+    hotpot = DATA / "hotpotqa" / ("dev.jsonl" if held else "train.jsonl")
+    rows = load_hotpotqa(hotpot, distractors=True)
+    squad = held_out if held else train
+    paragraphs = list(
+        dict.fromkeys(
+            [c for s in squad for c in s.contexts]
+            + [c.split(": ", 1)[-1] for s in rows for c in s.contexts]
+        )
+    )
+    names = sorted({c.split(": ", 1)[0] for s in rows for c in s.contexts})
+    return paragraphs, names
+
+
+def density() -> None:
+    """Surprisal labels on a mix of text kinds, a ridge-fitted head on layer ``HEAD_LAYER``, and
+    the checks of the selector (label spread, Spearman on held-aside texts, ratios per kind)."""
+    import numpy as np
+    from density_mix import KINDS, mix
+    from scipy.stats import spearmanr
+
+    from semidyn_rag import selector
+
+    model = SemiDynamicCompressor.from_pretrained(None, head_layer=HEAD_LAYER).eval()
+    sets = {
+        name: mix(*_mix_sources(held), per_kind, SEED + 17 * held, held=held)
+        for name, held, per_kind in (("train", False, PER_KIND), ("held", True, 25))
+    }
+    stats = {k: surprisal(model, [t.text for t in v], max_tokens=256) for k, v in sets.items()}
+    prose = sorted(
+        s.bits_per_token for s, t in zip(stats["train"], sets["train"]) if t.kind == "prose"
+    )
+    b = bits_per_latent(float(np.median(prose)), REFERENCE_RATIO)
+    labels = {k: torch.tensor([surprisal_label(s, b) for s in v]) for k, v in stats.items()}
+    feats = {k: head_features(model, [t.text for t in v]) for k, v in sets.items()}
+    # choose the ridge on a split of the training mix, then refit on all of it
+    n = len(labels["train"])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SEED))
+    fit_idx, val_idx = order[: int(0.8 * n)], order[int(0.8 * n) :]
+    scores = {}
+    for ridge in RIDGES:
+        fit = fit_ratio_head(feats["train"][fit_idx], labels["train"][fit_idx], ridge)
+        pred = feats["train"][val_idx] @ fit.weight + fit.bias
+        scores[ridge] = float(spearmanr(pred, labels["train"][val_idx]).statistic)
+    ridge = max(scores, key=scores.get)
+    fit = fit_ratio_head(feats["train"], labels["train"], ridge)
+    install_head(model, fit)
+    HEAD_FILE.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.ratio_head.state_dict().items()},
+        HEAD_FILE,
+    )
+    pred_held = (feats["held"] @ fit.weight + fit.bias).tolist()
+    cfg = model.config
+    chosen = [
+        selector.select_ratio(y, 0.0, cfg.ratios, cfg.quantize, cfg.compare_space)
+        for y in pred_held
+    ]
+    per_kind = {}
+    for kind in KINDS:
+        idx = [i for i, t in enumerate(sets["held"]) if t.kind == kind]
+        per_kind[kind] = {
+            "label_mean": float(labels["held"][idx].mean()),
+            "pred_mean": float(np.mean([pred_held[i] for i in idx])),
+            "ratios": {str(r): sum(chosen[i] == r for i in idx) for r in cfg.ratios},
+        }
+    report = {
+        "bits_per_latent": b,
+        "ridge": ridge,
+        "ridge_val_spearman": scores,
+        "train_label_std": float(labels["train"].std()),
+        "train_label_std_prose": float(
+            labels["train"][[t.kind == "prose" for t in sets["train"]]].std()
+        ),
+        "train_rmse": fit.train_rmse,
+        "held_spearman": float(spearmanr(pred_held, labels["held"]).statistic),
+        "held_rmse": float(((torch.tensor(pred_held) - labels["held"]) ** 2).mean().sqrt()),
+        "held_distinct_ratios_scale0": sorted({float(r) for r in chosen}),
+        "per_kind_held": per_kind,
+    }
+    DENSITY.mkdir(parents=True, exist_ok=True)
+    (DENSITY / "density.json").write_text(json.dumps(report, indent=1))
+    logger.info("density report: %s", json.dumps(report, indent=1))
+
+
 def train() -> None:
     """All three phases; each resumes from the last checkpoint in ``output_dir``."""
     torch.manual_seed(SEED)
@@ -244,9 +390,38 @@ def train() -> None:
         Trainer(model, [*samples, *recon], phase, eval_samples=monitor).train()
 
 
+def distill(init: str) -> None:
+    """The fourth phase (``DISTILL``); resumes its own last checkpoint when there is one."""
+    torch.manual_seed(SEED)
+    if list_checkpoints(DISTILL.output_dir) or init == "default":
+        source = None  # resuming overwrites every trainable tensor; the base comes from the default
+    else:
+        found = list_checkpoints(TRAIN.output_dir)
+        if not found:
+            raise SystemExit(
+                f"no third-phase checkpoint in {TRAIN.output_dir}: run `train` first, or pass "
+                "--init default to start from the bundled default (that checkpoint in fp16)"
+            )
+        source = found[-1]
+    logger.info("distill: weights from %s", source or "the bundled default")
+    model = SemiDynamicCompressor.from_pretrained(source, dtype=torch.float32)
+    count = _count_tokens(model.tokenizer)
+    taught = _labelled(read_jsonl(TEACHER), count)
+    samples, monitor = training_samples(count)
+    contexts = [c for s in samples for c in s.contexts]
+    recon = _labelled(reconstruction_samples(contexts, RECONSTRUCTION_WORDS), count)
+    recon = random.Random(SEED).sample(recon, min(len(recon), len(taught) // 3))
+    logger.info("distill: %d teacher samples, %d reconstruction samples", len(taught), len(recon))
+    Trainer(model, [*taught, *recon], DISTILL, eval_samples=monitor).train()
+
+
 def ship() -> None:
-    """Copy the last checkpoint's compressor files into the package, tensors cast to fp16."""
-    last = list_checkpoints(TRAIN.output_dir)[-1]
+    """Copy the distilled checkpoint's compressor files into the package, tensors cast to fp16,
+    with the ratio head fitted by ``density`` on layer ``HEAD_LAYER`` (so encoding stops there)."""
+    found = list_checkpoints(DISTILL.output_dir)
+    if not found or not HEAD_FILE.exists():
+        raise SystemExit(f"ship needs a checkpoint in {DISTILL.output_dir} and {HEAD_FILE}")
+    last = found[-1]
     if DEFAULT_CHECKPOINT.exists():
         shutil.rmtree(DEFAULT_CHECKPOINT)
     for path in last.rglob("*"):
@@ -260,7 +435,13 @@ def ship() -> None:
         target = DEFAULT_CHECKPOINT / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".safetensors":
-            save_file({k: v.half() for k, v in load_file(path).items()}, target)
+            tensors = load_file(path)
+            if relative == Path(MODULES_NAME):
+                tensors.update({f"ratio_head.{k}": v for k, v in load_file(HEAD_FILE).items()})
+            save_file({k: v.half() for k, v in tensors.items()}, target)
+        elif relative == Path(CONFIG_NAME):
+            config = json.loads(path.read_text())
+            target.write_text(json.dumps({**config, "head_layer": HEAD_LAYER}, indent=2))
         else:
             shutil.copy(path, target)
     size = sum(p.stat().st_size for p in DEFAULT_CHECKPOINT.rglob("*")) / 2**20
@@ -279,13 +460,23 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("step", choices=["synth", "train", "ship", "eval"])
+    parser.add_argument(
+        "step", choices=["synth", "teach", "density", "train", "distill", "ship", "eval"]
+    )
+    parser.add_argument("--init", choices=["third-phase", "default"], default="third-phase")
+    parser.add_argument("--teach-limit", type=int, default=None)
     parser.add_argument("--synth-limit", type=int, default=40)
     parser.add_argument("--eval-limit", type=int, default=200)
     parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 1.25, 1.5, 1.75, 2.0])
     args = parser.parse_args()
     if args.step == "synth":
         synth(args.synth_limit)
+    elif args.step == "distill":
+        distill(args.init)
+    elif args.step == "density":
+        density()
+    elif args.step == "teach":
+        teach(args.teach_limit)
     elif args.step == "train":
         train()
     elif args.step == "ship":
