@@ -16,6 +16,7 @@ without loading a model (pass a :class:`CheckpointRef` instead of a loaded compr
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import itertools
 import json
@@ -260,8 +261,9 @@ class CheckpointRef:
             return official_config(json.loads((directory / "config.json").read_text()))
         return self.load().config
 
-    @property
+    @functools.cached_property
     def source_key(self) -> str | None:
+        """Hash of the files that determine the loaded model (computed once); ``None`` for a hub id."""
         if self._directory is None or not self._directory.is_dir():
             return None
         digest = hashlib.sha256(f"dtype={self.dtype}".encode())
