@@ -833,9 +833,21 @@ def _register_store(sub: Any) -> None:
     info.add_argument("path", help="latent store directory")
     info.add_argument("--json", action="store_true", help="JSON instead of a Markdown table")
     info.set_defaults(func=run_store_info)
-    check = actions.add_parser("check", help="SQLite integrity check and decode every entry")
+    check = actions.add_parser(
+        "check", help="SQLite integrity check; decode and checksum every entry; list problems"
+    )
     check.add_argument("path", help="latent store directory")
     check.set_defaults(func=run_store_check)
+    prune = actions.add_parser(
+        "prune", help="delete entries and index ids no document of the corpus manifest needs"
+    )
+    prune.add_argument("path", help="latent store directory")
+    prune.add_argument("--corrupt", action="store_true", help="also entries failing checksums")
+    prune.add_argument("--dry-run", action="store_true", help="only count what would go")
+    prune.set_defaults(func=run_store_prune)
+    migrate = actions.add_parser("migrate", help="upgrade an older store format in place")
+    migrate.add_argument("path", help="latent store directory")
+    migrate.set_defaults(func=run_store_migrate)
 
 
 def _store_path(path: str) -> Path:
@@ -896,15 +908,43 @@ def run_store_info(args: argparse.Namespace) -> int:
 
 def run_store_check(args: argparse.Namespace) -> int:
     path = _store_path(args.path)
-    from .store import LatentStore, StoreCorruptError
+    from .store import LatentStore, StoreError
 
-    with LatentStore(path, readonly=True) as store:
-        try:
-            count = store.verify()
-        except StoreCorruptError as exc:
-            sys.stdout.write(f"corrupt: {exc}\n")
-            return 1
-    sys.stdout.write(f"ok: {count:,} entries\n")
+    try:
+        with LatentStore(path, readonly=True) as store:
+            result = store.check()
+    except StoreError as exc:  # damaged beyond opening: still a report, not a traceback
+        sys.stdout.write(f"corrupt: {exc}\n")
+        return 1
+    for problem in result.problems:
+        sys.stdout.write(f"problem: {problem}\n")
+    if result.problems:
+        sys.stdout.write(
+            f"corrupt: {len(result.problems)} problems, {result.entries:,} entries ok; "
+            f"`semidyn store prune --corrupt {args.path}` removes damaged entries\n"
+        )
+        return 1
+    sys.stdout.write(f"ok: {result.entries:,} entries\n")
+    return 0
+
+
+def run_store_prune(args: argparse.Namespace) -> int:
+    path = _store_path(args.path)
+    from .store import LatentStore
+
+    with LatentStore(path, readonly=args.dry_run) as store:
+        report = store.prune(corrupt=args.corrupt, dry_run=args.dry_run)
+    sys.stdout.write(report.model_dump_json() + "\n")
+    return 0
+
+
+def run_store_migrate(args: argparse.Namespace) -> int:
+    path = _store_path(args.path)
+    from .store import FORMAT_VERSION, LatentStore
+
+    with LatentStore(path, create=False):  # a writable open migrates
+        pass
+    sys.stdout.write(f"{args.path}: store format version {FORMAT_VERSION}\n")
     return 0
 
 

@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from semidyn_rag.store import (
+    APPLICATION_ID,
     DB_NAME,
     INDEX_NAME,
     LatentStore,
@@ -29,7 +30,9 @@ from semidyn_rag.store import (
     StoreError,
     StoreInfo,
     StoreMismatchError,
+    StoreNotReadyError,
     StoreVersionError,
+    StoreWriteError,
     VectorIndex,
     entry_key,
     policy_key,
@@ -400,3 +403,330 @@ def test_key_helpers():
     assert policy_key(scale=-1.5) == "scale=-1.5"
     with pytest.raises(ValueError, match="finite"):
         policy_key(math.nan)
+
+
+# --- integrity: checksums, damage, versions ------------------------------------------------------
+
+
+def damage(path: Path, offset: int, data: bytes) -> None:
+    with path.open("r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+
+
+def test_same_length_blob_damage_is_never_served(tmp_path, capsys):
+    from semidyn_rag.cli import main
+
+    good, bad = make_context(4, 16), make_context(4, 16)
+    with LatentStore(tmp_path, FP) as store:
+        store.put_many([("good", good), ("bad", bad)])
+    with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as conn, conn:
+        (blob,) = conn.execute("SELECT latents FROM entries WHERE key = 'bad'").fetchone()
+        flipped = bytes(b ^ 0x40 for b in blob[:8]) + blob[8:]  # same length, other values
+        conn.execute("UPDATE entries SET latents = ? WHERE key = 'bad'", (flipped,))
+    with LatentStore(tmp_path, readonly=True) as store:
+        assert torch.equal(store.get("good").latents, good.latents.half())
+        with pytest.raises(StoreCorruptError, match="entry bad fails its checksum"):
+            store.get("bad")
+        result = store.check()
+        assert result.entries == 1 and result.corrupt_keys == ["bad"] and not result.ok
+    assert main(["store", "check", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "entry bad fails its checksum" in out and "prune --corrupt" in out
+    with LatentStore(tmp_path, FP) as store:
+        with pytest.raises(StoreError, match="no corpus manifest"):
+            store.prune(corrupt=True)
+        store.delete(store.check().corrupt_keys)
+        assert store.verify() == 1
+
+
+def test_every_field_is_covered_by_the_checksum(tmp_path):
+    with LatentStore(tmp_path, FP) as store:
+        store.put("k", make_context())
+    changes = {
+        "num_tokens": "num_tokens + 1",
+        "ratios": "'[8.0]'",
+        "ys": "'[3.0]'",
+        "key": "'other'",
+        "dtype": "'bfloat16'",
+    }
+    for column, value in changes.items():
+        copy = tmp_path / column
+        copy.mkdir()
+        (copy / DB_NAME).write_bytes((tmp_path / DB_NAME).read_bytes())
+        with contextlib.closing(sqlite3.connect(copy / DB_NAME)) as conn, conn:
+            conn.execute(f"UPDATE entries SET {column} = {value}")
+        with LatentStore(copy, readonly=True) as store:
+            with pytest.raises(StoreCorruptError, match="checksum"):
+                store.get_many(store.keys())
+            assert len(store.check().corrupt_keys) == 1
+
+
+def test_random_page_damage_never_serves_altered_latents(tmp_path):
+    """The attack: random pages of copies overwritten. Each read gives the stored latents or a
+    store error; ``store check`` reports and never crashes."""
+    from semidyn_rag.cli import main
+
+    rng = np.random.default_rng(0)
+    original = tmp_path / "original"
+    contexts = {f"k{i}": make_context(rows=1 + i % 7, width=256) for i in range(40)}
+    with LatentStore(original, FP) as store:
+        store.put_many(contexts.items())
+    data = (original / DB_NAME).read_bytes()
+    page = 4096
+    outcomes = {"served intact": 0, "refused": 0, "check found": 0}
+    for copy_number in range(12):
+        copy = tmp_path / f"copy{copy_number}"
+        copy.mkdir()
+        (copy / DB_NAME).write_bytes(data)
+        for _ in range(2):
+            at = int(rng.integers(1, len(data) // page)) * page + int(rng.integers(0, page - 64))
+            damage(copy / DB_NAME, at, rng.bytes(int(rng.integers(8, 64))))
+        code = main(["store", "check", str(copy)])  # never raises
+        assert code in (0, 1)
+        outcomes["check found"] += code
+        try:
+            store = LatentStore(copy, readonly=True)
+        except StoreError:
+            outcomes["refused"] += 1
+            continue
+        with store:
+            for key, ctx in contexts.items():
+                try:
+                    got = store.get(key)
+                except StoreError:
+                    outcomes["refused"] += 1
+                    continue
+                if got is not None:
+                    assert torch.equal(got.latents, ctx.latents.half()), f"copy {copy_number} {key}"
+                    outcomes["served intact"] += 1
+    assert outcomes["check found"] > 0 and outcomes["served intact"] > 0, outcomes
+
+
+def make_v1_store(path: Path, contexts: dict[str, CompressedContext]) -> None:
+    """A store as format version 1 wrote it (no checksum column, no manifest)."""
+    path.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(path / DB_NAME)) as conn, conn:
+        conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute(
+            "CREATE TABLE entries (key TEXT PRIMARY KEY, text_hash TEXT NOT NULL, policy TEXT "
+            "NOT NULL, num_tokens INTEGER NOT NULL, num_latents INTEGER NOT NULL, hidden INTEGER "
+            "NOT NULL, dtype TEXT NOT NULL, ratios TEXT NOT NULL, ys TEXT NOT NULL, latents BLOB "
+            "NOT NULL, created REAL NOT NULL)"
+        )
+        meta = {"format_version": "1", "fingerprint": FP, "dtype": "float16", "hidden": "8"}
+        conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+        for key, ctx in contexts.items():
+            blob = ctx.latents.half().contiguous().view(torch.uint8).numpy().tobytes()
+            row = (key, "", POLICY, ctx.num_tokens, *ctx.latents.shape, "float16", "[4.0]",
+                   "[2.0]", blob, 0.0)  # fmt: skip
+            conn.execute("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+
+
+def test_version_1_store_is_migrated_or_named(tmp_path, capsys):
+    from semidyn_rag.cli import main
+
+    contexts = {"a": make_context(), "b": make_context(2)}
+    make_v1_store(tmp_path, contexts)
+    with pytest.raises(StoreVersionError, match=r"format version 1.*semidyn store migrate"):
+        LatentStore(tmp_path, readonly=True)
+    assert main(["store", "migrate", str(tmp_path)]) == 0
+    assert "format version 2" in capsys.readouterr().out
+    with LatentStore(tmp_path, readonly=True) as store:
+        assert store.verify() == 2
+        for key, ctx in contexts.items():
+            assert torch.equal(store.get(key).latents, ctx.latents.half())
+    with LatentStore(tmp_path, FP) as store:  # a migrated store writes like a new one
+        store.put("c", make_context())
+        assert store.verify() == 3
+
+
+# --- opening: creation in progress, read-only files -------------------------------------------
+
+
+def test_readonly_open_of_a_store_being_created_waits_then_is_not_corrupt(tmp_path):
+    """The creator has made the file and holds its first transaction: not corrupt, not ready."""
+    db = tmp_path / DB_NAME
+    creator = sqlite3.connect(db, isolation_level=None)
+    creator.execute("PRAGMA journal_mode=WAL")
+    creator.execute("BEGIN IMMEDIATE")
+    creator.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    start = time.monotonic()
+    with pytest.raises(StoreNotReadyError, match="another process is creating it"):
+        LatentStore(tmp_path, readonly=True)
+    assert time.monotonic() - start >= 1.0  # it waited for the creation before saying so
+    creator.execute("ROLLBACK")
+    creator.close()
+
+    # a creation that commits while the reader waits: the reader gets the store
+    import threading
+
+    (tmp_path / DB_NAME).unlink()
+    sqlite3.connect(db).close()  # the file exists, empty, as right after the creator's connect
+    finish = threading.Timer(0.3, lambda: LatentStore(tmp_path, FP).close())
+    finish.start()
+    try:
+        with LatentStore(tmp_path, readonly=True) as store:
+            assert store.fingerprint == FP
+    finally:
+        finish.join()
+
+
+@pytest.fixture
+def unwritable(monkeypatch):
+    """The store directory behaves as on a read-only filesystem: ``os.access(W_OK)`` is false
+    (running as root, ``chmod`` would not stop writes, so the test does not rely on it)."""
+    from semidyn_rag import store as store_module
+
+    real = os.access
+
+    def access(path, mode, *args, **kwargs):
+        return False if mode & os.W_OK else real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(store_module.os, "access", access)
+
+
+def test_finished_store_on_a_readonly_filesystem_opens_readonly(tmp_path, unwritable, caplog):
+    with contextlib.ExitStack() as stack:  # build it before the filesystem "turns read-only"
+        stack.enter_context(pytest.MonkeyPatch.context()).setattr(
+            os, "access", lambda *a, **k: True
+        )
+        with LatentStore(tmp_path, FP) as store:
+            store.put("a", make_context())
+    with LatentStore(tmp_path, readonly=True) as store:
+        assert store.get("a") is not None and store.verify() == 1
+    with caplog.at_level("WARNING"), LatentStore(tmp_path, FP) as store:
+        assert store.readonly and store.get("a") is not None
+        with pytest.raises(StoreError, match="read-only"):
+            store.put("b", make_context())
+        assert store.cache_many([("b", make_context())]) == 0 and store.failed_writes == 1
+    assert "opened read-only" in caplog.text
+    assert not (tmp_path / f"{DB_NAME}-wal").exists()  # nothing was written beside it
+    (tmp_path / f"{DB_NAME}-wal").write_bytes(b"x" * 100)  # a killed writer's log
+    with pytest.raises(StoreWriteError, match="write-ahead log"):
+        LatentStore(tmp_path, readonly=True)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_store_in_a_readonly_directory_opens_readonly(tmp_path):
+    with LatentStore(tmp_path / "s", FP) as store:
+        store.put("a", make_context())
+    (tmp_path / "s").chmod(0o555)
+    try:
+        with LatentStore(tmp_path / "s", FP) as store:
+            assert store.readonly and store.get("a") is not None
+    finally:
+        (tmp_path / "s").chmod(0o755)
+
+
+# --- full disk ------------------------------------------------------------------------------------
+
+
+def test_full_disk_is_a_write_error_and_a_cache_write_degrades(tmp_path, monkeypatch, caplog):
+    import errno
+
+    with LatentStore(tmp_path, FP) as store:
+        store.put("a", make_context())
+        pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+        store._conn.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own "disk is full"
+        big = [(f"k{i}", make_context(64, 8)) for i in range(40)]
+        with pytest.raises(StoreWriteError, match="disk is full"):
+            store.put_many(big)
+        with caplog.at_level("WARNING"):
+            assert store.cache_many(big) == 0
+        assert store.failed_writes == 40 and "not cached" in caplog.text
+        assert store.keys() == ["a"] and store.verify() == 1  # nothing half-written
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with LatentStore(tmp_path, FP) as store:
+        monkeypatch.setattr(LatentStore, "put_many", full)
+        assert store.cache_many([("b", make_context())]) == 0 and store.failed_writes == 1
+        monkeypatch.undo()
+        with pytest.raises(ValueError, match="overflow"):  # bad latents still raise
+            store.cache_many([("c", CompressedContext(torch.full((1, 8), 1e9), 1, (4.0,), (2.0,)))])
+
+
+# --- the vector index file --------------------------------------------------------------------------
+
+
+def test_index_ids_survive_any_string_and_files_respect_the_umask(tmp_path):
+    ids = ["plain", "ends in nul\0", "nul\0\0", "", "\ud800 lone", "é"]
+    index = VectorIndex(2)
+    index.add(ids, np.eye(2, dtype=np.float32)[[0, 1, 0, 1, 0, 1]] + np.arange(6)[:, None])
+    old = os.umask(0o027)
+    try:
+        path = index.save(tmp_path / INDEX_NAME)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640  # 0o666 less the umask, like the database
+    loaded = VectorIndex.load(path)
+    assert loaded.ids() == ids
+    assert loaded.search(np.eye(2), 6) == index.search(np.eye(2), 6)
+
+
+SAVER = (
+    "import sys, numpy as np\n"
+    "from semidyn_rag.store import VectorIndex\n"
+    "index = VectorIndex(64)\n"
+    "index.add([str(i) for i in range(20000)], np.random.rand(20000, 64))\n"
+    "print('ready', flush=True)\n"
+    "while True:\n"
+    "    index.save(sys.argv[1])\n"
+)
+
+
+def test_killed_index_save_leaves_no_temp_files_a_rerun_keeps(tmp_path):
+    target = tmp_path / INDEX_NAME
+    for _ in range(20):  # kill mid-save until a temporary file is left behind
+        child = subprocess.Popen([sys.executable, "-c", SAVER, str(target)], stdout=subprocess.PIPE)
+        assert child.stdout.readline() == b"ready\n"
+        deadline = time.monotonic() + 20
+        while not list(tmp_path.glob(".*.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        if list(tmp_path.glob(".*.tmp")):
+            break
+    left = list(tmp_path.glob(".*.tmp"))
+    assert left, "no kill landed mid-save"
+    (tmp_path / "tmpold123.tmp").write_bytes(b"from an older version")
+    if target.exists():
+        assert len(VectorIndex.load(target)) == 20000  # the last complete save
+    VectorIndex(2).save(target)
+    assert [p.name for p in tmp_path.iterdir()] == [INDEX_NAME]
+
+
+# --- corpus manifest ----------------------------------------------------------------------------
+
+
+def test_sync_by_document_replaces_and_prunes(tmp_path):
+    from semidyn_rag.store import ManifestRow
+
+    def rows(doc: str, texts: list[str], policy: str = POLICY) -> list[ManifestRow]:
+        return [
+            ManifestRow(f"{doc}#{i}", policy, doc, entry_key(t, FP, policy), text_hash(t))
+            for i, t in enumerate(texts)
+        ]
+
+    with LatentStore(tmp_path, FP) as store:
+        first = rows("a", ["one", "two", "three"]) + rows("b", ["two", "four"])
+        store.put_many((r.key, make_context()) for r in first)
+        assert store.plan_sync(first, dry_run=False).removed_ids == []
+        # "a" is edited: "two" changes, "three" vanishes; "b" is not part of this run
+        edited = rows("a", ["one", "TWO"])
+        store.put_many((r.key, make_context()) for r in edited)
+        plan = store.plan_sync(edited, dry_run=False)
+        assert (plan.removed_ids, plan.changed_ids) == (["a#2"], ["a#1"])
+        assert plan.deleted_entries == 1  # "three"; "two" is still b's
+        keys = {r.key for r in edited + rows("b", ["two", "four"])}
+        assert set(store.keys()) == keys and store.info().documents == 2
+        pruned = store.plan_sync(edited, prune=True, dry_run=False)
+        assert pruned.pruned_docs == ["b"] and pruned.removed_ids == ["b#0", "b#1"]
+        assert set(store.keys()) == {r.key for r in edited}
+        store.put("cache-only", make_context())
+        assert store.prune(dry_run=True).unreferenced_entries == 1
+        assert store.prune().unreferenced_entries == 1 and "cache-only" not in store
+        assert store.check().ok
