@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import secrets
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,20 +35,70 @@ from .types import CompressedContext
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER = "\ue000"
-"""Stands for one context's latents in a prompt string (a private-use character no text contains)."""
+"""A latent slot in the string form ``LatentPrompt(text, latents)``, for text you wrote yourself.
+
+User text (questions, documents, chat) may contain this character too (PDF extraction leaves it
+behind), so prompts built from user text use :meth:`LatentPrompt.from_parts` or
+:meth:`SemiDynamicCompressor.latent_prompt`, where text is text whatever characters it holds."""
 
 
-@dataclass
+def _fresh_slot(texts: Iterable[str]) -> str:
+    """A random delimiter that none of ``texts`` contains (user text cannot predict it)."""
+    texts = list(texts)
+    while True:
+        slot = f"<<slot:{secrets.token_hex(16)}>>"
+        if not any(slot in text for text in texts):
+            return slot
+
+
+@dataclass(init=False, eq=False)
 class LatentPrompt:
-    """A user message whose ``PLACEHOLDER`` characters are, in order, replaced by ``latents``."""
+    """A user message: text ``pieces`` with one context's latents between consecutive pieces.
 
-    text: str
-    latents: Sequence[torch.Tensor] = field(default_factory=list)
+    The decoder reads ``pieces[0]``, ``latents[0]``, ``pieces[1]``, ... (``len(pieces) ==
+    len(latents) + 1``). Build one from user text with :meth:`from_parts`; ``LatentPrompt(text,
+    latents)`` reads each ``PLACEHOLDER`` in ``text`` as a slot and raises ``ValueError`` when their
+    count differs from ``len(latents)``.
+    """
 
-    def __post_init__(self) -> None:
-        found = self.text.count(PLACEHOLDER)
-        if found != len(self.latents):
-            raise ValueError(f"prompt has {found} placeholders but {len(self.latents)} latents")
+    pieces: tuple[str, ...]
+    latents: tuple[torch.Tensor, ...]
+
+    def __init__(self, text: str, latents: Sequence[torch.Tensor] = ()) -> None:
+        pieces = text.split(PLACEHOLDER)
+        if len(pieces) - 1 != len(latents):
+            raise ValueError(
+                f"prompt has {len(pieces) - 1} placeholders but {len(latents)} latents"
+            )
+        self.pieces, self.latents = tuple(pieces), tuple(latents)
+
+    @classmethod
+    def from_parts(cls, parts: Iterable[str | torch.Tensor]) -> LatentPrompt:
+        """Texts and latent spans (``[n, decoder_hidden]`` tensors) in reading order.
+
+        Adjacent texts are joined; no character of a text is ever read as a slot.
+        """
+        pieces: list[str] = []
+        latents: list[torch.Tensor] = []
+        current: list[str] = []
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                pieces.append("".join(current))
+                latents.append(part)
+                current = []
+            elif isinstance(part, str):
+                current.append(part)
+            else:
+                raise TypeError(f"a prompt part is a str or a latent tensor, not {type(part)}")
+        pieces.append("".join(current))
+        prompt = cls.__new__(cls)
+        prompt.pieces, prompt.latents = tuple(pieces), tuple(latents)
+        return prompt
+
+    @property
+    def text(self) -> str:
+        """The pieces joined by ``PLACEHOLDER`` (for display and the string form)."""
+        return PLACEHOLDER.join(self.pieces)
 
 
 def _check_base_reads_text(prompts: Sequence[LatentPrompt], adapter: bool) -> None:
@@ -494,8 +545,10 @@ class SemiDynamicCompressor(nn.Module):
         """Compress each text; one encoder pass per batch of length-sorted segments.
 
         Texts longer than ``max_segment_tokens`` are split into consecutive segments, each with its
-        own ratio choice, whose latents are concatenated: nothing is truncated.
+        own ratio choice, whose latents are concatenated: nothing is truncated. No texts: ``[]``.
         """
+        if not texts:
+            return []
         return self.compress_tokens(self.tokenize(texts), scale, ratio, batch_size=batch_size)
 
     @torch.inference_mode()
@@ -508,6 +561,8 @@ class SemiDynamicCompressor(nn.Module):
         batch_size: int = 16,
     ) -> list[CompressedContext]:
         """:meth:`compress` for already tokenized texts (callers that tokenized to batch by length)."""
+        if not token_lists:
+            return []
         segments, owners = self._segments(token_lists)
         order = sorted(range(len(segments)), key=lambda i: len(segments[i]))
         latents: list[torch.Tensor | None] = [None] * len(segments)
@@ -546,11 +601,33 @@ class SemiDynamicCompressor(nn.Module):
 
     # ------------------------------------------------------------------ decoder
     def format_prompt(self, question: str, num_contexts: int) -> str:
-        """The user message for ``question`` with one placeholder per context (none: the question)."""
+        """The user message for ``question`` with one placeholder per context (none: the question).
+
+        The string form for ``LatentPrompt(text, latents)``: a ``PLACEHOLDER`` inside ``question``
+        would be a slot, so it becomes U+FFFD here; :meth:`latent_prompt` keeps the question exact.
+        """
+        question = question.replace(PLACEHOLDER, "\ufffd")
         if num_contexts == 0:
             return question
         slots = "\n".join([PLACEHOLDER] * num_contexts)
         return self.config.prompt_template.format(context=slots, question=question)
+
+    def latent_prompt(self, question: str, latents: Sequence[torch.Tensor]) -> LatentPrompt:
+        """The training prompt for ``question`` around ``latents`` (one ``[n, d]`` span each).
+
+        No text is parsed for slots: the question reaches the decoder exactly as given.
+        """
+        if not latents:
+            return LatentPrompt.from_parts([question])
+        slot = _fresh_slot([question, self.config.prompt_template])
+        text = self.config.prompt_template.format(
+            context="\n".join([slot] * len(latents)), question=question
+        )
+        first, *rest = text.split(slot)
+        parts: list[str | torch.Tensor] = [first]
+        for latent, piece in zip(latents, rest, strict=True):
+            parts += [latent, piece]
+        return LatentPrompt.from_parts(parts)
 
     def _render(self, text: str, answer: bool = False) -> str:
         tok = self.decoder_tokenizer
@@ -563,16 +640,36 @@ class SemiDynamicCompressor(nn.Module):
             enable_thinking=False,
         )
 
+    def _render_pieces(self, pieces: Sequence[str]) -> list[str]:
+        """The chat template around a prompt's pieces, split again at the latent slots.
+
+        The pieces are joined by a fresh random delimiter that no piece contains, so no text can
+        add or remove a slot.
+        """
+        if len(pieces) == 1:
+            return [self._render(pieces[0])]
+        slot = _fresh_slot(pieces)
+        rendered = self._render(slot.join(pieces)).split(slot)
+        if len(rendered) != len(pieces):
+            raise RuntimeError("the decoder's chat template dropped or repeated a latent slot")
+        return rendered
+
+    def prompt_positions(self, prompt: LatentPrompt) -> int:
+        """Decoder input positions of ``prompt``: its rendered text tokens plus every latent."""
+        tok = self.decoder_tokenizer
+        ids = tok(self._render_pieces(prompt.pieces), add_special_tokens=False)["input_ids"]
+        return sum(len(i) for i in ids) + sum(int(lat.shape[0]) for lat in prompt.latents)
+
     def embed_prompts(
         self, prompts: Sequence[LatentPrompt], answers: Sequence[list[int]] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Decoder ``inputs_embeds`` with each placeholder expanded to its latent positions.
+        """Decoder ``inputs_embeds`` ``[B, T, d]`` with each slot expanded to its latent positions.
 
         Without ``answers`` the batch is left-padded for generation; with answers it is right-padded
         and labels mark only the answer tokens (the LM loss ignores prompt and latents).
         """
         tok = self.decoder_tokenizer
-        pieces = [self._render(p.text).split(PLACEHOLDER) for p in prompts]
+        pieces = [self._render_pieces(p.pieces) for p in prompts]
         flat = [piece for ps in pieces for piece in ps]
         flat_ids = iter(tok(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
         table = self.decoder.get_input_embeddings()
@@ -609,14 +706,22 @@ class SemiDynamicCompressor(nn.Module):
         return embeds, mask, (label_tensor.to(self.device) if answers is not None else None)
 
     def _generation_kwargs(self, kwargs: dict) -> dict:
+        """``generate`` arguments: the caller's, HF names and meanings, with our defaults.
+
+        64 new tokens unless ``max_new_tokens`` or ``max_length`` (prompt positions included, as
+        in HF) is given; a ``temperature`` above 0 samples unless ``do_sample`` says otherwise.
+        """
         tok = self.decoder_tokenizer
-        out = {"max_new_tokens": 64, "do_sample": False}
-        out.update(kwargs)
+        out = dict(kwargs)
+        if out.get("max_new_tokens") is None and out.get("max_length") is None:
+            out["max_new_tokens"] = 64
+        if out.get("do_sample") is None:
+            out["do_sample"] = (out.get("temperature") or 0.0) > 0
         out.setdefault("pad_token_id", tok.pad_token_id or tok.eos_token_id)
         out.setdefault("eos_token_id", tok.eos_token_id)
-        if not out.get("do_sample"):
+        if not out["do_sample"]:  # greedy: sampling knobs mean nothing (and make HF warn)
             for key in ("temperature", "top_p", "top_k"):
-                out.setdefault(key, None)
+                out[key] = None
         return out
 
     @torch.inference_mode()
@@ -695,7 +800,7 @@ class SemiDynamicCompressor(nn.Module):
         prompts = []
         for question, group in zip(questions, contexts, strict=True):
             latents = [(done[c] if isinstance(c, str) else c).latents for c in group]
-            prompts.append(LatentPrompt(self.format_prompt(question, len(group)), latents))
+            prompts.append(self.latent_prompt(question, latents))
         return prompts
 
     def generate(

@@ -2,9 +2,16 @@
 
 Frameworks hand an LLM only a prompt string (LlamaIndex never passes node metadata; LangChain
 passes documents' page content), so a compressed chunk travels through them as a short text
-*marker* naming its cached latents. This module compresses chunks (store hits first), hands out
-markers, and turns a prompt full of markers back into a `LatentPrompt` for the decoder. The
-LlamaIndex and LangChain packages are thin translations around it and hold no model logic.
+*marker* naming a latent slot. This module compresses chunks (store hits first), issues markers,
+and turns a prompt holding markers back into a `LatentPrompt` for the decoder. The LlamaIndex and
+LangChain packages are thin translations around it and hold no model logic.
+
+Text never acts as a slot. A marker is ``[[latent:<slot>]]`` where ``<slot>`` is a random id that
+this process issued when it compressed the chunk, signed with a per-process secret; the slot
+registry maps it to the chunk's cache key. Anything else that looks like a marker (a document or
+question holding ``[[latent:...]]``, a marker of another process, a cache key copied from
+metadata) is plain text to the decoder. A signed slot that is no longer registered, or a marker
+cut in pieces, is an error (`LatentDeliveryError`): a chunk's latents never vanish silently.
 """
 
 from __future__ import annotations
@@ -12,39 +19,208 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import re
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .modeling import PLACEHOLDER, LatentPrompt, SemiDynamicCompressor
+from .modeling import LatentPrompt, SemiDynamicCompressor
 from .store import LatentStore, StoreMismatchError, entry_key, policy_key, text_hash
 from .types import CompressedContext
 
-MARKER_PATTERN = re.compile(r"\[\[latent:([0-9a-f]{64})\]\]")
+MARKER_PATTERN = re.compile(r"\[\[latent:([0-9a-f]{32})\]\]")
+"""The shape of a marker; only a signed slot this process issued is one (see `parse_prompt`)."""
+_MARKER_START = "[[latent:"
+_HEAD = re.compile(r"\[\[latent:([0-9a-f]{12,32})(?![0-9a-f]|\]\])")
+_TAIL = re.compile(r"(?<![0-9a-f])([0-9a-f]{12,32})\]\]")
 
 
-def marker(key: str) -> str:
-    """The text that stands for one chunk's latents inside a framework's prompt."""
-    return f"[[latent:{key}]]"
+class LatentDeliveryError(RuntimeError):
+    """A chunk's latents cannot reach the decoder as compressed; the answer would silently lack them.
 
-
-class UnknownMarkerError(LookupError):
-    """A prompt names latents that are neither in this process's cache nor in the store.
-
-    A ``LookupError`` rather than a ``KeyError``: the latter would print its message quoted.
+    A ``RuntimeError`` on purpose: frameworks that treat a ``ValueError`` as a bad model output
+    (LlamaIndex's Refine logs it and goes on) must not swallow a lost chunk.
     """
+
+
+class UnknownMarkerError(LatentDeliveryError, LookupError):
+    """A marker names latents that are neither in this process's cache nor in the store."""
+
+
+class MalformedMarkerError(LatentDeliveryError):
+    """A prompt holds a piece of a marker: something re-split the context by its own count."""
+
+
+class IncompleteContextError(LatentDeliveryError):
+    """A prompt holds only some of the chunks that were compressed together for one query."""
+
+
+class ContextWindowError(LatentDeliveryError):
+    """A prompt's decoder positions (latents included) plus the answer exceed the window."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One issued latent slot: the chunk it stands for and the group it was compressed in."""
+
+    id: str
+    key: str
+    """The chunk's cache key (`LatentService.keys`)."""
+    num_latents: int | None
+    """Latent positions it expands to (``None``: look it up)."""
+    group: str | None = None
+    """Slots compressed together for one query share a group; ``None``: on its own."""
+    group_size: int = 1
+
+    @property
+    def marker(self) -> str:
+        return f"{_MARKER_START}{self.id}]]"
+
+
+class _SlotRegistry:
+    """Process-wide, bounded registry of issued slots, signed with a per-process secret."""
+
+    def __init__(self, capacity: int = 65536) -> None:
+        self.capacity = capacity
+        self._secret = secrets.token_bytes(32)
+        self._slots: OrderedDict[str, Slot] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _mac(self, nonce: str) -> str:
+        return hmac.new(self._secret, nonce.encode(), hashlib.sha256).hexdigest()[:16]
+
+    def issue(
+        self, key: str, num_latents: int | None, group: str | None = None, group_size: int = 1
+    ) -> Slot:
+        nonce = secrets.token_hex(8)
+        slot = Slot(nonce + self._mac(nonce), key, num_latents, group, group_size)
+        with self._lock:
+            self._slots[slot.id] = slot
+            while len(self._slots) > self.capacity:
+                self._slots.popitem(last=False)
+        return slot
+
+    def signed(self, slot_id: str) -> bool:
+        """True when this process issued ``slot_id`` (registered or not any more)."""
+        return hmac.compare_digest(slot_id[16:], self._mac(slot_id[:16]))
+
+    def get(self, slot_id: str) -> Slot | None:
+        with self._lock:
+            return self._slots.get(slot_id)
+
+    def part_of_one(self, piece: str, head: bool) -> bool:
+        """True when ``piece`` starts (``head``) or ends a registered slot id."""
+        with self._lock:
+            ids = list(self._slots)
+        return any(i.startswith(piece) if head else i.endswith(piece) for i in ids)
+
+
+_SLOTS = _SlotRegistry()
+
+
+def marker(key: str, num_latents: int | None = None) -> str:
+    """Issue a marker for the chunk with cache ``key`` (for code that builds prompts by hand).
+
+    Each call issues a fresh slot; the latents are looked up (memory, then store) when a prompt
+    holding it is resolved.
+    """
+    return _SLOTS.issue(key, num_latents).marker
+
+
+def parse_prompt(prompt: str, *, check_fragments: bool = True) -> list[str | Slot]:
+    """Split ``prompt`` into text and the slots of the markers this process issued, in order.
+
+    Text that only looks like a marker stays text. Raises `UnknownMarkerError` for a marker this
+    process signed whose slot has left the registry, and (with ``check_fragments``)
+    `MalformedMarkerError` when the text holds a cut piece of a registered marker.
+    """
+    parts: list[str | Slot] = []
+    text: list[str] = []
+    last = 0
+    for match in MARKER_PATTERN.finditer(prompt):
+        slot_id = match.group(1)
+        if not _SLOTS.signed(slot_id):
+            continue
+        slot = _SLOTS.get(slot_id)
+        if slot is None:
+            raise UnknownMarkerError(
+                f"marker {match.group(0)} was issued by this process but has expired "
+                f"(over {_SLOTS.capacity} markers were issued after it); compress the chunk again"
+            )
+        text.append(prompt[last : match.start()])
+        parts += ["".join(text), slot]
+        text, last = [], match.end()
+    text.append(prompt[last:])
+    parts.append("".join(text))
+    parts = [p for p in parts if not isinstance(p, str) or p]
+    if check_fragments:
+        for part in parts:
+            if isinstance(part, str):
+                _check_fragments(part)
+    return parts
+
+
+def _check_fragments(text: str) -> None:
+    for match in _HEAD.finditer(text):
+        if _SLOTS.part_of_one(match.group(1), head=True):
+            _cut(match.group(0))
+    for match in _TAIL.finditer(text):
+        whole = text[: match.start()].endswith(_MARKER_START) and len(match.group(1)) == 32
+        if not whole and _SLOTS.part_of_one(match.group(1), head=False):
+            _cut(match.group(0))
+
+
+def _cut(piece: str) -> None:
+    raise MalformedMarkerError(
+        f"the prompt holds {piece!r}, a piece of a latent marker: the context was re-split by a "
+        "text token count (a LlamaIndex response mode packing by its tokenizer); give the LLM's "
+        "prompt_helper to the synthesizer, or use SemiDynamicSynthesizer"
+    )
+
+
+def is_marker(text: str) -> bool:
+    """True when ``text`` is exactly one marker this process issued (and still holds)."""
+    match = MARKER_PATTERN.fullmatch(text.strip())
+    return (
+        match is not None
+        and _SLOTS.signed(match.group(1))
+        and _SLOTS.get(match.group(1)) is not None
+    )
+
+
+def check_whole_groups(slots: Sequence[Slot]) -> None:
+    """Raise `IncompleteContextError` unless every group touched is complete in ``slots``."""
+    seen: dict[str, set[str]] = {}
+    size: dict[str, int] = {}
+    for slot in slots:
+        if slot.group is not None:
+            seen.setdefault(slot.group, set()).add(slot.id)
+            size[slot.group] = slot.group_size
+    for group, ids in seen.items():
+        if len(ids) < size[group]:
+            raise IncompleteContextError(
+                f"the prompt holds {len(ids)} of the {size[group]} chunks retrieved together for "
+                "one query; the others were split off into other LLM calls or truncated away "
+                "(LlamaIndex's refine and accumulate modes read one chunk per call, "
+                "simple_summarize truncates). Use SemiDynamicSynthesizer (as_semidyn_query_engine), "
+                "or compact/tree_summarize with the LLM's prompt_helper and a context window that "
+                "holds every retrieved chunk"
+            )
 
 
 @dataclass(frozen=True)
 class ChunkLatents:
-    """One chunk after `LatentService.compress`: its key, latents and where they came from."""
+    """One chunk after `LatentService.compress`: its key, latents, source and marker."""
 
     key: str
     context: CompressedContext
     source: Literal["encoder", "store", "memory"]
+    slot: Slot
 
     @property
     def cached(self) -> bool:
@@ -53,7 +229,8 @@ class ChunkLatents:
 
     @property
     def marker(self) -> str:
-        return marker(self.key)
+        """The text that stands for this chunk's latents in a framework's prompt."""
+        return self.slot.marker
 
 
 class LatentService:
@@ -102,9 +279,21 @@ class LatentService:
         return self.scale if scale is None else scale
 
     def compress(
-        self, texts: Sequence[str], *, scale: float | None = None, ratio: float | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        scale: float | None = None,
+        ratio: float | None = None,
+        group: bool = False,
     ) -> list[ChunkLatents]:
-        """Latents for every chunk: memory and store hits first, the rest in one encoder call."""
+        """Latents for every chunk: memory and store hits first, the rest in one encoder call.
+
+        Each chunk gets a freshly issued marker. ``group=True`` marks the chunks as retrieved
+        together: a prompt resolved with ``whole_groups`` must then hold all of them. No texts:
+        ``[]``.
+        """
+        if not texts:
+            return []
         keys = self.keys(texts, scale, ratio)
         found: dict[str, tuple[CompressedContext, str]] = {
             k: (self._memory[k], "memory") for k in keys if k in self._memory
@@ -128,12 +317,25 @@ class LatentService:
             found.update({k: (c, "encoder") for k, c in zip(todo, fresh, strict=True)})
         for key in keys:
             self._remember(key, found[key][0])
-        return [ChunkLatents(k, *found[k]) for k in keys]
+        group_id = secrets.token_hex(8) if group and len(keys) > 1 else None
+        return [
+            ChunkLatents(
+                k,
+                *found[k],
+                _SLOTS.issue(k, found[k][0].num_latents, group_id, len(keys)),
+            )
+            for k in keys
+        ]
 
     async def acompress(
-        self, texts: Sequence[str], *, scale: float | None = None, ratio: float | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        scale: float | None = None,
+        ratio: float | None = None,
+        group: bool = False,
     ) -> list[ChunkLatents]:
-        return await asyncio.to_thread(self.compress, texts, scale=scale, ratio=ratio)
+        return await asyncio.to_thread(self.compress, texts, scale=scale, ratio=ratio, group=group)
 
     def _as_stored(self, context: CompressedContext) -> CompressedContext:
         latents = context.latents.to(self.store.dtype).to(context.latents.dtype)
@@ -155,28 +357,60 @@ class LatentService:
         unknown = [k for k in keys if k not in out]
         if unknown:
             raise UnknownMarkerError(
-                f"prompt names latents that were never compressed here nor stored: "
-                f"{', '.join(marker(k) for k in unknown)}"
+                "a marker names latents that were never compressed here nor stored (keys "
+                f"{', '.join(dict.fromkeys(unknown))}); compress the chunk with this compressor"
             )
         return out
 
-    def resolve(self, prompt: str) -> LatentPrompt:
-        """Replace every marker by the placeholder of its latents (plain text stays plain)."""
-        keys = MARKER_PATTERN.findall(prompt)
-        contexts = self.lookup(keys) if keys else {}
-        text = MARKER_PATTERN.sub(PLACEHOLDER, prompt)
-        return LatentPrompt(text, [contexts[k].latents for k in keys])
+    def slots(self, prompt: str) -> list[Slot]:
+        """The slots of the markers in ``prompt``, in order (errors as in `parse_prompt`)."""
+        return [p for p in parse_prompt(prompt) if isinstance(p, Slot)]
 
-    def complete(self, prompt: str, **generate_kwargs: object) -> str:
-        return self.compressor.complete([self.resolve(prompt)], **generate_kwargs)[0]
+    def resolve(self, prompt: str, *, whole_groups: bool = False) -> LatentPrompt:
+        """The decoder prompt: each marker this process issued becomes its latents, the rest text.
 
-    def stream(self, prompt: str, **generate_kwargs: object) -> Iterator[str]:
-        return self.compressor.stream(self.resolve(prompt), **generate_kwargs)
+        ``whole_groups`` also requires every chunk of each group the prompt touches (see
+        `compress`). Raises a `LatentDeliveryError` as `parse_prompt` and `check_whole_groups` do,
+        or when a slot's latents are in neither memory nor the store.
+        """
+        parts = parse_prompt(prompt)
+        slots = [p for p in parts if isinstance(p, Slot)]
+        if whole_groups:
+            check_whole_groups(slots)
+        contexts = self.lookup([s.key for s in slots]) if slots else {}
+        return LatentPrompt.from_parts(
+            p if isinstance(p, str) else contexts[p.key].latents for p in parts
+        )
 
-    async def acomplete(self, prompt: str, **generate_kwargs: object) -> str:
-        return await asyncio.to_thread(self.complete, prompt, **generate_kwargs)
+    def _resolved(self, prompt: str | LatentPrompt, whole_groups: bool) -> LatentPrompt:
+        if isinstance(prompt, LatentPrompt):
+            return prompt
+        return self.resolve(prompt, whole_groups=whole_groups)
 
-    async def astream(self, prompt: str, **generate_kwargs: object) -> AsyncIterator[str]:
+    def complete(
+        self, prompt: str | LatentPrompt, *, whole_groups: bool = False, **generate_kwargs: object
+    ) -> str:
+        """The decoder's answer to ``prompt`` (a framework's string, or already resolved)."""
+        resolved = self._resolved(prompt, whole_groups)
+        return self.compressor.complete([resolved], **generate_kwargs)[0]
+
+    def stream(
+        self, prompt: str | LatentPrompt, *, whole_groups: bool = False, **generate_kwargs: object
+    ) -> Iterator[str]:
+        """Decoder text pieces as they are produced (the prompt is resolved before the first)."""
+        resolved = self._resolved(prompt, whole_groups)
+        return self.compressor.stream(resolved, **generate_kwargs)
+
+    async def acomplete(
+        self, prompt: str | LatentPrompt, *, whole_groups: bool = False, **generate_kwargs: object
+    ) -> str:
+        return await asyncio.to_thread(
+            self.complete, prompt, whole_groups=whole_groups, **generate_kwargs
+        )
+
+    async def astream(
+        self, prompt: str | LatentPrompt, *, whole_groups: bool = False, **generate_kwargs: object
+    ) -> AsyncIterator[str]:
         """Async token stream: the decoder runs in a worker thread, pieces come back as they land."""
         queue: asyncio.Queue[object] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -186,7 +420,8 @@ class LatentService:
         def produce() -> None:
             try:
                 # closing the sync stream cancels the decoder and releases its lock
-                with contextlib.closing(self.stream(prompt, **generate_kwargs)) as pieces:
+                pieces = self.stream(prompt, whole_groups=whole_groups, **generate_kwargs)
+                with contextlib.closing(pieces):
                     for piece in pieces:
                         loop.call_soon_threadsafe(queue.put_nowait, piece)
                         if stop.is_set():

@@ -1,6 +1,7 @@
 """The decoding path shared by `SemiDynamicLLM` and `ChatSemiDynamic`.
 
-Both models receive a prompt string whose ``[[latent:<key>]]`` markers stand for compressed chunks.
+Both models receive a prompt string whose ``[[latent:<slot>]]`` markers stand for compressed chunks
+(only markers this process issued do; any other text, marker-like or not, is text).
 Generation itself is `LatentService`'s (it resolves markers into latent spans); this module adds
 what LangChain expects around it: stop sequences, usage accounting and the chosen ratios.
 """
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
-from semidyn_rag.service import MARKER_PATTERN, LatentService
+from langchain_core.language_models.base import LangSmithParams
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from semidyn_rag.modeling import LatentPrompt
+from semidyn_rag.service import LatentService, Slot, parse_prompt
 from semidyn_rag.types import CompressedContext
 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -50,6 +53,7 @@ class PromptAccount:
     """Decoder input positions: chat-template text tokens plus every latent position."""
     keys: tuple[str, ...]
     contexts: tuple[CompressedContext, ...]
+    resolved: LatentPrompt
 
     @property
     def latent_positions(self) -> int:
@@ -58,12 +62,11 @@ class PromptAccount:
 
 def account_prompt(service: LatentService, prompt: str) -> PromptAccount:
     """Resolve ``prompt`` (unknown markers raise here, before any decoding) and count positions."""
-    resolved = service.resolve(prompt)
-    keys = tuple(MARKER_PATTERN.findall(prompt))
+    keys = tuple(p.key for p in parse_prompt(prompt) if isinstance(p, Slot))
     found = service.lookup(keys) if keys else {}
-    with torch.inference_mode():
-        _, mask, _ = service.compressor.embed_prompts([resolved])
-    return PromptAccount(int(mask.sum()), keys, tuple(found[k] for k in keys))
+    resolved = service.resolve(prompt)
+    positions = service.compressor.prompt_positions(resolved)
+    return PromptAccount(positions, keys, tuple(found[k] for k in keys), resolved)
 
 
 @dataclass(frozen=True)
@@ -104,25 +107,65 @@ class Outcome:
         }
 
 
+_NOT_APPLICABLE = frozenset({"api_key", "base_url", "timeout", "max_retries", "streaming"})
+"""LangChain's standard parameters for remote APIs: accepted, and meaningless for a local decoder."""
+
+
 class LatentDecoding(BaseModel):
-    """Fields and generation helpers common to the LLM and the chat model."""
+    """Fields and generation helpers common to the LLM and the chat model.
+
+    Standard LangChain parameters: ``max_tokens`` (``max_new_tokens`` also accepted),
+    ``temperature``, ``top_p``, ``stop`` and ``model`` (``model_name``), at construction or per
+    call; per call, HF ``generate`` arguments (``max_length``, ``do_sample``, ...) pass through.
+    ``api_key``, ``base_url``, ``timeout``, ``max_retries`` and ``streaming`` are accepted and
+    unused (there is no remote API); any other unknown parameter is a ``ValueError``.
+    """
 
     # ``model_name`` is a field; older pydantic 2.x would warn about the ``model_`` namespace.
-    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True, protected_namespaces=(), populate_by_name=True
+    )
 
     service: LatentService
     """Resolves markers from this process's cache or the shared store; share it with the compressor."""
-    max_new_tokens: int = 256
-    temperature: float = 0.0
+    max_tokens: int = Field(
+        default=256, ge=1, validation_alias=AliasChoices("max_tokens", "max_new_tokens")
+    )
+    """Answer tokens at most (a call's ``max_tokens``, ``max_new_tokens`` or HF ``max_length``
+    replaces it)."""
+    temperature: float = Field(default=0.0, ge=0.0)
     """0 decodes greedily; above 0 samples with this temperature."""
     top_p: float | None = None
+    """Nucleus sampling when ``temperature`` is above 0."""
     stop: list[str] | None = None
     """Default stop strings; a call's ``stop`` replaces them."""
-    model_name: str | None = None
-    """Reported in metadata; defaults to the compressor's decoder base model."""
+    model_name: str | None = Field(
+        default=None, validation_alias=AliasChoices("model_name", "model")
+    )
+    """Reported in metadata and traces; defaults to the compressor's decoder base model."""
     adapter: bool = True
     """False runs the untouched base decoder on plain text: the uncompressed baseline of the same
     base model (it refuses latent markers, which the base never learned to read)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_parameters(cls, data: Any) -> Any:
+        """Refuse unknown parameters (a typo must not be ignored); drop inapplicable ones."""
+        if not isinstance(data, dict):
+            return data
+        names = set(cls.model_fields) | {"max_new_tokens", "model"}
+        unknown = sorted(set(data) - names - _NOT_APPLICABLE)
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__} has no parameter {', '.join(unknown)}; generation takes "
+                "max_tokens, temperature, top_p and stop (HF generate arguments per call)"
+            )
+        return {k: v for k, v in data.items() if k not in _NOT_APPLICABLE}
+
+    @property
+    def max_new_tokens(self) -> int:
+        """``max_tokens`` under the HF name."""
+        return self.max_tokens
 
     @property
     def _model_name(self) -> str:
@@ -134,10 +177,52 @@ class LatentDecoding(BaseModel):
         return {
             "model_name": self._model_name,
             "fingerprint": self.service.compressor.fingerprint,
-            "max_new_tokens": self.max_new_tokens,
+            "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
         }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        """Tracing parameters: provider ``semidyn``, the model, and this call's limits."""
+        params = super()._get_ls_params(stop=stop, **kwargs)  # type: ignore[misc]
+        model = kwargs.get("model")
+        params["ls_provider"] = "semidyn"
+        params["ls_model_name"] = model if isinstance(model, str) else self._model_name
+        max_tokens = kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_tokens))
+        if isinstance(max_tokens, int):
+            params["ls_max_tokens"] = max_tokens
+        temperature = kwargs.get("temperature", self.temperature)
+        if isinstance(temperature, (int, float)):
+            params["ls_temperature"] = float(temperature)
+        return params
+
+    def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A call's LangChain parameters in HF ``generate`` terms, over the instance's."""
+        call = dict(kwargs)
+        model = call.pop("model", None)
+        if model is not None and model != self._model_name:
+            raise ValueError(
+                f"{type(self).__name__} serves the compressor it was built with "
+                f"({self._model_name}); it cannot switch to model {model!r} per call"
+            )
+        if "max_tokens" in call:
+            value = call.pop("max_tokens")
+            if call.get("max_new_tokens") not in (None, value):
+                raise ValueError("give max_tokens or max_new_tokens, not both")
+            call["max_new_tokens"] = value
+        temperature = call.pop("temperature", self.temperature)
+        top_p = call.pop("top_p", self.top_p)
+        gen: dict[str, Any] = {}
+        if call.get("max_new_tokens") is None and call.get("max_length") is None:
+            gen["max_new_tokens"] = self.max_tokens
+        if temperature is not None and temperature > 0:
+            gen["temperature"] = float(temperature)  # the decoder samples (do_sample follows)
+            if top_p is not None:
+                gen["top_p"] = top_p
+        if not self.adapter:
+            gen["adapter"] = False
+        gen.update(call)
+        return gen
 
     def _generate_kwargs(
         self, stop: list[str] | None, kwargs: dict[str, Any]
@@ -145,17 +230,10 @@ class LatentDecoding(BaseModel):
         """``generate`` keyword arguments for one call, with a token counter and the stop list.
 
         Stop strings also go to ``generate`` (``stop_strings``) so the decoder halts at them instead
-        of running to ``max_new_tokens``; the text is still cut here, the LangChain contract.
+        of running to the token limit; the text is still cut here, the LangChain contract.
         """
         stops = list(self.stop or []) if stop is None else list(stop)
-        gen: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
-        if self.temperature > 0:
-            gen.update(do_sample=True, temperature=self.temperature)
-            if self.top_p is not None:
-                gen["top_p"] = self.top_p
-        if not self.adapter:
-            gen["adapter"] = False
-        gen.update(kwargs)
+        gen = self._call_kwargs(kwargs)
         counter = TokenCounter()
         gen["stopping_criteria"] = StoppingCriteriaList(
             [*(gen.get("stopping_criteria") or []), counter]
@@ -167,12 +245,17 @@ class LatentDecoding(BaseModel):
             gen.setdefault("tokenizer", self.service.compressor.decoder_tokenizer)
         return gen, counter, stops
 
-    def _finish_reason(self, counter: TokenCounter, hit: str | None, gen: dict[str, Any]) -> str:
+    def _finish_reason(
+        self, counter: TokenCounter, hit: str | None, gen: dict[str, Any], prompt_tokens: int
+    ) -> str:
         eos = gen.get("eos_token_id", self.service.compressor.decoder_tokenizer.eos_token_id)
         eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
         if hit is not None or counter.last_token in eos_ids:
             return "stop"
-        return "length" if counter.generated >= gen["max_new_tokens"] else "stop"
+        limit = gen.get("max_new_tokens")
+        if limit is None:  # HF max_length counts the prompt's positions too
+            limit = int(gen["max_length"]) - prompt_tokens
+        return "length" if counter.generated >= limit else "stop"
 
     def _outcome(
         self,
@@ -186,7 +269,7 @@ class LatentDecoding(BaseModel):
             text=text,
             account=account,
             completion_tokens=counter.generated,
-            finish_reason=self._finish_reason(counter, hit, gen),
+            finish_reason=self._finish_reason(counter, hit, gen, account.prompt_tokens),
             stop=hit,
             model_name=self._model_name,
         )
@@ -196,7 +279,7 @@ class LatentDecoding(BaseModel):
         account = account_prompt(self.service, prompt)
         gen, counter, stops = self._generate_kwargs(stop, kwargs)
         cutter = StopCutter(stops)
-        raw = self.service.complete(prompt, **gen)
+        raw = self.service.complete(account.resolved, **gen)
         text = cutter.feed(raw) + cutter.flush()
         return self._outcome(text, account, counter, cutter.hit, gen)
 
@@ -208,7 +291,7 @@ class LatentDecoding(BaseModel):
         gen, counter, stops = self._generate_kwargs(stop, kwargs)
         cutter = StopCutter(stops)
         emitted: list[str] = []
-        with contextlib.closing(self.service.stream(prompt, **gen)) as pieces:
+        with contextlib.closing(self.service.stream(account.resolved, **gen)) as pieces:
             for piece in pieces:
                 if text := cutter.feed(piece):
                     emitted.append(text)
@@ -225,7 +308,7 @@ class LatentDecoding(BaseModel):
         account = await asyncio.to_thread(account_prompt, self.service, prompt)
         gen, counter, stops = self._generate_kwargs(stop, kwargs)
         cutter = StopCutter(stops)
-        raw = await self.service.acomplete(prompt, **gen)
+        raw = await self.service.acomplete(account.resolved, **gen)
         text = cutter.feed(raw) + cutter.flush()
         return self._outcome(text, account, counter, cutter.hit, gen)
 
@@ -237,7 +320,7 @@ class LatentDecoding(BaseModel):
         gen, counter, stops = self._generate_kwargs(stop, kwargs)
         cutter = StopCutter(stops)
         emitted: list[str] = []
-        pieces = self.service.astream(prompt, **gen)
+        pieces = self.service.astream(account.resolved, **gen)
         try:
             async for piece in pieces:
                 if text := cutter.feed(piece):

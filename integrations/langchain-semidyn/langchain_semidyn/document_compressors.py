@@ -16,16 +16,12 @@ from typing import Any
 from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict
-from semidyn_rag.service import MARKER_PATTERN, ChunkLatents, LatentService
+from semidyn_rag.service import ChunkLatents, LatentService, is_marker
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "semidyn_"
 """Every metadata key this compressor adds starts with it (flat keys suit vector-store filters)."""
-
-
-def _is_marker(text: str) -> bool:
-    return MARKER_PATTERN.fullmatch(text.strip()) is not None
 
 
 class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
@@ -66,7 +62,7 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
         todo, skipped = [], []
         for doc in documents:
             text = doc.page_content
-            (todo if text.strip() and not _is_marker(text) else skipped).append(doc)
+            (todo if text.strip() and not is_marker(text) else skipped).append(doc)
         return todo, skipped
 
     def compress_documents(

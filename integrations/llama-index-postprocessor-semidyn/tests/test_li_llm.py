@@ -9,6 +9,7 @@ from semidyn_rag.modeling import LatentPrompt
 from semidyn_rag.service import marker
 
 from llama_index.llms.semidyn import (
+    LatentDeliveryError,
     MalformedMarkerError,
     SemiDynamicLLM,
     UnknownMarkerError,
@@ -76,8 +77,22 @@ def test_unknown_marker_is_a_clear_error(llm, service):
         llm.stream_complete(bad, formatted=True)  # raised before the first token
 
 
-def test_cut_marker_is_refused(llm, prompt):
-    with pytest.raises(MalformedMarkerError, match="simple_summarize"):
+@pytest.mark.parametrize("cut", [11, 20, 30, 40, 49, 50])
+def test_cut_marker_is_refused_on_either_side(llm, prompt, cut):
+    """A marker split at any character fails the call that holds its larger piece.
+
+    The error is a ``LatentDeliveryError``, a ``RuntimeError``: LlamaIndex's Refine swallows
+    ``ValueError``/``TypeError`` as bad model output, and must not swallow it.
+    """
+    failed = 0
+    for piece in (prompt[:cut], prompt[cut:]):
+        try:
+            llm.complete(piece, formatted=True)
+        except LatentDeliveryError as error:
+            assert not isinstance(error, (ValueError, TypeError))
+            failed += 1
+    assert failed >= 1
+    with pytest.raises(MalformedMarkerError, match="piece of a latent marker"):
         llm.complete(prompt[:40], formatted=True)
 
 
@@ -108,7 +123,7 @@ def test_base_decoder_baseline(service):
     text = service.qa_template(CORPUS[1], QUESTION)
     want = service.compressor.complete([LatentPrompt(text)], adapter=False, max_new_tokens=MAX_NEW)
     assert base.complete(text, formatted=True).text == want[0]
-    with pytest.raises(ValueError, match="cannot read latent markers"):
+    with pytest.raises(LatentDeliveryError, match="cannot read latent markers"):
         base.complete(service.qa_template(service.compress(CORPUS[:1])[0].marker, QUESTION))
     streamed = [r.delta for r in base.stream_complete(text, formatted=True)]
     assert "".join(streamed) == want[0]

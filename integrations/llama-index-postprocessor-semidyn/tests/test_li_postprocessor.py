@@ -81,8 +81,13 @@ def test_second_query_reads_the_store_without_the_encoder(
         out = SemiDynamicNodePostprocessor(fresh).postprocess_nodes(scored(nodes))
         assert counter.calls == 0
         assert {n.node.metadata[SOURCE] for n in out} == {"store"}
-        assert [n.node.get_content() for n in out] == [n.node.get_content() for n in first]
-        fresh.resolve(out[0].node.get_content())  # the marker resolves in the new process
+        assert [n.node.metadata[KEY] for n in out] == [n.node.metadata[KEY] for n in first]
+        # each query gets fresh slots; the new marker resolves to the stored latents
+        assert out[0].node.get_content() != first[0].node.get_content()
+        torch.testing.assert_close(
+            fresh.resolve(out[0].node.get_content()).latents[0].float(),
+            service.resolve(first[0].node.get_content()).latents[0].float(),
+        )
 
 
 def test_precompress_stores_what_queries_look_up(

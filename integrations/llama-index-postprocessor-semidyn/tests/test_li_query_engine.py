@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from llama_index.core.base.response.schema import Response, StreamingResponse
 from llama_index.core.query_engine import RetrieverQueryEngine
-from semidyn_rag.service import MARKER_PATTERN, LatentService
+from semidyn_rag.modeling import LatentPrompt
+from semidyn_rag.service import LatentService
 from semidyn_rag.store import LatentStore
 from semidyn_rag.testing import EncodeCounter
 
@@ -27,21 +28,16 @@ RHINE = "node4"
 
 
 class PromptRecorder:
-    """Wraps a service's real ``complete``/``stream``: keeps the prompts the LLM received."""
+    """Wraps a service's real ``resolve``: keeps the prompt strings the LLM received."""
 
     def __init__(self, service: LatentService) -> None:
         self.prompts: list[str] = []
-        self._complete, self._stream = service.complete, service.stream
-        service.complete = self.complete  # type: ignore[method-assign]
-        service.stream = self.stream  # type: ignore[method-assign]
+        self._resolve = service.resolve
+        service.resolve = self.resolve  # type: ignore[method-assign]
 
-    def complete(self, prompt: str, **kwargs: object) -> str:
+    def resolve(self, prompt: str, **kwargs: object) -> LatentPrompt:
         self.prompts.append(prompt)
-        return self._complete(prompt, **kwargs)
-
-    def stream(self, prompt: str, **kwargs: object) -> Iterator[str]:
-        self.prompts.append(prompt)
-        return self._stream(prompt, **kwargs)
+        return self._resolve(prompt, **kwargs)
 
 
 @pytest.fixture
@@ -79,7 +75,7 @@ def test_query_engine_end_to_end(make_engine, service, recorder, encode_counter)
         assert response.metadata[node.node.node_id][RATIO] == meta[RATIO]
     # the LLM got markers and no chunk text; the answer is the decoder's on those latents
     (prompt,) = recorder.prompts
-    keys = MARKER_PATTERN.findall(prompt)
+    keys = [slot.key for slot in service.slots(prompt)]
     assert keys == [n.node.metadata[KEY] for n in nodes]
     assert "Rhine" not in prompt and "file_name" not in prompt
     want = service.complete(prompt, max_new_tokens=MAX_NEW) or "Empty Response"

@@ -94,7 +94,7 @@ def test_usage_and_ratios_reach_callbacks(llm, service, prompt) -> None:
     assert info["latent_counts"] == latent_rows
     assert info["latent_positions"] == sum(latent_rows)
     assert info["latent_ratios"] == [service.lookup([k])[k].ratio for k in info["latent_keys"]]
-    assert all(marker(k) in prompt for k in info["latent_keys"])
+    assert [slot.key for slot in service.slots(prompt)] == info["latent_keys"]
     assert result.llm_output["latent_ratios"] == [info["latent_ratios"]]
 
 

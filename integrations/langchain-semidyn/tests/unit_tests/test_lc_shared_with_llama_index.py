@@ -46,7 +46,11 @@ def test_store_written_by_one_framework_serves_the_other(
 
     assert counter.calls == 0
     assert {d.metadata["semidyn_source"] for d in lc_out} == {"store"}
-    assert [d.page_content for d in lc_out[:3]] == [n.node.get_content() for n in li_out]
+    assert [d.metadata["semidyn_key"] for d in lc_out[:3]] == [
+        n.node.metadata["semidyn_key"] for n in li_out
+    ]
     assert {n.node.metadata["semidyn_source"] for n in li_back} == {"store"}
-    assert [n.node.get_content() for n in li_back] == [d.page_content for d in lc_out[3:]]
+    assert [n.node.metadata["semidyn_key"] for n in li_back] == [
+        d.metadata["semidyn_key"] for d in lc_out[3:]
+    ]
     assert isinstance(lc_out[0], Document)

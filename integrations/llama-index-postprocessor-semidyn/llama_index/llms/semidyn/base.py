@@ -1,11 +1,17 @@
 """`SemiDynamicLLM`: a LlamaIndex LLM that reads compressed chunks through their markers.
 
 A query engine hands the LLM one string (``complete(prompt, formatted=True)``); the nodes that
-`SemiDynamicNodePostprocessor` compressed arrive in it as ``[[latent:<key>]]`` markers. This LLM
+`SemiDynamicNodePostprocessor` compressed arrive in it as ``[[latent:<slot>]]`` markers. This LLM
 resolves each marker into that chunk's latent span (service memory, then the latent store) and
 decodes with the compressor's decoder, so the model reads a few latent positions per chunk instead
 of the chunk's tokens. Generation, streaming and marker resolution are `LatentService`'s; this
 module only translates between LlamaIndex's objects and it.
+
+LlamaIndex's response modes pack prompts by a text token count. :meth:`SemiDynamicLLM.prompt_helper`
+counts what the decoder really reads (a marker costs its latent positions); whatever packing is
+used, every call checks that each chunk retrieved for the query arrives whole and that the prompt
+fits the decoder, and raises a `LatentDeliveryError` (a ``RuntimeError``, which Refine does not
+swallow) otherwise.
 """
 
 from __future__ import annotations
@@ -29,18 +35,23 @@ from llama_index.core.base.llms.types import (
     MessageRole,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.indices.prompt_helper import PromptHelper
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
-from semidyn_rag.service import MARKER_PATTERN, LatentService, marker
+from semidyn_rag.modeling import LatentPrompt
+from semidyn_rag.service import (
+    ContextWindowError,
+    LatentDeliveryError,
+    LatentService,
+    MalformedMarkerError,
+    Slot,
+    parse_prompt,
+)
 
 logger = logging.getLogger(__name__)
 
-_MARKER_START = marker("")[:-2]  # "[[latent:"
 _USER_ROLES = (MessageRole.SYSTEM, MessageRole.USER)
-
-
-class MalformedMarkerError(ValueError):
-    """The prompt holds a cut or altered latent marker (e.g. re-split by a response mode)."""
+__all__ = ["MalformedMarkerError", "SemiDynamicLLM", "render_messages"]
 
 
 def render_messages(messages: Sequence[ChatMessage]) -> str:
@@ -66,9 +77,16 @@ class SemiDynamicLLM(CustomLLM):
             llm = SemiDynamicLLM(service, max_new_tokens=64)
             llm.complete(service.qa_template(marker, "Who founded Lyon?"))
 
-    Prompts without markers are plain generation by the decoder. A marker the service cannot
-    resolve raises `UnknownMarkerError`; a cut marker raises `MalformedMarkerError`. Chat goes
-    through LlamaIndex's completion-to-chat derivation with :func:`render_messages`.
+    Prompts without markers are plain generation by the decoder; text that only looks like a
+    marker is text. A marker the service cannot resolve raises `UnknownMarkerError`, a cut marker
+    `MalformedMarkerError`, a prompt holding only some of the chunks retrieved for its query
+    `IncompleteContextError`, and a prompt the decoder cannot hold `ContextWindowError` (all
+    `LatentDeliveryError`). Chat goes through LlamaIndex's completion-to-chat derivation with
+    :func:`render_messages`.
+
+    ``max_new_tokens`` bounds the answer unless ``generate_kwargs`` (or a call) gives
+    ``max_new_tokens`` or ``max_length`` (HF: prompt positions included); a ``temperature`` above 0
+    in them samples.
 
     ``adapter=False`` runs the untouched base decoder on plain text: the honest uncompressed
     baseline on the same base model; the core refuses markers there (the base never learned to
@@ -106,7 +124,7 @@ class SemiDynamicLLM(CustomLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        """Note: the prompt helper counts a marker's text tokens, not its latent positions."""
+        """The decoder's window and answer budget; count prompts with :meth:`count_tokens`."""
         return LLMMetadata(
             context_window=self.context_window,
             num_output=self.max_new_tokens,
@@ -114,46 +132,92 @@ class SemiDynamicLLM(CustomLLM):
             model_name=self.model_name,
         )
 
+    def count_tokens(self, text: str) -> list[int]:
+        """Decoder tokens of ``text`` with each marker counted as its latent positions.
+
+        A tokenizer for LlamaIndex's token counting (``PromptHelper(tokenizer=...)``): the list's
+        length is what the decoder reads; a marker's entries are ``-1`` placeholders.
+        """
+        tok = self._service.compressor.decoder_tokenizer
+        out: list[int] = []
+        for part in parse_prompt(text, check_fragments=False):
+            if isinstance(part, Slot):
+                out += [-1] * self._latent_count(part)
+            else:
+                out += tok(part, add_special_tokens=False)["input_ids"]
+        return out
+
+    def _latent_count(self, slot: Slot) -> int:
+        if slot.num_latents is not None:
+            return slot.num_latents
+        return self._service.lookup([slot.key])[slot.key].num_latents
+
+    def prompt_helper(self, **kwargs: Any) -> PromptHelper:
+        """A `PromptHelper` with this LLM's window, answer budget and :meth:`count_tokens`.
+
+        Give it to a stock synthesizer (``get_response_synthesizer(prompt_helper=...)``) so that
+        ``compact`` and ``tree_summarize`` pack by what the decoder really reads.
+        """
+        return PromptHelper.from_llm_metadata(self.metadata, tokenizer=self.count_tokens, **kwargs)
+
     # ------------------------------------------------------------------ helpers
-    def _prepare(self, prompt: str, formatted: bool) -> str:
-        """Apply ``completion_to_prompt`` to raw prompts and refuse prompts it cannot read."""
+    def _prepare(
+        self, prompt: str, formatted: bool, gen: dict[str, Any]
+    ) -> tuple[LatentPrompt, dict[str, Any]]:
+        """Resolve a prompt for the decoder, refusing one that lost a chunk or overflows.
+
+        Every chunk of each query the prompt touches must be there, whole (a response mode that
+        splits them over calls or truncates them fails here), and prompt plus answer must fit
+        ``context_window``.
+        """
         if not formatted:
             prompt = self.completion_to_prompt(prompt)
-        found = len(MARKER_PATTERN.findall(prompt))
-        if prompt.count(_MARKER_START) != found:
-            raise MalformedMarkerError(
-                "the prompt holds a cut or altered latent marker: a response mode re-split the "
-                "context by token count (use response_mode='simple_summarize' or "
-                "SemiDynamicSynthesizer; 'compact' and 'refine' re-split text)"
+        resolved = self._service.resolve(prompt, whole_groups=True)
+        if resolved.latents and not self.adapter:  # not a ValueError: Refine would swallow it
+            raise LatentDeliveryError(
+                "adapter=False runs the base decoder, which cannot read latent markers; give it "
+                "the chunks' plain text"
             )
-        return prompt
+        positions = self._service.compressor.prompt_positions(resolved)
+        if gen.get("max_new_tokens") is not None:
+            needed = positions + int(gen["max_new_tokens"])
+        else:
+            needed = max(positions, int(gen.get("max_length") or 0))
+        if needed > self.context_window:
+            latents = sum(int(t.shape[0]) for t in resolved.latents)
+            raise ContextWindowError(
+                f"the prompt needs {positions} decoder positions ({latents} of them latents) "
+                f"plus the answer's, {needed} in all, more "
+                f"than the context window of {self.context_window}: retrieve fewer chunks, "
+                "compress harder (a higher scale) or lower max_new_tokens"
+            )
+        info = {"latent_keys": [p.key for p in parse_prompt(prompt) if isinstance(p, Slot)]}
+        return resolved, info
 
     def _kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, **self.generate_kwargs}
-        out.update(kwargs)
+        out: dict[str, Any] = {**self.generate_kwargs, **kwargs}
+        if out.get("max_new_tokens") is None and out.get("max_length") is None:
+            out["max_new_tokens"] = self.max_new_tokens
         if not self.adapter:
             out["adapter"] = False
         return out
 
-    @staticmethod
-    def _info(prompt: str) -> dict[str, Any]:
-        return {"latent_keys": MARKER_PATTERN.findall(prompt)}
-
     # ------------------------------------------------------------------ completion
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        prompt = self._prepare(prompt, formatted)
-        text = self._service.complete(prompt, **self._kwargs(kwargs))
-        return CompletionResponse(text=text, additional_kwargs=self._info(prompt))
+        gen = self._kwargs(kwargs)
+        resolved, info = self._prepare(prompt, formatted, gen)
+        text = self._service.complete(resolved, **gen)
+        return CompletionResponse(text=text, additional_kwargs=info)
 
     @llm_completion_callback()
     def stream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseGen:
         """Decoder tokens as they are produced (markers are resolved before the first one)."""
-        prompt = self._prepare(prompt, formatted)
-        pieces = self._service.stream(prompt, **self._kwargs(kwargs))
-        info = self._info(prompt)
+        gen = self._kwargs(kwargs)
+        resolved, info = self._prepare(prompt, formatted, gen)
+        pieces = self._service.stream(resolved, **gen)
 
         def gen() -> CompletionResponseGen:
             text = ""
@@ -172,18 +236,19 @@ class SemiDynamicLLM(CustomLLM):
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
         """Async completion: the decoder runs in a worker thread, the event loop stays free."""
-        prompt = self._prepare(prompt, formatted)
-        text = await self._service.acomplete(prompt, **self._kwargs(kwargs))
-        return CompletionResponse(text=text, additional_kwargs=self._info(prompt))
+        gen = self._kwargs(kwargs)
+        resolved, info = self._prepare(prompt, formatted, gen)
+        text = await self._service.acomplete(resolved, **gen)
+        return CompletionResponse(text=text, additional_kwargs=info)
 
     @llm_completion_callback()
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
         """Async token stream; an unknown marker raises at the first iteration."""
-        prompt = self._prepare(prompt, formatted)
-        pieces = self._service.astream(prompt, **self._kwargs(kwargs))
-        info = self._info(prompt)
+        gen = self._kwargs(kwargs)
+        resolved, info = self._prepare(prompt, formatted, gen)
+        pieces = self._service.astream(resolved, **gen)
 
         async def gen() -> CompletionResponseAsyncGen:
             text = ""

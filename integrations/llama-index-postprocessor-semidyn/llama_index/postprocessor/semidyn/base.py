@@ -1,8 +1,9 @@
 """`SemiDynamicNodePostprocessor`: retrieved nodes in, latent markers out.
 
 LlamaIndex hands an LLM a prompt string and never node metadata, so a compressed node travels as a
-short marker (``[[latent:<key>]]``) in its text; `SemiDynamicLLM` turns it back into the chunk's
-latent span. Compression reads each chunk alone (it does not depend on the query), which is what
+short marker (``[[latent:<slot>]]``, a slot this process issued) in its text; `SemiDynamicLLM`
+turns it back into the chunk's latent span. A node whose own text looks like a marker is
+compressed like any text: text never stands for latents. Compression reads each chunk alone (it does not depend on the query), which is what
 lets a corpus be compressed once, offline, into a `LatentStore` that every later query reads.
 """
 
@@ -19,7 +20,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle
 from semidyn_rag.precompress import Chunk, PrecompressConfig, PrecompressReport, precompress
-from semidyn_rag.service import MARKER_PATTERN, ChunkLatents, LatentService
+from semidyn_rag.service import ChunkLatents, LatentService, is_marker
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +55,6 @@ def compression_scale(scale: float | None) -> Iterator[None]:
         yield
     finally:
         _scale_override.reset(token)
-
-
-def _is_marker(text: str) -> bool:
-    return MARKER_PATTERN.fullmatch(text.strip()) is not None
 
 
 class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
@@ -138,7 +135,7 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         for item in nodes:
             node = item.node if isinstance(item, NodeWithScore) else item
             text = self.node_text(node)
-            if text.strip() and not _is_marker(text):
+            if text.strip() and not is_marker(text):
                 chunks.append(
                     Chunk(id=node.node_id, doc_id=node.ref_doc_id or node.node_id, text=text)
                 )
@@ -152,11 +149,11 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         return (self._service.scale if scale is None else scale), ratio
 
     def _todo(self, nodes: Sequence[NodeWithScore]) -> tuple[list[int], list[str]]:
-        """Positions and texts of the nodes to compress; empty nodes and markers pass through."""
+        """Positions and texts of the nodes to compress; empty nodes and our markers pass through."""
         positions, texts = [], []
         for i, node in enumerate(nodes):
             text = self.node_text(node)
-            if text.strip() and not _is_marker(text):
+            if text.strip() and not is_marker(text):
                 positions.append(i)
                 texts.append(text)
         return positions, texts
@@ -166,7 +163,7 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
     ) -> list[NodeWithScore]:
         positions, texts = self._todo(nodes)
         scale, ratio = self._policy()
-        chunks = self._service.compress(texts, scale=scale, ratio=ratio) if texts else []
+        chunks = self._service.compress(texts, scale=scale, ratio=ratio, group=True)
         return self._merge(nodes, positions, chunks, scale, ratio)
 
     async def _apostprocess_nodes(
@@ -175,7 +172,7 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         """Async path: the encoder (or the store read) runs in a worker thread."""
         positions, texts = self._todo(nodes)
         scale, ratio = self._policy()
-        chunks = await self._service.acompress(texts, scale=scale, ratio=ratio) if texts else []
+        chunks = await self._service.acompress(texts, scale=scale, ratio=ratio, group=True)
         return self._merge(nodes, positions, chunks, scale, ratio)
 
     def _merge(

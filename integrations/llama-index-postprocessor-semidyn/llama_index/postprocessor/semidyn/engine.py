@@ -4,15 +4,17 @@ The decoder was trained on one prompt (the compressor's ``prompt_template``, by 
 ``"Context: {context}\\nQuestion: {question}"``) with one context placeholder per line, and reads
 a context only as latents. LlamaIndex's stock response modes do not fit that exactly:
 
-* ``compact`` and ``refine`` re-split the context by *text* token count, which cuts markers (and a
-  marker's few text tokens say nothing about its real latent length);
-* ``simple_summarize`` makes the one call we want, but (llama-index-core 0.12-0.14) hands the
-  template the *list* of truncated chunks, so the prompt reads ``Context: ['[[latent:..]]\\n..']``
-  with brackets, quotes and literal ``\\n`` around the latents.
+* ``compact`` and ``tree_summarize`` pack by a token count; with the LLM's ``prompt_helper`` (what
+  ``as_semidyn_query_engine(response_mode=...)`` passes) it counts a marker as its latent
+  positions, so they make one call when the decoder can hold every chunk;
+* ``refine``, ``accumulate`` and ``compact_accumulate`` give each chunk (or pack) its own call, and
+  ``simple_summarize`` truncates at its token limit and (llama-index-core 0.12-0.14) hands the
+  template the *list* of chunks, so the prompt reads ``Context: ['[[latent:..]]\\n..']``.
 
-`SemiDynamicSynthesizer` is ``simple_summarize`` without those two steps: one call, node texts one
-per line, exactly the training layout. The stock ``simple_summarize`` still works (markers are
-resolved wherever they stand), just with that noise in the prompt.
+Whatever the mode, `SemiDynamicLLM` refuses a call that holds only some of a query's retrieved
+chunks, a cut marker, or more than the decoder's window, with a `LatentDeliveryError` that reaches
+the caller: a chunk is never dropped silently. `SemiDynamicSynthesizer` is ``simple_summarize``
+without truncation and list formatting: one call, node texts one per line, the training layout.
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ from llama_index.core.indices.base import BaseIndex
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.prompts import BasePromptTemplate, PromptTemplate
 from llama_index.core.query_engine import RetrieverQueryEngine
-from llama_index.core.response_synthesizers import SimpleSummarize
+from llama_index.core.response_synthesizers import (
+    BaseSynthesizer,
+    ResponseMode,
+    SimpleSummarize,
+    get_response_synthesizer,
+)
 from llama_index.core.types import RESPONSE_TEXT_TYPE
 from semidyn_rag.service import LatentService
 
@@ -84,19 +91,33 @@ def as_semidyn_query_engine(
     ratio: float | None = None,
     streaming: bool = False,
     node_postprocessors: Sequence[BaseNodePostprocessor] = (),
+    response_mode: ResponseMode | str | None = None,
     **kwargs: Any,
 ) -> RetrieverQueryEngine:
     """``index.as_query_engine`` wired for compressed contexts.
 
     Retrieval from ``index`` as usual, then ``node_postprocessors`` (e.g. a reranker, on text),
     then `SemiDynamicNodePostprocessor` (last: it replaces text by markers), then one decoder call
-    through `SemiDynamicSynthesizer` with the training prompt. ``kwargs`` go to the retriever.
+    through `SemiDynamicSynthesizer` with the training prompt. A stock ``response_mode`` instead
+    gets the training prompt and the LLM's ``prompt_helper`` (markers counted as latents); the
+    modes that split chunks over calls fail with `IncompleteContextError` (module docstring).
+    ``kwargs`` go to the retriever.
     """
     llm = llm or SemiDynamicLLM(service)
     compressor = SemiDynamicNodePostprocessor(service, scale=scale, ratio=ratio)
-    synthesizer = SemiDynamicSynthesizer(
-        llm=llm, text_qa_template=qa_prompt(service), streaming=streaming
-    )
+    synthesizer: BaseSynthesizer
+    if response_mode is None:
+        synthesizer = SemiDynamicSynthesizer(
+            llm=llm, text_qa_template=qa_prompt(service), streaming=streaming
+        )
+    else:
+        synthesizer = get_response_synthesizer(
+            llm=llm,
+            prompt_helper=llm.prompt_helper(),
+            text_qa_template=qa_prompt(service),
+            response_mode=ResponseMode(response_mode),
+            streaming=streaming,
+        )
     return index.as_query_engine(
         llm=llm,
         similarity_top_k=similarity_top_k,
