@@ -49,6 +49,34 @@ def questions_from(args: argparse.Namespace) -> Iterable[str]:
         yield line.strip()
 
 
+NEEDS_READERS = {".pdf", ".docx", ".pptx", ".ppt", ".pptm", ".hwp", ".epub", ".mbox", ".ipynb"}
+NEEDS_READERS |= {".csv", ".xls", ".xlsx", ".gif", ".jpg", ".jpeg", ".png", ".webp", ".mp3", ".mp4"}
+"""Suffixes SimpleDirectoryReader hands to ``llama-index-readers-file`` (else: read as text)."""
+
+
+def warn_missing_readers(directory: Path) -> None:
+    """One warning (not LlamaIndex's one per file) when files need ``llama-index-readers-file``."""
+    try:
+        import llama_index.readers.file  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return
+    others = sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and p.suffix.lower() in NEEDS_READERS
+    )
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        logger.warning(
+            "llama-index-readers-file is not installed: %d files (%s) are read as plain text; "
+            "pip install llama-index-readers-file to parse PDF, DOCX and the like",
+            len(others),
+            shown,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("directory", type=Path, help="your documents (read recursively)")
@@ -63,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     args = parser.parse_args(argv)
-    setup_logging(args.quiet)
+    # LlamaIndex warns once per file when llama-index-readers-file is missing: said once below
+    setup_logging(args.quiet, plain_text_corpus=True)
     if not args.directory.is_dir():
         parser.error(f"{args.directory} is not a directory")
+    warn_missing_readers(args.directory)
 
     model = load_compressor(args.compressor, args.device)
     nodes = load_nodes(args.directory, chunk_size=args.chunk_size)

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from .config import CompressorConfig
-from .loading import load_base
+from .loading import load_base, portable_name
 from .modeling import SemiDynamicCompressor
 from .selector import CompareSpace, QuantizeMode
 
@@ -89,11 +89,21 @@ def save_compressor(model: SemiDynamicCompressor, directory: str | Path) -> None
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_file(_own_state(model), out / MODULES_NAME)
-    model.encoder.save_pretrained(out, selected_adapters=["encoder"])
+    had_card = (out / "README.md").exists()
+    for peft_model in (model.encoder, model.decoder):  # never a path of this machine
+        for peft_config in peft_model.peft_config.values():
+            if peft_config.base_model_name_or_path:
+                name = portable_name(peft_config.base_model_name_or_path)
+                peft_config.base_model_name_or_path = name
+    # our LoRA never targets embeddings; "auto" would probe the base name on disk and the hub
+    options = {"save_embedding_layers": False}
+    model.encoder.save_pretrained(out, selected_adapters=["encoder"], **options)
     if model.decoder is model.encoder:
-        model.encoder.save_pretrained(out, selected_adapters=["decoder"])
+        model.encoder.save_pretrained(out, selected_adapters=["decoder"], **options)
     else:
-        model.decoder.save_pretrained(out, selected_adapters=["decoder"])
+        model.decoder.save_pretrained(out, selected_adapters=["decoder"], **options)
+    if not had_card:  # PEFT's boilerplate model card; the config JSON describes the model
+        (out / "README.md").unlink(missing_ok=True)
     tmp = out / f".{CONFIG_NAME}.tmp"
     tmp.write_text(model.config.model_dump_json(indent=2))
     os.replace(tmp, out / CONFIG_NAME)

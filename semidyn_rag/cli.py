@@ -861,24 +861,35 @@ def _store_path(path: str) -> Path:
 
 
 def ratio_histogram(path: Path) -> dict[str, int]:
-    """Chunks per chosen ratio: each entry counted once under the ratio its (first) segment got."""
+    """Entries (distinct chunk texts) per chosen ratio, read from the store's SQLite file directly.
+
+    A text split into segments that got different ratios counts under ``mixed``.
+    """
     import sqlite3
     from collections import Counter
 
     uri = f"{(path / STORE_DB).resolve().as_uri()}?mode=ro"
-    with sqlite3.connect(uri, uri=True) as conn:
+    conn = sqlite3.connect(uri, uri=True)
+    try:
         rows = conn.execute("SELECT ratios, count(*) FROM entries GROUP BY ratios").fetchall()
+    finally:
+        conn.close()
     counts: Counter[str] = Counter()
     for ratios, count in rows:
         try:
-            values = json.loads(ratios)
-        except (TypeError, json.JSONDecodeError):
-            values = None
-        value = values[0] if isinstance(values, list) and values else values
-        counts["?" if value is None else f"{float(value):g}"] += count
-    return dict(
-        sorted(counts.items(), key=lambda kv: (kv[0] == "?", float(kv[0]) if kv[0] != "?" else 0))
-    )
+            values = {float(v) for v in json.loads(ratios)}
+        except (TypeError, ValueError):
+            values = set()
+        label = f"{values.pop():g}" if len(values) == 1 else "mixed" if values else "unreadable"
+        counts[label] += count
+
+    def order(label: str) -> tuple[int, float]:
+        try:
+            return 0, float(label)
+        except ValueError:
+            return 1, 0.0
+
+    return dict(sorted(counts.items(), key=lambda kv: order(kv[0])))
 
 
 def run_store_info(args: argparse.Namespace) -> int:
@@ -993,9 +1004,10 @@ def _setup_output(args: argparse.Namespace) -> None:
 
     handler = TqdmHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.set_name("semidyn-cli")
     root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
+    for old in [h for h in root.handlers if h.get_name() == "semidyn-cli"]:
+        root.removeHandler(old)  # main() called again in one process (tests, notebooks)
     root.addHandler(handler)
     root.setLevel(level)
     if args.verbose < 2:  # faiss logs which CPU build it picked at INFO on every import
