@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -639,15 +640,21 @@ def import_official(
 
 
 def fingerprint(model: SemiDynamicCompressor) -> str:
-    """A short hash of what determines the latents: config, base weights' identity, trained tensors.
+    """A short hash of what determines the latents: config, and every weight that shapes them.
 
-    Base models are identified by their architecture config and input-embedding table rather than
-    by path, so the same checkpoint copied to another folder or machine keeps its fingerprint (and
-    a store precompressed elsewhere stays usable), while another base under the same name does not.
+    Hashed: the compressor config (without base paths), both bases' architecture configs, our own
+    tensors (ratio head, converter, memory), every LoRA tensor, the decoder's input-embedding
+    table, and **every encoder base weight the encoder pass runs** (its embeddings and its layers up
+    to ``encoder_depth``; the layers past an early exit and the LM head do not shape latents). So a
+    base whose weights were replaced at the same path, or weights loaded into a live model, give
+    another fingerprint. Base models are identified by content rather than by path, so the same
+    checkpoint copied to another folder or machine keeps its fingerprint (and a store precompressed
+    elsewhere stays usable). Tensors are hashed as raw bytes with their dtype and shape (about
+    1.5 GB/s; ``SemiDynamicCompressor.fingerprint`` caches the result until a weight changes).
     """
     config = model.config.model_dump(exclude={"encoder_model", "decoder_model"})
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    tensors = dict(_own_state(model))
+    tensors = dict(_own_tensors(model))
     for role, peft_model in (("encoder", model.encoder), ("decoder", model.decoder)):
         base = peft_model.get_base_model()
         base_config = base.config.to_dict()
@@ -657,11 +664,21 @@ def fingerprint(model: SemiDynamicCompressor) -> str:
         if (base_config.get("quantization_config") or {}).get("quant_method") == "gguf":
             base_config.pop("quantization_config")
         digest.update(json.dumps(base_config, sort_keys=True, default=str).encode())
-        tensors[f"{role}.embed_tokens"] = base.get_input_embeddings().weight.detach().cpu()
+        tensors[f"{role}.embed_tokens"] = base.get_input_embeddings().weight
+    depth = getattr(model, "encoder_depth", None)
+    skipped_layers = re.compile(r"\.layers\.(\d+)\.")
+    for name, param in model.encoder.get_base_model().named_parameters():
+        layer = skipped_layers.search(name)
+        if depth is not None and layer is not None and int(layer.group(1)) >= depth:
+            continue
+        if name.startswith("lm_head."):
+            continue
+        tensors[f"encoder.base.{name}"] = param
     for name, param in model.named_parameters():
         if "lora_" in name:
-            tensors[name] = param.detach().cpu()
+            tensors[name] = param
     for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].float().numpy().tobytes())
+        tensor = tensors[name].detach()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(memoryview(tensor.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()[:32]

@@ -330,11 +330,26 @@ class SemiDynamicCompressor(nn.Module):
 
     @property
     def fingerprint(self) -> str:
-        """Hash of config and trained tensors; latent caches are keyed by it (computed once)."""
-        if self._fingerprint is None:
-            from .checkpoint import fingerprint
+        """Hash of the config and every weight that shapes the latents; caches key by it.
 
+        Hashing the weights is cached until one may have changed: the cache is keyed by each
+        parameter's identity, storage, dtype and autograd version counter (bumped by every
+        in-place write: ``load_state_dict``, optimizer steps, ``copy_`` under ``no_grad``) and by
+        the config. Writes through ``param.data`` bypass the version counter: call
+        :meth:`train` or reload instead.
+        """
+        from .checkpoint import fingerprint
+
+        state = (
+            self.config.model_dump_json(),
+            tuple(
+                (id(p), p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape))
+                for p in self.parameters()
+            ),
+        )
+        if self._fingerprint is None or getattr(self, "_fingerprint_state", None) != state:
             self._fingerprint = fingerprint(self)
+            self._fingerprint_state = state
         return self._fingerprint
 
     @property

@@ -340,7 +340,13 @@ def token_spans(
         stripped = piece.strip()
         if stripped:
             lead = len(piece) - len(piece.lstrip())
-            spans.append((begin + lead, begin + lead + len(stripped)))
+            span = (begin + lead, begin + lead + len(stripped))
+            # stripping whitespace can make a window start where the last one did, or end inside
+            # it: keep the larger of the two, never a chunk contained in its neighbour
+            if spans and span[0] <= spans[-1][0]:
+                spans[-1] = span
+            elif not spans or span[1] > spans[-1][1]:
+                spans.append(span)
         if last == len(boundaries) - 1:
             break
         if overlap_tokens:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -17,11 +18,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import CORPUS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from semidyn_rag.cli import main
 from semidyn_rag.modeling import SemiDynamicCompressor
 from semidyn_rag.precompress import (
     Chunk,
+    CorpusError,
+    CorpusRowError,
     Document,
     PrecompressConfig,
     chunk_documents,
@@ -31,6 +36,7 @@ from semidyn_rag.precompress import (
     precompress_corpus,
     read_corpus,
     token_chunks,
+    token_spans,
 )
 from semidyn_rag.store import DB_NAME, LatentStore, StoreMismatchError, entry_key
 from semidyn_rag.testing import EncodeCounter, hashing_embedding, save_tiny_compressor
@@ -198,7 +204,7 @@ def test_token_chunks_are_verbatim_overlapping_windows(model):
     pieces = token_chunks(text, model.tokenizer, 16, 4)
     assert len(pieces) > 3
     assert all(p in text for p in pieces)
-    assert all(len(ids) <= 17 for ids in model.tokenize(pieces))  # edges may re-tokenize by one
+    assert all(len(ids) <= 16 for ids in model.tokenize(pieces))  # within the budget, exactly
     assert pieces[0][-5:] in pieces[1]  # the overlap carries the end of one chunk into the next
     assert token_chunks("short text", model.tokenizer, 16, 4) == ["short text"]
 
@@ -267,3 +273,229 @@ def test_cli_store_info(tmp_path, checkpoint, corpus, capsys):
     assert main(["store", "info", str(store_dir)]) == 0
     assert "| entries |" in capsys.readouterr().out
     assert main(["store", "check", str(store_dir)]) == 0
+
+
+# --- token chunking: exact slices within the budget ---------------------------------------------
+
+ALPHABETS = st.sampled_from(
+    ["abc xyz", "日本語テキスト中文字", "😀👨‍👩‍👧🎉", "é ü ß", " \n\t", "The fox. Paris"]
+)
+TEXTS = st.lists(ALPHABETS.flatmap(lambda a: st.text(alphabet=a, min_size=1, max_size=12)),
+                 max_size=12).map("".join)  # fmt: skip
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=TEXTS, size=st.integers(4, 24), overlap_share=st.sampled_from([0.0, 0.25, 0.5]))
+def test_token_chunks_are_exact_slices_within_the_budget(model, text, size, overlap_share):
+    overlap = int(size * overlap_share)
+    spans = token_spans(text, model.tokenizer, size, overlap)
+    chunks = token_chunks(text, model.tokenizer, size, overlap)
+    assert chunks == [text[a:b] for a, b in spans]
+    for chunk in chunks:
+        assert chunk and chunk == chunk.strip()
+        assert len(model.tokenizer(chunk, add_special_tokens=False)["input_ids"]) <= size
+    starts = [a for a, _ in spans]
+    assert starts == sorted(set(starts))  # every window moves forward
+    covered = set().union(*(range(a, b) for a, b in spans)) if spans else set()
+    assert {i for i, ch in enumerate(text) if not ch.isspace()} <= covered  # nothing dropped
+    if overlap == 0:  # no character is repeated across a chunk edge
+        assert all(b <= a2 for (_, b), (a2, _) in itertools.pairwise(spans))
+
+
+def test_cjk_and_emoji_chunks_do_not_repeat_characters(model):
+    text = "東京は日本の首都です。" * 30 + "😀🎉" * 40
+    chunks = token_chunks(text, model.tokenizer, 16, 0)
+    assert "".join(chunks) == text  # no whitespace here: the chunks tile the text exactly
+    assert max(len(model.tokenize([c])[0]) for c in chunks) <= 16
+    with pytest.raises(ValueError, match="single character"):
+        token_chunks("😀", model.tokenizer, 2, 0)  # one emoji is 4 byte-level tokens
+
+
+# --- corpus edits: sync by document ---------------------------------------------------------------
+
+
+def test_edited_shortened_and_removed_documents_leave_no_stale_data(tmp_path, model, corpus):
+    store_dir = tmp_path / "store"
+    chunks, first = precompress_corpus(model, [corpus], store_dir, CONFIG, embed=embed)
+    old_doc1 = [c for c in chunks if c.doc_id == "doc1.txt"]
+    assert len(old_doc1) > 2 and first.removed_chunks == 0
+    (corpus / "doc1.txt").write_text("Zebras graze quietly on the savanna at dawn.")  # shortened
+    (corpus / "doc2.txt").unlink()
+    edited, report = precompress_corpus(model, [corpus], store_dir, CONFIG, embed=embed)
+    new_doc1 = {c.id: c.text for c in edited if c.doc_id == "doc1.txt"}
+    vanished = [c for c in old_doc1 if c.id not in new_doc1]
+    assert vanished and report.removed_chunks == len(vanished)
+    assert report.changed_chunks == len(new_doc1)  # every remaining id holds new text
+    assert report.deleted_entries > 0 and report.pruned_documents == 0
+    with LatentStore(store_dir, model.fingerprint) as store:
+        index = store.vector_index(embed=embed)
+        assert not any(c.id in index for c in vanished)  # vanished ids are out of the index
+        for old in old_doc1:  # a query with the old words does not find their old vector
+            hits, scores = index.search_texts([old.text], k=1)[0]
+            assert not (hits[0].startswith("doc1.txt#") and scores[0] > 0.99)
+        for chunk_id, text in new_doc1.items():
+            hits, scores = index.search_texts([text], 1)[0]
+            assert hits == [chunk_id] and scores[0] == pytest.approx(1.0, abs=1e-5)
+        assert any(c.doc_id == "doc2.txt" for c in store.manifest())  # kept without prune
+    pruned = precompress(model, edited, store_dir, CONFIG.model_copy(update={"prune": True}),
+                         embed=embed)  # fmt: skip
+    assert pruned.pruned_documents == 1 and pruned.removed_chunks > 0
+    want = expected_entries(model, edited)
+    with LatentStore(store_dir, model.fingerprint) as store:
+        assert set(store.keys()) == set(want)  # exactly the corpus: no stale entry
+        assert set(store.vector_index().ids()) == {c.id for c in edited}
+        assert store.check().ok and store.info().documents == len({c.doc_id for c in edited})
+    assert main(["store", "prune", str(store_dir), "--dry-run"]) == 0
+
+
+# --- inputs with errors: named, counted, skipped ---------------------------------------------------
+
+
+def test_lone_surrogate_row_is_skipped_and_reported(tmp_path, model, capsys):
+    jsonl = tmp_path / "c.jsonl"
+    rows = [
+        '{"id": "a", "text": "Paris is the capital of France."}',
+        '{"id": "b", "text": "half an emoji \\ud83d here"}',
+        '{"id": "c", "text": "broken json',
+        '{"id": "d", "text": "Berlin is the capital of Germany."}',
+    ]
+    jsonl.write_text("\n".join(rows) + "\n")
+    with pytest.raises(CorpusRowError, match=r"c.jsonl:2: the text has a lone surrogate"):
+        list(read_corpus(jsonl))
+    chunks, report = precompress_corpus(model, [jsonl], tmp_path / "store", CONFIG)
+    assert {c.doc_id for c in chunks} == {"a", "d"} and report.new == 2
+    assert report.invalid_count == 2
+    assert report.invalid[0].startswith(f"{jsonl}:2: the text has a lone surrogate")
+    assert report.invalid[1].startswith(f"{jsonl}:3: invalid JSON")
+    assert "Skipped inputs:" in report.markdown()
+    # a chunk handed over directly is checked too
+    bad = Chunk("x#0", "x", "tail \ud800", {})
+    direct = precompress(model, [*chunks, bad], tmp_path / "store", CONFIG)
+    assert direct.invalid_count == 1 and "chunk x#0" in direct.invalid[0]
+    everything_bad = tmp_path / "bad.jsonl"
+    everything_bad.write_text(rows[1] + "\n")
+    with pytest.raises(CorpusError, match="no usable document"):
+        precompress_corpus(model, [everything_bad], tmp_path / "store2", CONFIG)
+
+
+def test_chunk_longer_than_the_decoder_can_read_is_refused_by_name(tmp_path, model, monkeypatch):
+    base = model.decoder.get_base_model().config
+    monkeypatch.setattr(base, "max_position_embeddings", 64)
+    top = max(model.config.ratios)
+    long_text = " ".join(SENTENCES * 40)  # far more than 64 x top tokens
+    assert len(model.tokenize([long_text])[0]) > 64 * top
+    chunks = [Chunk("big#0", "big", long_text, {}), Chunk("ok#0", "ok", SENTENCES[0], {})]
+    report = precompress(model, chunks, tmp_path / "store", CONFIG)
+    assert report.new == 1 and report.invalid_count == 1
+    assert "chunk big#0" in report.invalid[0] and "64 positions" in report.invalid[0]
+    assert "max_position_embeddings" in report.invalid[0]
+
+
+def test_chunks_out_writes_document_metadata_once(tmp_path, model):
+    from semidyn_rag.precompress import documents_path, save_chunks
+
+    big = {"blob": "x" * 100_000, "lang": "en"}
+    doc = Document("d", " ".join(SENTENCES * 4), big)
+    chunks = chunk_documents([doc], tokenizer=model.tokenizer, chunk_tokens=24, overlap_tokens=4)
+    assert len(chunks) > 5
+    old = os.umask(0o022)
+    try:
+        path = save_chunks(chunks, [f"k{i}" for i in range(len(chunks))], tmp_path / "c.jsonl")
+    finally:
+        os.umask(old)
+    assert path.stat().st_size < 100_000  # the metadata is not copied into every chunk
+    assert path.stat().st_mode & 0o777 == 0o644
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["metadata"] for r in rows] == [{"chunk_index": i} for i in range(len(chunks))]
+    docs = [json.loads(line) for line in documents_path(path).read_text().splitlines()]
+    assert docs == [{"doc_id": "d", "metadata": big}]
+
+
+# --- the index is saved as the run goes ------------------------------------------------------------
+
+EMBED_CHILD = (
+    "import sys, time\n"
+    "from semidyn_rag.testing import hashing_embedding\n"
+    "def slow_embed(texts):\n"
+    "    time.sleep(0.3)\n"
+    "    return [hashing_embedding(t, dim=64) for t in texts]\n"
+    "from semidyn_rag.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_killed_embedding_run_keeps_what_it_saved(tmp_path, checkpoint, model, corpus):
+    store_dir = tmp_path / "store"
+    args = ["-q", "precompress", str(corpus), "--store", str(store_dir), *FLAGS]
+    args += ["--compressor", str(checkpoint), "--embed", "__main__:slow_embed"]
+    args += ["--embed-batch", "2", "--index-save-s", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    child = subprocess.Popen([sys.executable, "-c", EMBED_CHILD, *args], env=env,
+                             stderr=subprocess.PIPE)  # fmt: skip
+    index_path = store_dir / "faiss_index.npz"
+    try:
+        deadline = time.monotonic() + 180
+        while child.poll() is None and not index_path.exists():
+            assert time.monotonic() < deadline, "the child saved no index in 180 s"
+            time.sleep(0.02)
+        time.sleep(0.4)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
+    from semidyn_rag.store import VectorIndex
+
+    saved = len(VectorIndex.load(index_path))
+    chunks = load_chunks([corpus], CONFIG, model.tokenizer)
+    assert 2 <= saved < len(chunks)
+    report = precompress(model, chunks, store_dir, CONFIG, embed=embed)
+    assert report.embedded == len(chunks) - saved
+    assert not [p for p in store_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+# --- the fingerprint moves with every weight that shapes the latents -------------------------------
+
+
+def test_fingerprint_follows_the_weights(tmp_path, checkpoint):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(checkpoint.parent, copy)
+    config_file = copy / "compressor" / "semidyn_config.json"
+    config = json.loads(config_file.read_text())
+    config["encoder_model"] = str(copy / "base")  # the copy's own base, changed below
+    config_file.write_text(json.dumps(config))
+    first = SemiDynamicCompressor.from_pretrained(copy / "compressor").eval()
+    fp = first.fingerprint
+    assert SemiDynamicCompressor.from_pretrained(copy / "compressor").fingerprint == fp
+    # the base's transformer weights replaced at the same path
+    weights = copy / "base" / "model.safetensors"
+    state = load_file(weights)
+    name = next(k for k in state if ".layers.0." in k and "mlp" in k)
+    state[name] = state[name] + 0.01
+    save_file(state, weights, metadata={"format": "pt"})
+    changed = SemiDynamicCompressor.from_pretrained(copy / "compressor").eval()
+    assert changed.fingerprint != fp
+    # new converter weights loaded into a live model
+    live = changed.fingerprint
+    changed.converter.load_state_dict(
+        {k: v * 1.5 for k, v in changed.converter.state_dict().items()}
+    )
+    assert changed.fingerprint != live
+    moved = changed.fingerprint
+    with torch.no_grad():
+        next(p for n, p in changed.named_parameters() if "lora_" in n).add_(0.1)
+    assert changed.fingerprint != moved
+    before = changed.fingerprint
+    changed.load_state_dict(changed.state_dict())  # every version moves, the values do not
+    assert changed.fingerprint == before
+    LatentStore(tmp_path / "s", fp).close()  # a store of the weights before the change
+    with pytest.raises(StoreMismatchError):
+        precompress(changed, [Chunk("a#0", "a", "some text", {})], tmp_path / "s", CONFIG)
