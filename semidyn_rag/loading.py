@@ -229,9 +229,10 @@ def _from_pretrained_args(name: str, gguf_file: str | None) -> tuple[str, str | 
 
 
 def _missing_base(name: str, exc: Exception) -> FileNotFoundError:
+    reason = " ".join(str(exc).split())  # one line: transformers' messages span several
     return FileNotFoundError(
         f"base model {name!r} could not be loaded: it is neither a local directory with a "
-        f"config.json nor a hub id available offline ({type(exc).__name__}: {exc}); name an "
+        f"config.json nor a hub id available offline ({type(exc).__name__}: {reason}); name an "
         f"existing directory, an installed package as 'pkg:NAME' (the bundled SmolLM2: "
         f"{SMOLLM2!r} with gguf file {SMOLLM2_GGUF!r}), or a hub id you have downloaded"
     )

@@ -62,3 +62,28 @@ def test_the_bundled_default_loads_and_answers_from_latents():
     assert out.ratio in model.config.ratios and 0 < out.num_latents < out.num_tokens
     answer = model.generate("In what country is Normandy located?", [out], max_new_tokens=12)
     assert isinstance(answer, str) and answer.strip()
+
+
+def test_the_cached_base_equals_the_gguf_file(smol):
+    """The converted safetensors copy (what every load after the first reads) holds exactly the
+    weights and tokenizer that de-quantising the GGUF file gives."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from semidyn_rag.loading import resolve_source
+
+    source = resolve_source(SMOLLM2)
+    direct = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    cached = smol.encoder.get_base_model()
+    ours = {
+        k.replace(".base_layer", ""): v for k, v in cached.state_dict().items() if "lora" not in k
+    }
+    theirs = direct.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert cached.name_or_path == SMOLLM2  # adapters saved from it name no local path
+    tok = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    texts = [CONTEXT, "日本語 😀 <|im_start|> tabs\t\tand  spaces"]
+    assert smol.tokenizer(texts)["input_ids"] == tok(texts)["input_ids"]
+    assert smol.tokenizer.chat_template == tok.chat_template

@@ -207,8 +207,8 @@ def test_resume_gives_the_same_state(make_compressor, tmp_path):
     assert params_a.keys() == params_b.keys()
     for name in params_a:
         assert torch.equal(params_a[name], params_b[name]), name
-    opt_a = load_file(tmp_path / "a" / "checkpoint-6" / "trainer" / "optimizer.safetensors")
-    opt_b = load_file(tmp_path / "b" / "checkpoint-6" / "trainer" / "optimizer.safetensors")
+    opt_a = load_file(tmp_path / "a" / "trainer-state" / "checkpoint-6" / "optimizer.safetensors")
+    opt_b = load_file(tmp_path / "b" / "trainer-state" / "checkpoint-6" / "optimizer.safetensors")
     assert opt_a.keys() == opt_b.keys() and all(torch.equal(opt_a[k], opt_b[k]) for k in opt_a)
     # the checkpoint is also a loadable compressor
     loaded = SemiDynamicCompressor.from_pretrained(tmp_path / "b" / "checkpoint-6")
@@ -294,7 +294,7 @@ def test_cli_train_and_train_regressor(tiny_dir, tmp_path, capsys):
     ]
     assert main(["-q", *args]) == 0
     assert '"steps": 2' in capsys.readouterr().out
-    state = json.loads((out / "checkpoint-2" / "trainer" / "state.json").read_text())
+    state = json.loads((out / "trainer-state" / "checkpoint-2" / "state.json").read_text())
     assert state["train_config"]["module_lr_scale"] == 3.0
     model = SemiDynamicCompressor.from_pretrained(out / "checkpoint-2")
     assert model.config.ratios == [2, 4]
@@ -433,7 +433,7 @@ def test_resume_names_an_optimizer_layout_mismatch(make_compressor, tmp_path):
     model = make_compressor()
     config = TrainConfig(steps=1, batch_size=2, output_dir=str(tmp_path), progress=False)
     Trainer(model, to_examples(model, fixed_set()), config).train()
-    state_file = tmp_path / "checkpoint-1" / "trainer" / "state.json"
+    state_file = tmp_path / "trainer-state" / "checkpoint-1" / "state.json"
     state = json.loads(state_file.read_text())
     state["param_groups"] = state["param_groups"][:2]  # as written before module_lr_scale
     state_file.write_text(json.dumps(state))
@@ -450,3 +450,69 @@ def test_train_ratios_restrict_multi_ratio_sampling(make_compressor):
     assert {trainer.ratio_for(step) for step in range(50)} == {2.0, 4.0}
     with pytest.raises(ValueError, match=r"train_ratios \[3.0\] are not in the model's"):
         Trainer(model, fixed_set(), TrainConfig(steps=1, progress=False, train_ratios=[2, 3]))
+
+
+# --- what a run tells and what it writes ---------------------------------------------------------
+
+
+def test_training_without_density_labels_says_so(make_compressor, caplog):
+    samples = [s.model_copy(update={"y": None}) for s in fixed_set()]
+    config = TrainConfig(steps=2, batch_size=2, log_every=1, progress=False)
+    with caplog.at_level("INFO", logger="semidyn_rag.training.trainer"):
+        trainer = Trainer(make_compressor(), samples, config)
+        trainer.train()
+    assert trainer.labelled == 0
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "density label" in warnings[0].getMessage()
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(steps) == 2 and all("mse n/a: no density labels" in m for m in steps)
+
+
+def test_labelled_or_headless_training_does_not_warn(make_compressor, caplog):
+    unlabelled = [s.model_copy(update={"y": None}) for s in fixed_set()]
+    config = TrainConfig(steps=1, batch_size=2, progress=False)
+    with caplog.at_level("WARNING", logger="semidyn_rag.training.trainer"):
+        Trainer(make_compressor(), fixed_set(), config)  # labelled
+        Trainer(make_compressor(mode="fixed_ratio", fixed_ratio=2), unlabelled, config)
+        Trainer(make_compressor(), unlabelled, config.model_copy(update={"mse_weight": 0.0}))
+    assert not caplog.records
+
+
+def test_a_checkpoint_holds_only_what_ships(make_compressor, tmp_path):
+    config = TrainConfig(steps=2, batch_size=2, output_dir=str(tmp_path), progress=False)
+    Trainer(make_compressor(), fixed_set(), config).train()
+    shipped = tmp_path / "checkpoint-2"
+    files = sorted(p.relative_to(shipped).as_posix() for p in shipped.rglob("*") if p.is_file())
+    assert files == [
+        "decoder/adapter_config.json",
+        "decoder/adapter_model.safetensors",
+        "encoder/adapter_config.json",
+        "encoder/adapter_model.safetensors",
+        "modules.safetensors",
+        "semidyn_config.json",
+    ]
+    for adapter in ("encoder", "decoder"):
+        base = json.loads((shipped / adapter / "adapter_config.json").read_text())
+        assert not base["base_model_name_or_path"].startswith("/")
+    state = tmp_path / "trainer-state" / "checkpoint-2"
+    assert (state / "state.json").is_file() and (state / "optimizer.safetensors").is_file()
+    assert list_checkpoints(tmp_path) == [shipped]
+    # a copy of the shipped directory loads, and says what is missing when resumed
+    copy = tmp_path / "copy" / "checkpoint-2"
+    import shutil
+
+    shutil.copytree(shipped, copy)
+    SemiDynamicCompressor.from_pretrained(copy)
+    trainer = Trainer(make_compressor(), fixed_set(), config)
+    with pytest.raises(FileNotFoundError, match="no trainer state"):
+        trainer.load_state(copy)
+
+
+def test_checkpoints_of_the_old_layout_still_resume(make_compressor, tmp_path):
+    config = TrainConfig(steps=2, batch_size=2, output_dir=str(tmp_path), progress=False)
+    Trainer(make_compressor(), fixed_set(), config).train()
+    (tmp_path / "trainer-state" / "checkpoint-2").rename(tmp_path / "checkpoint-2" / "trainer")
+    assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-2"]
+    resumed = Trainer(make_compressor(), fixed_set(), config.model_copy(update={"steps": 3}))
+    resumed.load_state(tmp_path / "checkpoint-2")
+    assert resumed.step == 2

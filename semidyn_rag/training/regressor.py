@@ -99,7 +99,10 @@ class RatioRegressor(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(out, selected_adapters=[ADAPTER])
+        had_card = (out / "README.md").exists()
+        self.encoder.save_pretrained(out, selected_adapters=[ADAPTER], save_embedding_layers=False)
+        if not had_card:  # PEFT's boilerplate model card
+            (out / "README.md").unlink(missing_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         save_file(state, out / HEAD_NAME)
         (out / CONFIG_NAME).write_text(self.config.model_dump_json(indent=2))
