@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import hmac
@@ -213,6 +214,36 @@ def check_whole_groups(slots: Sequence[Slot]) -> None:
             )
 
 
+_PENDING: contextvars.ContextVar[tuple[Slot, ...] | None] = contextvars.ContextVar(
+    "semidyn_pending_chunks", default=None
+)
+
+
+def expect_delivery(slots: Sequence[Slot]) -> None:
+    """Note that the current query retrieved ``slots``: its next ``whole_groups`` resolve must
+    hold every one of them (a context variable, so concurrent queries keep their own)."""
+    _PENDING.set(tuple(slots) or None)
+
+
+def _check_pending(slots: Sequence[Slot]) -> None:
+    """One verdict per query: the first resolve after `expect_delivery` must hold all of them."""
+    pending = _PENDING.get()
+    if pending is None:
+        return
+    _PENDING.set(None)
+    present = {s.id for s in slots}
+    missing = sum(s.id not in present for s in pending)
+    if missing:
+        raise IncompleteContextError(
+            f"the prompt holds {len(pending) - missing} of the {len(pending)} chunks retrieved for "
+            "this query (whole); the rest were cut, split off into other LLM calls or truncated "
+            "away (LlamaIndex's refine and accumulate modes read one chunk per call, "
+            "simple_summarize truncates, small windows re-split). Use SemiDynamicSynthesizer "
+            "(as_semidyn_query_engine), or compact/tree_summarize with the LLM's prompt_helper and "
+            "a context window that holds every retrieved chunk"
+        )
+
+
 @dataclass(frozen=True)
 class ChunkLatents:
     """One chunk after `LatentService.compress`: its key, latents, source and marker."""
@@ -370,12 +401,14 @@ class LatentService:
         """The decoder prompt: each marker this process issued becomes its latents, the rest text.
 
         ``whole_groups`` also requires every chunk of each group the prompt touches (see
-        `compress`). Raises a `LatentDeliveryError` as `parse_prompt` and `check_whole_groups` do,
-        or when a slot's latents are in neither memory nor the store.
+        `compress`) and, in a query that called `expect_delivery`, every chunk it retrieved.
+        Raises a `LatentDeliveryError` as `parse_prompt` and `check_whole_groups` do, or when a
+        slot's latents are in neither memory nor the store.
         """
         parts = parse_prompt(prompt)
         slots = [p for p in parts if isinstance(p, Slot)]
         if whole_groups:
+            _check_pending(slots)
             check_whole_groups(slots)
         contexts = self.lookup([s.key for s in slots]) if slots else {}
         return LatentPrompt.from_parts(

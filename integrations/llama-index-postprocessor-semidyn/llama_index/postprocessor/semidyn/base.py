@@ -20,7 +20,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle
 from semidyn_rag.precompress import Chunk, PrecompressConfig, PrecompressReport, precompress
-from semidyn_rag.service import ChunkLatents, LatentService, is_marker
+from semidyn_rag.service import ChunkLatents, LatentService, expect_delivery, is_marker
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +186,8 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         out = list(nodes)
         for i, chunk in zip(positions, chunks, strict=True):
             out[i] = self._replace(nodes[i], chunk, None if ratio is not None else scale)
+        # this query's LLM call must then hold every one of them, whole (SemiDynamicLLM checks)
+        expect_delivery([c.slot for c in chunks])
         if chunks:
             sources = [c.source for c in chunks]
             logger.debug(

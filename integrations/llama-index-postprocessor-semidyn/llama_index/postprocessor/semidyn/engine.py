@@ -42,6 +42,9 @@ from .base import SemiDynamicNodePostprocessor
 
 logger = logging.getLogger(__name__)
 
+_NO_CONTEXT = frozenset({ResponseMode.GENERATION, ResponseMode.NO_TEXT, ResponseMode.CONTEXT_ONLY})
+"""Stock modes that never hand the retrieved chunks to the LLM."""
+
 
 def qa_template(service: LatentService) -> str:
     """The compressor's training prompt with LlamaIndex's ``{context_str}``/``{query_str}``."""
@@ -111,11 +114,17 @@ def as_semidyn_query_engine(
             llm=llm, text_qa_template=qa_prompt(service), streaming=streaming
         )
     else:
+        mode = ResponseMode(response_mode)
+        if mode in _NO_CONTEXT:
+            raise ValueError(
+                f"response_mode={mode.value!r} does not read the retrieved chunks; use "
+                "compact, tree_summarize or the default (None)"
+            )
         synthesizer = get_response_synthesizer(
             llm=llm,
             prompt_helper=llm.prompt_helper(),
             text_qa_template=qa_prompt(service),
-            response_mode=ResponseMode(response_mode),
+            response_mode=mode,
             streaming=streaming,
         )
     return index.as_query_engine(
