@@ -115,3 +115,21 @@ def test_ray_gives_the_local_store(tmp_path, checkpoint, model, chunks, ray_dir,
     monkeypatch.setattr(distributed, "ray_session", no_ray)
     again = precompress_ray(checkpoint, chunks, tmp_path / "ray", CONFIG, ray_config, model=model)
     assert (again.new, again.skipped) == (0, local.unique)
+
+
+def test_sigterm_unwinds_the_driver_so_ray_is_shut_down():
+    """``kill`` (SIGTERM) or a closed terminal (SIGHUP) must run the ``finally`` that calls
+    ``ray.shutdown()``; Python's default would end the driver and leave Ray's processes."""
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    unwound = []
+    with pytest.raises(SystemExit) as stopped, distributed.exit_on_signals():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not stop the body")
+        finally:
+            unwound.append(True)
+    assert stopped.value.code == 128 + signal.SIGTERM and unwound == [True]
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
