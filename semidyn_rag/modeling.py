@@ -121,6 +121,11 @@ class TrainExample:
     """Decoder token ids of the answer, ending with the decoder's ``<eos>``."""
     y: list[float]
     """Density label ``log2(L_ctx / L_sum)`` per context; NaN where unknown (no MSE term)."""
+    teacher_ids: list[list[int]] | None = None
+    """Per answer token, the ids of the teacher's ``top_k`` next-token candidates ``[A, k]``
+    (token-level distillation; ``None``: none)."""
+    teacher_logprobs: list[list[float]] | None = None
+    """Their log-probabilities under the teacher, same shape as ``teacher_ids``."""
 
 
 @dataclass
@@ -128,6 +133,35 @@ class LossOutput:
     loss: torch.Tensor
     lm_loss: torch.Tensor
     mse_loss: torch.Tensor
+    kd_loss: torch.Tensor | None = None
+    """Token-level distillation term (before its weight); ``None`` when no example has targets."""
+
+
+def distillation_loss(
+    logits: torch.Tensor, targets: torch.Tensor, examples: Sequence[TrainExample]
+) -> torch.Tensor | None:
+    """Sparse token-level KD: ``-Σ_k p_teacher(k) · log p_student(k)`` over the teacher's top-k,
+    averaged over every answer token of the examples that carry teacher targets.
+
+    ``logits`` ``[B, T, V]`` and ``targets`` ``[B, T]`` (-100 outside answers) are those of the LM
+    loss; answer token ``j`` of row ``i`` is predicted at the position before it. ``None`` when no
+    example has targets. Raises ``ValueError`` when an example's targets do not cover its answer.
+    """
+    terms = []
+    for i, ex in enumerate(examples):
+        if ex.teacher_ids is None or ex.teacher_logprobs is None:
+            continue
+        positions = (targets[i] != -100).nonzero().squeeze(-1) - 1
+        if len(ex.teacher_ids) != positions.numel():
+            raise ValueError(
+                f"teacher targets cover {len(ex.teacher_ids)} tokens, the answer has "
+                f"{positions.numel()}"
+            )
+        student = logits[i, positions].float().log_softmax(-1)  # [A, V]
+        ids = torch.as_tensor(ex.teacher_ids, device=logits.device)
+        probs = torch.as_tensor(ex.teacher_logprobs, device=logits.device).exp()
+        terms.append(-(probs * student.gather(-1, ids)).sum(-1))
+    return torch.cat(terms).mean() if terms else None
 
 
 def _lora(settings: LoraSettings) -> LoraConfig:
@@ -170,11 +204,6 @@ class _Cancelled(StoppingCriteria):
 
     def __init__(self, event: threading.Event) -> None:
         self.event = event
-    teacher_ids: list[list[int]] | None = None
-    """Per answer token, the ids of the teacher's ``top_k`` next-token candidates ``[A, k]``
-    (token-level distillation; ``None``: none)."""
-    teacher_logprobs: list[list[float]] | None = None
-    """Their log-probabilities under the teacher, same shape as ``teacher_ids``."""
 
     def __call__(
         self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object
@@ -182,35 +211,6 @@ class _Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
 
 
-    kd_loss: torch.Tensor | None = None
-    """Token-level distillation term (before its weight); ``None`` when no example has targets."""
-
-
-def distillation_loss(
-    logits: torch.Tensor, targets: torch.Tensor, examples: Sequence[TrainExample]
-) -> torch.Tensor | None:
-    """Sparse token-level KD: ``-Σ_k p_teacher(k) · log p_student(k)`` over the teacher's top-k,
-    averaged over every answer token of the examples that carry teacher targets.
-
-    ``logits`` ``[B, T, V]`` and ``targets`` ``[B, T]`` (-100 outside answers) are those of the LM
-    loss; answer token ``j`` of row ``i`` is predicted at the position before it. ``None`` when no
-    example has targets. Raises ``ValueError`` when an example's targets do not cover its answer.
-    """
-    terms = []
-    for i, ex in enumerate(examples):
-        if ex.teacher_ids is None or ex.teacher_logprobs is None:
-            continue
-        positions = (targets[i] != -100).nonzero().squeeze(-1) - 1
-        if len(ex.teacher_ids) != positions.numel():
-            raise ValueError(
-                f"teacher targets cover {len(ex.teacher_ids)} tokens, the answer has "
-                f"{positions.numel()}"
-            )
-        student = logits[i, positions].float().log_softmax(-1)  # [A, V]
-        ids = torch.as_tensor(ex.teacher_ids, device=logits.device)
-        probs = torch.as_tensor(ex.teacher_logprobs, device=logits.device).exp()
-        terms.append(-(probs * student.gather(-1, ids)).sum(-1))
-    return torch.cat(terms).mean() if terms else None
 class SemiDynamicCompressor(nn.Module):
     """Compresses texts into decoder-space latents and answers questions from them.
 
@@ -451,6 +451,15 @@ class SemiDynamicCompressor(nn.Module):
 
         return states(pool), states(head)
 
+    def head_inputs(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """What the ratio head reads: each context's ``<eos>`` state, ``[B, d_enc]`` (one pass)."""
+        _, states = self._encoder_states(contexts)
+        return self._eos_states(states, [len(c) for c in contexts])
+
+    def _eos_states(self, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        eos_pos = torch.as_tensor(lengths, device=self.device)
+        return hidden[torch.arange(len(lengths), device=self.device), eos_pos]
+
     def _predict_y(self, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         """The regression head on each row's ``<eos>`` state (position ``length``)."""
         return self.ratio_head(self._eos_states(hidden, lengths)).squeeze(-1).float()
@@ -513,15 +522,6 @@ class SemiDynamicCompressor(nn.Module):
         :meth:`structure`, ``ratio`` the explicit one passed to it); returns ``[M, d]``.
 
         The row is ``context + <eos>`` (+ memory tokens); with ``config.pool_eos`` the ``<eos>`` at
-    def head_inputs(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """What the ratio head reads: each context's ``<eos>`` state, ``[B, d_enc]`` (one pass)."""
-        _, states = self._encoder_states(contexts)
-        return self._eos_states(states, [len(c) for c in contexts])
-
-    def _eos_states(self, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
-        eos_pos = torch.as_tensor(lengths, device=self.device)
-        return hidden[torch.arange(len(lengths), device=self.device), eos_pos]
-
         position ``num_tokens`` is pooled with the context. A ratio that the head did not choose
         (fixed modes, explicit ``ratio``) uses ``config.fixed_ratio_alignment`` when it is set.
         """
@@ -851,6 +851,7 @@ class SemiDynamicCompressor(nn.Module):
         ratio: float | None = None,
         mse_weight: float = 1.0,
         encoder_grad: bool = True,
+        kd_weight: float = 0.0,
     ) -> LossOutput:
         """Eq. 7: ``LM + λ·MSE(ŷ, y)`` for one batch (the LM loss counts answer tokens only),
         plus ``kd_weight ×`` `distillation_loss` where examples carry teacher targets.
@@ -903,4 +904,3 @@ class SemiDynamicCompressor(nn.Module):
             mse_loss=mse.detach(),
             kd_loss=None if kd is None else kd.detach(),
         )
-        kd_weight: float = 0.0,
