@@ -214,23 +214,28 @@ def check_whole_groups(slots: Sequence[Slot]) -> None:
             )
 
 
-_PENDING: contextvars.ContextVar[tuple[Slot, ...] | None] = contextvars.ContextVar(
+_PENDING: contextvars.ContextVar[tuple[str, tuple[Slot, ...]] | None] = contextvars.ContextVar(
     "semidyn_pending_chunks", default=None
 )
 
 
-def expect_delivery(slots: Sequence[Slot]) -> None:
-    """Note that the current query retrieved ``slots``: its next ``whole_groups`` resolve must
-    hold every one of them (a context variable, so concurrent queries keep their own)."""
-    _PENDING.set(tuple(slots) or None)
+def expect_delivery(slots: Sequence[Slot], query: str) -> None:
+    """Note that the query ``query`` retrieved ``slots``.
+
+    The next ``whole_groups`` resolve of a prompt that contains ``query`` (every response mode
+    puts the question in each prompt) must hold every one of them, whole. A context variable, so
+    concurrent queries keep their own; a new query replaces it.
+    """
+    _PENDING.set((query, tuple(slots)) if slots and query.strip() else None)
 
 
-def _check_pending(slots: Sequence[Slot]) -> None:
-    """One verdict per query: the first resolve after `expect_delivery` must hold all of them."""
-    pending = _PENDING.get()
-    if pending is None:
+def _check_pending(prompt: str, slots: Sequence[Slot]) -> None:
+    """One verdict per query: its first prompt after `expect_delivery` must hold all chunks."""
+    state = _PENDING.get()
+    if state is None or state[0] not in prompt:
         return
     _PENDING.set(None)
+    pending = state[1]
     present = {s.id for s in slots}
     missing = sum(s.id not in present for s in pending)
     if missing:
@@ -408,7 +413,7 @@ class LatentService:
         parts = parse_prompt(prompt)
         slots = [p for p in parts if isinstance(p, Slot)]
         if whole_groups:
-            _check_pending(slots)
+            _check_pending(prompt, slots)
             check_whole_groups(slots)
         contexts = self.lookup([s.key for s in slots]) if slots else {}
         return LatentPrompt.from_parts(

@@ -21,7 +21,7 @@ from llama_index.core.bridge.pydantic import Field
 from llama_index.core.schema import TextNode
 from llama_index.vector_stores.faiss import FaissVectorStore
 from semidyn_rag.modeling import SemiDynamicCompressor
-from semidyn_rag.service import LatentService
+from semidyn_rag.service import LatentService, expect_delivery
 from semidyn_rag.store import LatentStore
 from semidyn_rag.testing import EncodeCounter, hashing_embedding, save_tiny_compressor
 
@@ -59,6 +59,12 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_pending_query() -> None:
+    """Each test is its own query: no chunks a previous test retrieved are still expected."""
+    expect_delivery([], "")
 
 
 @pytest.fixture(scope="session")

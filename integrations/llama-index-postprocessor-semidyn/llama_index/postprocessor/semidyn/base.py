@@ -164,7 +164,7 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         positions, texts = self._todo(nodes)
         scale, ratio = self._policy()
         chunks = self._service.compress(texts, scale=scale, ratio=ratio, group=True)
-        return self._merge(nodes, positions, chunks, scale, ratio)
+        return self._merge(nodes, positions, chunks, scale, ratio, query_bundle)
 
     async def _apostprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
@@ -173,7 +173,7 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         positions, texts = self._todo(nodes)
         scale, ratio = self._policy()
         chunks = await self._service.acompress(texts, scale=scale, ratio=ratio, group=True)
-        return self._merge(nodes, positions, chunks, scale, ratio)
+        return self._merge(nodes, positions, chunks, scale, ratio, query_bundle)
 
     def _merge(
         self,
@@ -182,12 +182,14 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         chunks: list[ChunkLatents],
         scale: float,
         ratio: float | None,
+        query_bundle: QueryBundle | None,
     ) -> list[NodeWithScore]:
         out = list(nodes)
         for i, chunk in zip(positions, chunks, strict=True):
             out[i] = self._replace(nodes[i], chunk, None if ratio is not None else scale)
         # this query's LLM call must then hold every one of them, whole (SemiDynamicLLM checks)
-        expect_delivery([c.slot for c in chunks])
+        query = query_bundle.query_str if query_bundle is not None else ""
+        expect_delivery([c.slot for c in chunks], query)
         if chunks:
             sources = [c.source for c in chunks]
             logger.debug(
