@@ -404,7 +404,10 @@ def distill(init: str) -> None:
             )
         source = found[-1]
     logger.info("distill: weights from %s", source or "the bundled default")
-    model = SemiDynamicCompressor.from_pretrained(source, dtype=torch.float32)
+    # the head is not trained here (mse_weight 0): reading it at layer 2 stops the encoder there
+    model = SemiDynamicCompressor.from_pretrained(
+        source, dtype=torch.float32, head_layer=HEAD_LAYER
+    )
     count = _count_tokens(model.tokenizer)
     taught = _labelled(read_jsonl(TEACHER), count)
     samples, monitor = training_samples(count)
