@@ -116,7 +116,8 @@ class LatentDecoding(BaseModel):
 
     Standard LangChain parameters: ``max_tokens`` (``max_new_tokens`` also accepted),
     ``temperature``, ``top_p``, ``stop`` and ``model`` (``model_name``), at construction or per
-    call; per call, HF ``generate`` arguments (``max_length``, ``do_sample``, ...) pass through.
+    call; HF ``generate`` arguments (``max_length``, ``do_sample``, ...) go in ``model_kwargs``
+    or pass through per call.
     ``api_key``, ``base_url``, ``timeout``, ``max_retries`` and ``streaming`` are accepted and
     unused (there is no remote API); any other unknown parameter is a ``ValueError``.
     """
@@ -146,6 +147,8 @@ class LatentDecoding(BaseModel):
     adapter: bool = True
     """False runs the untouched base decoder on plain text: the uncompressed baseline of the same
     base model (it refuses latent markers, which the base never learned to read)."""
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """HF ``generate`` arguments for every call (e.g. ``repetition_penalty``); a call's win."""
 
     @model_validator(mode="before")
     @classmethod
@@ -198,7 +201,7 @@ class LatentDecoding(BaseModel):
 
     def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """A call's LangChain parameters in HF ``generate`` terms, over the instance's."""
-        call = dict(kwargs)
+        call = {**self.model_kwargs, **kwargs}
         model = call.pop("model", None)
         if model is not None and model != self._model_name:
             raise ValueError(
