@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,22 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_pth(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True`` (no code runs), errors naming the file."""
+    """``torch.load`` with ``weights_only=True`` (no code runs), errors naming the file.
+
+    ``torch.load`` does not verify the CRC32 that ``torch.save`` writes for each entry of its zip
+    archive, so damaged tensor bytes would load as silently wrong weights: the archive is checked
+    first (the legacy non-zip format carries no checksum to check).
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+            if damaged is not None:
+                raise CheckpointError(
+                    f"{path} is damaged: entry {damaged} fails its checksum; copy the file again"
+                )
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {exc})") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling, truncation and I/O errors all mean the same here

@@ -493,6 +493,11 @@ class SemiDynamicCompressor(nn.Module):
                     y, scale, cfg.ratios, cfg.quantize, cfg.compare_space
                 )
         if ratio is None and cfg.mode == "fully_dynamic":
+            if not math.isfinite(y):  # max(1.0, nan) would be 1.0: every token kept, silently
+                raise ValueError(
+                    f"the ratio head gave {y!r}: this checkpoint has no trained ratio head; "
+                    "pass ratio= or use a fixed mode"
+                )
             ratio = max(1.0, selector.continuous_ratio(y, scale))
         if ratio is not None:
             window = max(1, round(ratio))

@@ -370,6 +370,10 @@ def test_static_release_with_flat_projector(bases, tmp_path):
     )
     with pytest.raises(ValueError, match="no trained ratio head"):
         head_mode.compress([TEXTS[0]])
+    # the unquantised mode consults the head too (max(1, nan) must not become "keep every token")
+    unquantised = SemiDynamicCompressor.from_pretrained(ck, mode="fully_dynamic")
+    with pytest.raises(ValueError, match="no trained ratio head"):
+        unquantised.compress([TEXTS[0]])
 
 
 def test_compression_token_release_loads_its_memory_rows(bases, tmp_path):
@@ -553,6 +557,56 @@ def test_damaged_release_is_named(bases, tmp_path, damage, match):
     if damage in ("config_no_base", "config_bad_ratio", "base_elsewhere"):
         (ck / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=match):
+        SemiDynamicCompressor.from_pretrained(ck)
+
+
+def _flip_tensor_bytes(path: Path) -> None:
+    """Damage the largest tensor of a ``torch.save`` zip archive in place (its size unchanged)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        tensors = [info for info in archive.infolist() if "/data/" in info.filename]
+        entry = max(tensors, key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    header = entry.header_offset  # the local header: name and extra-field lengths at 26 and 28
+    name_len = int.from_bytes(data[header + 26 : header + 28], "little")
+    extra_len = int.from_bytes(data[header + 28 : header + 30], "little")
+    start = header + 30 + name_len + extra_len
+    for i in range(start + 8, start + 24):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("method", "damaged"),
+    [
+        ("mean_pooling", "projector.pth"),
+        ("different_memory_tokens", "memory_token_embedding.pth"),
+        ("mean_pooling", "encoder/adapter_model.bin"),
+    ],
+)
+def test_damaged_tensor_bytes_are_named(bases, tmp_path, method, damaged):
+    """``torch.load`` ignores the archive's CRC32: flipped tensor bytes loaded as wrong weights."""
+    memory = method != "mean_pooling"
+    ck = write_official(
+        tmp_path,
+        bases["plain"],
+        bases["plain"],
+        values=[2, 4, 8] if memory else FRACTIONS,
+        method=method,
+    )
+    if damaged.endswith("adapter_model.bin"):  # the older PEFT file format
+        from safetensors.torch import load_file
+
+        st = ck / "encoder" / "adapter_model.safetensors"
+        torch.save(load_file(st), ck / damaged)
+        st.unlink()
+        SemiDynamicCompressor.from_pretrained(ck)  # intact, it loads
+    _flip_tensor_bytes(ck / damaged)
+    torch.load(ck / damaged, weights_only=True)  # torch alone does not notice
+    with pytest.raises(
+        CheckpointError, match=rf"{damaged.replace('.', r'.')} is damaged.*checksum"
+    ):
         SemiDynamicCompressor.from_pretrained(ck)
 
 
