@@ -37,15 +37,18 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
-import faiss
 import numpy as np
-import torch
 from filelock import FileLock
 from pydantic import BaseModel
 
 from .types import CompressedContext
+
+# torch is imported where tensors are built and faiss where the index is: `store info` and
+# `store check` need neither
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +61,25 @@ DB_NAME = "latents.sqlite"
 LOCK_NAME = "writer.lock"
 INDEX_NAME = "faiss_index.npz"
 APPLICATION_ID = 0x53445247  # "SDRG" in the SQLite header: tells our files from other databases
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
+"""Bytes per value of each latent dtype a store may hold, by name."""
 _BATCH = 500  # keys per ``IN (...)`` query, below SQLite's oldest limit of 999 parameters
 _NOT_READY_WAIT_S = 2.0  # a creation commits within milliseconds; a reader waits this long for it
+
+
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """The torch dtype of each name in :data:`DTYPE_SIZES` (imports torch)."""
+    import torch
+
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def __getattr__(name: str) -> Any:
+    # ``DTYPES`` (name -> torch dtype) is built on first use, so importing the store needs no torch
+    if name == "DTYPES":
+        return torch_dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _ENTRIES = """
 CREATE TABLE entries (
@@ -385,9 +404,10 @@ class LatentStore:
                         "the compressor's fingerprint to finish it)"
                     )
                 if meta is None:  # a new file, or a creation that crashed before its commit
-                    meta = self._initialize(fingerprint, dtype or torch.float16)
+                    name = "float16" if dtype is None else _dtype_name(dtype)
+                    meta = self._initialize(fingerprint, name)
                 meta = self._upgrade(meta)
-                self.fingerprint, self.dtype = self._check_meta(meta, fingerprint, dtype)
+                self.fingerprint, self.dtype_name = self._check_meta(meta, fingerprint, dtype)
             except _Retry:
                 self._conn.close()
                 if time.monotonic() >= deadline:
@@ -470,9 +490,8 @@ class LatentStore:
                 raise _Retry from exc
             raise StoreCorruptError(f"{self.path / DB_NAME} is unreadable: {exc}") from exc
 
-    def _initialize(self, fingerprint: str, dtype: torch.dtype) -> dict[str, str]:
+    def _initialize(self, fingerprint: str, dtype_name: str) -> dict[str, str]:
         """Create the schema and meta in one transaction (another process may be racing us)."""
-        dtype_name = _dtype_name(dtype)
         with self._transaction(write=True) as conn:
             meta = self._read_meta()
             if meta is not None:
@@ -487,7 +506,9 @@ class LatentStore:
                 "created": str(time.time()),
             }
             conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
-        logger.info("created latent store %s for compressor %s (%s)", self.path, fingerprint, dtype)
+        logger.info(
+            "created latent store %s for compressor %s (%s)", self.path, fingerprint, dtype_name
+        )
         return meta
 
     def _upgrade(self, meta: dict[str, str]) -> dict[str, str]:
@@ -511,7 +532,7 @@ class LatentStore:
             sums = []
             for row in rows:
                 try:  # an entry that no longer decodes keeps no checksum: reads refuse it
-                    _decode(row, None, verify=False)
+                    _parse(row, verify=False)
                     sums.append((entry_checksum(*row[:8]), row[0]))
                 except StoreCorruptError as exc:
                     logger.warning("%s: not given a checksum: %s", self.path, exc)
@@ -527,8 +548,11 @@ class LatentStore:
 
     def _check_meta(
         self, meta: Mapping[str, str], fingerprint: str | None, dtype: torch.dtype | None
-    ) -> tuple[str, torch.dtype]:
-        """Refuse other format versions, other compressors and other dtypes with clear errors."""
+    ) -> tuple[str, str]:
+        """Refuse other format versions, other compressors and other dtypes with clear errors.
+
+        Returns the fingerprint and the dtype name.
+        """
         for name in ("format_version", "fingerprint", "dtype"):
             if name not in meta:
                 raise StoreCorruptError(
@@ -547,12 +571,17 @@ class LatentStore:
                 f"{self.path} holds latents of compressor {stored!r}, not of compressor "
                 f"{fingerprint!r}: use another store path, or delete this one to rebuild it"
             )
-        stored_dtype = DTYPES.get(meta["dtype"])
-        if stored_dtype is None:
-            raise StoreCorruptError(f"{self.path} has an unknown latent dtype {meta['dtype']!r}")
-        if dtype is not None and dtype != stored_dtype:
-            raise StoreMismatchError(f"{self.path} stores {stored_dtype}, not {dtype}")
+        stored_dtype = meta["dtype"]
+        if stored_dtype not in DTYPE_SIZES:
+            raise StoreCorruptError(f"{self.path} has an unknown latent dtype {stored_dtype!r}")
+        if dtype is not None and str(dtype).removeprefix("torch.") != stored_dtype:
+            raise StoreMismatchError(f"{self.path} stores torch.{stored_dtype}, not {dtype}")
         return stored, stored_dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype the latents are stored in (:attr:`dtype_name` without torch)."""
+        return torch_dtypes()[self.dtype_name]
 
     @contextmanager
     def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
@@ -653,6 +682,8 @@ class LatentStore:
 
     def _encode(self, key: str, ctx: CompressedContext, text_hash: str, policy: str) -> tuple:
         """The entries row of one context, latents cast to the store dtype."""
+        import torch
+
         latents = ctx.latents.detach().cpu()
         if latents.dim() != 2:
             raise ValueError(
@@ -669,7 +700,7 @@ class LatentStore:
             int(ctx.num_tokens),
             int(stored.shape[0]),
             int(stored.shape[1]),
-            _dtype_name(self.dtype),
+            self.dtype_name,
             json.dumps([float(r) for r in ctx.segment_ratios]),
             json.dumps([float(y) for y in ctx.segment_y]),
             blob,
@@ -931,7 +962,7 @@ class LatentStore:
                     if row is None:
                         continue
                     try:
-                        _decode(row, None)
+                        _parse(row)  # no tensor is built: a check needs no torch
                         checked += 1
                     except StoreCorruptError as exc:
                         problems.append(str(exc))
@@ -989,7 +1020,7 @@ class LatentStore:
             path=str(self.path),
             fingerprint=self.fingerprint,
             format_version=int(meta["format_version"]),
-            dtype=_dtype_name(self.dtype),
+            dtype=self.dtype_name,
             hidden=int(meta["hidden"]) if "hidden" in meta else None,
             entries=entries,
             original_tokens=tokens,
@@ -1042,19 +1073,35 @@ class LatentStore:
 
     def __repr__(self) -> str:
         return (
-            f"LatentStore({str(self.path)!r}, fingerprint={self.fingerprint!r}, dtype={self.dtype})"
+            f"LatentStore({str(self.path)!r}, fingerprint={self.fingerprint!r}, "
+            f"dtype=torch.{self.dtype_name})"
         )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"latent dtype must be one of {sorted(DTYPES)}, got {dtype}")
+    if name not in DTYPE_SIZES:
+        raise ValueError(f"latent dtype must be one of {sorted(DTYPE_SIZES)}, got {dtype}")
     return name
 
 
-def _decode(row: tuple, dtype: torch.dtype | None, *, verify: bool = True) -> CompressedContext:
-    """One entries row (``_COLUMNS``) as a context; any inconsistency is an error naming the key."""
+@dataclass(frozen=True)
+class _Fields:
+    """One entries row, checked: everything a context is built from."""
+
+    key: str
+    num_tokens: int
+    num_latents: int
+    hidden: int
+    dtype_name: str
+    segment_ratios: tuple[float, ...]
+    segment_y: tuple[float, ...]
+    blob: bytes
+
+
+def _parse(row: tuple, *, verify: bool = True) -> _Fields:
+    """One entries row (``_COLUMNS``) checked (checksum, sizes, fields) without building tensors;
+    any inconsistency is a :class:`StoreCorruptError` naming the key."""
     key, num_tokens, num_latents, hidden, dtype_name, ratios, ys, blob, checksum = row
     if verify:
         try:
@@ -1068,10 +1115,10 @@ def _decode(row: tuple, dtype: torch.dtype | None, *, verify: bool = True) -> Co
             )
     if not isinstance(blob, bytes):
         raise StoreCorruptError(f"entry {key}: latents are {type(blob).__name__}, not bytes")
-    stored = DTYPES.get(dtype_name)
-    if stored is None:
+    itemsize = DTYPE_SIZES.get(dtype_name)
+    if itemsize is None:
         raise StoreCorruptError(f"entry {key}: unknown dtype {dtype_name!r}")
-    expected = num_latents * hidden * stored.itemsize
+    expected = num_latents * hidden * itemsize
     if len(blob) != expected:
         raise StoreCorruptError(
             f"entry {key}: latents have {len(blob)} bytes, expected {expected} "
@@ -1086,13 +1133,25 @@ def _decode(row: tuple, dtype: torch.dtype | None, *, verify: bool = True) -> Co
         raise StoreCorruptError(
             f"entry {key}: {len(segment_ratios)} ratios for {len(segment_y)} ys"
         )
-    if expected:
-        latents = torch.frombuffer(bytearray(blob), dtype=stored).reshape(num_latents, hidden)
+    return _Fields(
+        key, num_tokens, num_latents, hidden, dtype_name, segment_ratios, segment_y, blob
+    )
+
+
+def _decode(row: tuple, dtype: torch.dtype | None, *, verify: bool = True) -> CompressedContext:
+    """One entries row (``_COLUMNS``) as a context; any inconsistency is an error naming the key."""
+    import torch
+
+    f = _parse(row, verify=verify)
+    stored = torch_dtypes()[f.dtype_name]
+    if f.blob:
+        latents = torch.frombuffer(bytearray(f.blob), dtype=stored)
+        latents = latents.reshape(f.num_latents, f.hidden)
     else:
-        latents = torch.empty(num_latents, hidden, dtype=stored)
+        latents = torch.empty(f.num_latents, f.hidden, dtype=stored)
     if dtype is not None:
         latents = latents.to(dtype)
-    return CompressedContext(latents, num_tokens, segment_ratios, segment_y)
+    return CompressedContext(latents, f.num_tokens, f.segment_ratios, f.segment_y)
 
 
 class VectorIndex:
@@ -1121,6 +1180,8 @@ class VectorIndex:
         self.metric: Metric = metric
         self.embed = embed
         self.path = Path(path) if path is not None else None
+        import faiss
+
         flat = faiss.IndexFlatL2(self.dim) if metric == "l2" else faiss.IndexFlatIP(self.dim)
         self._index = faiss.IndexIDMap2(flat)
         self._labels: dict[str, int] = {}
@@ -1145,6 +1206,8 @@ class VectorIndex:
                 f"{what} have shape {matrix.shape}; this index holds {self.dim}-d vectors"
             )
         if self.metric == "cosine":
+            import faiss
+
             faiss.normalize_L2(matrix)
         return matrix
 
@@ -1211,6 +1274,8 @@ class VectorIndex:
         target = Path(path) if path is not None else self.path
         if target is None:
             raise ValueError("give a path to save an index that has none")
+        import faiss
+
         items = sorted(self._labels.items(), key=lambda item: item[1])
         encoded = [i.encode("utf-8", "surrogatepass") for i, _ in items]
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
@@ -1234,6 +1299,8 @@ class VectorIndex:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no vector index at {path}")
+        import faiss
+
         try:
             with np.load(path, allow_pickle=False) as data:
                 version = int(data["format_version"])

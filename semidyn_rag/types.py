@@ -7,8 +7,10 @@ carry them around without importing the model code.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: the store reads and checks entries without torch
+    import torch
 
 
 @dataclass(frozen=True)

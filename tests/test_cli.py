@@ -208,17 +208,17 @@ def test_store_info_imports_no_transformers(tmp_path):
         assert "transformers" not in modules and "peft" not in modules
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="semidyn_rag.store imports torch at module level (DTYPES, tensor decoding); "
-    "a lazy torch import there makes store info/check torch-free",
-)
-def test_store_info_imports_no_torch(tmp_path):
+@pytest.mark.parametrize("action", [["info"], ["check"], ["prune", "--dry-run"]])
+def test_store_commands_import_no_torch(tmp_path, action):
+    from semidyn_rag.store import LatentStore, ManifestRow
+
     store = tmp_path / "store"
-    make_store(store, [(2.0,)])
-    rc, modules, err = loaded_modules_after(["store", "info", str(store)], tmp_path)
+    make_store(store, [(2.0,), (4.0,)])
+    with LatentStore(store) as opened:  # key0 belongs to a document, key1 to none
+        opened.plan_sync([ManifestRow("c0", "scale=0.0", "d0", "key0", "h0")], dry_run=False)
+    rc, modules, err = loaded_modules_after(["store", *action, str(store)], tmp_path)
     assert rc == 0, err
-    assert "torch" not in modules
+    assert "torch" not in modules and "transformers" not in modules
 
 
 # --- output -------------------------------------------------------------------------------------
