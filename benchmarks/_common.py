@@ -27,6 +27,19 @@ ROOT = Path(__file__).resolve().parent
 SQUAD = ROOT.parents[1] / "shared" / "data" / "squad" / "dev-v2.0-part.json"
 
 
+def portable(value: object) -> str:
+    """``value`` as the results files show it: an absolute path becomes relative to the
+    repository (``../shared/...`` for the workspace's data beside it; only its name when it lies
+    elsewhere), so committed results name no machine's directories."""
+    text = str(value)
+    if not isinstance(value, (Path, str)) or not os.path.isabs(text):
+        return text
+    path, repo = Path(text).resolve(), ROOT.parent
+    if path.is_relative_to(repo.parent):
+        return os.path.relpath(path, repo)
+    return path.name
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -74,7 +87,7 @@ def load_model(
         model = SemiDynamicCompressor.from_pretrained(
             args.checkpoint, device=args.device, dtype=dtype
         )
-        what = f"trained checkpoint {args.checkpoint or DEFAULT_CHECKPOINT}"
+        what = f"trained checkpoint {portable(args.checkpoint or DEFAULT_CHECKPOINT)}"
     else:
         config = CompressorConfig(encoder_model=SMOLLM2, encoder_gguf_file=SMOLLM2_GGUF)
         model = SemiDynamicCompressor.from_config(config, device=args.device, dtype=dtype)
@@ -173,7 +186,7 @@ class Report:
         self.data.setdefault("tables", {})[heading] = {"headers": list(headers), "rows": rows}
 
     def write(self) -> str:
-        settings = {k: str(v) for k, v in vars(self.args).items()}
+        settings = {k: portable(v) for k, v in vars(self.args).items()}
         head = [
             f"# {self.title}",
             "",

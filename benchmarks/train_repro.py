@@ -231,7 +231,10 @@ def train(model, samples, name: str, sampling: str, args: argparse.Namespace) ->
         "final_loss": sum(h.loss for h in tail) / len(tail),
         "final_lm_loss": sum(h.lm_loss for h in tail) / len(tail),
         "final_mse": sum(h.mse_loss for h in tail) / len(tail),
-        "checkpoint": str(Path(config.output_dir or "") / f"checkpoint-{config.steps}"),
+        # repository-relative: the results are committed and name no machine's directories
+        "checkpoint": str(
+            (Path(config.output_dir or ".") / f"checkpoint-{config.steps}").relative_to(ROOT)
+        ),
     }
 
 
