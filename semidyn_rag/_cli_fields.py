@@ -260,7 +260,7 @@ FIELDS = json.loads(
    "metavar": "NUMBER",
    "syntax": "a number",
    "default": "0.1",
-   "help": "The schedule decays to ``lr × min_lr_ratio``"
+   "help": "The schedule decays to `lr × min_lr_ratio`"
   },
   {
    "name": "schedule",
@@ -323,7 +323,7 @@ FIELDS = json.loads(
    "metavar": "INT",
    "syntax": "an integer",
    "default": "0",
-   "help": "Before step 0, fit the converter for this many steps to pooled decoder embeddings (`align.align_converter`, on up to ``align_contexts`` training contexts); 0: off"
+   "help": "Before step 0, fit the converter for this many steps to pooled decoder embeddings (`align.align_converter`, on up to `align_contexts` training contexts); 0: off"
   },
   {
    "name": "align_contexts",
@@ -344,7 +344,7 @@ FIELDS = json.loads(
    "metavar": "NUMBER",
    "syntax": "a number",
    "default": "1.0",
-   "help": "λ of Eq"
+   "help": "λ of Eq. 7"
   },
   {
    "name": "kd_weight",
@@ -358,21 +358,21 @@ FIELDS = json.loads(
    "metavar": "multi|mode",
    "syntax": "one of multi|mode",
    "default": "\"multi\"",
-   "help": "``multi``: one ratio drawn from the model's candidate set per optimizer step (multi-ratio and semi-dynamic mean pooling); ``mode``: the mode decides (fixed ratio/length; semi- and fully dynamic follow the label ``y`` where known)"
+   "help": "`multi`: one ratio drawn from the model's candidate set per optimizer step (multi-ratio and semi-dynamic mean pooling); `mode`: the mode decides (fixed ratio/length; semi- and fully dynamic follow the label `y` where known)"
   },
   {
    "name": "train_ratios",
    "metavar": "JSON",
    "syntax": "JSON list of numbers, e.g. '[2,4]' or null",
    "default": "null",
-   "help": "The ratios multi-ratio sampling draws from (default: all of the model's candidates); e.g"
+   "help": "The ratios multi-ratio sampling draws from (default: all of the model's candidates); e.g. the low ratios only, where a short run has the most to learn"
   },
   {
    "name": "train_base",
    "metavar": "BOOL",
    "syntax": "true or false",
    "default": "false",
-   "help": "Train the base weights as well (from-scratch runs, where LoRA on random weights is too weak); checkpoints then carry the trained base in ``base/``"
+   "help": "Train the base weights as well (from-scratch runs, where LoRA on random weights is too weak); checkpoints then carry the trained base in `base/`"
   },
   {
    "name": "max_context_tokens",
@@ -400,7 +400,7 @@ FIELDS = json.loads(
    "metavar": "INT",
    "syntax": "an integer",
    "default": "0",
-   "help": "Save ``checkpoint-N`` every this many steps (0: only at the end); needs ``output_dir``"
+   "help": "Save `checkpoint-N` every this many steps (0: only at the end); needs `output_dir`"
   },
   {
    "name": "keep_last",
@@ -421,14 +421,14 @@ FIELDS = json.loads(
    "metavar": "INT",
    "syntax": "an integer",
    "default": "0",
-   "help": "Every this many steps (and at the end), log `diagnostics.latent_use` on the trainer's ``eval_samples``: held-out loss with the right vs another example's latents (0: off)"
+   "help": "Every this many steps (and at the end), log `diagnostics.latent_use` on the trainer's `eval_samples`: held-out loss with the right vs another example's latents (0: off)"
   },
   {
    "name": "resume_from",
    "metavar": "TEXT",
    "syntax": "text or null",
    "default": "null",
-   "help": "A checkpoint directory, or ``auto`` for the latest one in ``output_dir`` (none: start)"
+   "help": "A checkpoint directory, or `auto` for the latest one in `output_dir` (none: start)"
   },
   {
    "name": "mixed_precision",

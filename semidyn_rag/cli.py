@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -111,6 +112,12 @@ def _syntax(annotation: Any) -> tuple[str, str]:
     return "VALUE", "JSON or text"
 
 
+def _first_sentence(text: str) -> str:
+    """The first sentence of a field's description, without its full stop: a period ends it only
+    before a capital letter, so "Eq. 7" and "e.g. the low ratios" stay inside the sentence."""
+    return re.split(r"\.\s+(?=[A-Z(])", text, maxsplit=1)[0].rstrip(".")
+
+
 def field_specs(model: type) -> list[dict[str, Any]]:
     """What a ``--field`` flag shows for each field of a pydantic ``model`` (the snapshot rows)."""
     from pydantic_core import to_jsonable_python
@@ -118,8 +125,8 @@ def field_specs(model: type) -> list[dict[str, Any]]:
     specs = []
     for name, info in model.model_fields.items():  # type: ignore[attr-defined]
         metavar, syntax = _syntax(info.annotation)
-        about = " ".join((info.description or "").split())
-        first = about.split(". ")[0].rstrip(".") if about else ""
+        about = " ".join((info.description or "").split()).replace("``", "`")
+        first = _first_sentence(about)
         default = (
             None
             if info.is_required()
