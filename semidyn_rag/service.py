@@ -343,7 +343,7 @@ class LatentService:
                 list(todo.values()), self._scale(scale), self.ratio if ratio is None else ratio
             )
             if self.store is not None:
-                self.store.put_many(
+                self.store.cache_many(
                     list(zip(todo, fresh, strict=True)),
                     text_hashes={k: text_hash(t) for k, t in todo.items()},
                     policy=self._policy(scale, ratio),
