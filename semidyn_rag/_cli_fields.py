@@ -588,7 +588,7 @@ FIELDS = json.loads(
    "metavar": "INT",
    "syntax": "an integer",
    "default": "8192",
-   "help": "padded token positions per encoder pass (rows x longest row)"
+   "help": "padded token positions per encoder pass (rows x longest row); a compressor on CPU uses 1024 unless this is set"
   },
   {
    "name": "max_batch_rows",

@@ -46,8 +46,6 @@ FIELD_MODELS = {
 STORE_DB = "latents.sqlite"
 """`semidyn_rag.store.DB_NAME`, known here without importing the store (and so torch)."""
 TEXT_FIELDS = ("text", "content", "context")
-CPU_BATCH_TOKENS = 2048
-"""``--batch-tokens`` default of a local CPU run (a progress step every few seconds)."""
 """`semidyn_rag.precompress.TEXT_FIELDS`, likewise."""
 
 
@@ -765,12 +763,8 @@ def run_precompress(args: argparse.Namespace) -> int:
         raise UserError(f"--compressor {args.compressor}: no such checkpoint directory")
     from .precompress import PrecompressConfig
 
+    # on CPU, `precompress` itself picks smaller encoder passes unless --batch-tokens is given
     extra: dict[str, Any] = {"progress": not (args.no_progress or args.quiet)}
-    given = {**args.config_file.get("precompress", {}), **model_fields_from(args, "precompress")}
-    if args.device == "cpu" and not args.ray and "batch_tokens" not in given:
-        # a CPU pass over 8192 padded tokens takes minutes: smaller passes move the bar as often
-        # at about the same throughput
-        extra["batch_tokens"] = CPU_BATCH_TOKENS
     config = validate(PrecompressConfig, args, "precompress", **extra)
     embed = _import_object(args.embed) if args.embed else None
     ray_config = None

@@ -21,9 +21,11 @@ from conftest import CORPUS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from semidyn_rag import precompress as precompress_module
 from semidyn_rag.cli import main
 from semidyn_rag.modeling import SemiDynamicCompressor
 from semidyn_rag.precompress import (
+    CPU_BATCH_TOKENS,
     Chunk,
     CorpusError,
     CorpusRowError,
@@ -31,6 +33,7 @@ from semidyn_rag.precompress import (
     PrecompressConfig,
     chunk_documents,
     load_chunks,
+    pass_budget,
     plan_batches,
     precompress,
     precompress_corpus,
@@ -258,6 +261,48 @@ def test_plan_batches_respects_the_token_budget():
         segs = sum(-(-max(lengths[i], 1) // 64) for i in batch)
         width = min(max(lengths[i] for i in batch), 64) + 1
         assert len(batch) == 1 or (segs * width <= 128 and segs <= 3)
+
+
+def test_first_pass_has_its_own_budget():
+    lengths = [10] * 9  # width 11 with the <eos>: 4 rows fit in 44 tokens, 2 in 22
+    batches = plan_batches(
+        lengths, batch_tokens=44, max_rows=64, segment_tokens=64, first_batch_tokens=22
+    )
+    assert [len(b) for b in batches] == [2, 4, 3]
+    whole = plan_batches(lengths, batch_tokens=44, max_rows=64, segment_tokens=64)
+    assert [len(b) for b in whole] == [4, 4, 1]
+    assert plan_batches([100], batch_tokens=44, max_rows=64, segment_tokens=64,
+                        first_batch_tokens=1) == [[0]]  # fmt: skip
+
+
+def test_cpu_passes_are_small_unless_the_budget_is_given():
+    assert pass_budget(PrecompressConfig(), "cpu") == CPU_BATCH_TOKENS < 8192
+    assert pass_budget(PrecompressConfig(), "cuda:0") == 8192
+    given = PrecompressConfig(batch_tokens=8192)
+    assert pass_budget(given, "cpu") == 8192
+    assert pass_budget(PrecompressConfig().model_copy(update={"batch_tokens": 4096}), "cpu") == 4096
+    assert pass_budget(PrecompressConfig(batch_tokens=64), "cpu") == 64
+
+
+def test_progress_moves_per_encoder_pass_with_rates(tmp_path, model, corpus, monkeypatch):
+    """The bar advances after every pass, the first one within a small first budget, and shows
+    chunks/s and tok/s (a first pass of the whole corpus left it at 0 until the end)."""
+    updates: list[tuple[int, int, str]] = []
+
+    class Recording(precompress_module.Throughput):
+        def update(self, chunks: int, tokens: int) -> None:
+            super().update(chunks, tokens)
+            updates.append((chunks, self.bar.n, str(self.bar.postfix)))
+
+    monkeypatch.setattr(precompress_module, "Throughput", Recording)
+    chunks = load_chunks([corpus], CONFIG, model.tokenizer)
+    widest = max(len(t) for t in model.tokenize([c.text for c in chunks])) + 1
+    config = CONFIG.model_copy(update={"batch_tokens": 4 * widest, "progress": True})
+    report = precompress(model, chunks, tmp_path / "store", config)
+    assert len(updates) >= 3 and updates[-1][1] == report.new
+    assert [n for _, n, _ in updates] == sorted({n for _, n, _ in updates})  # moves every time
+    assert updates[0][0] == 1 < max(c for c, _, _ in updates)  # a quarter budget: one row first
+    assert all("chunks/s" in postfix and "tok/s" in postfix for *_, postfix in updates)
 
 
 def test_cli_store_info(tmp_path, checkpoint, corpus, capsys):
