@@ -6,7 +6,10 @@ Settings, all on the same questions and the same decoder:
 * soft compression (ours): each fixed ratio, and the semi-dynamic model across a ``scale`` sweep;
 * hard compression (peers, :mod:`semidyn_rag.peers`), text read by the untouched base decoder at
   each ratio ``r``: truncation of every context to its first ``ceil(n/r)`` decoder tokens, and
-  LLMLingua / LongLLMLingua scored by the same base LM (optional extra ``llmlingua``).
+  LLMLingua / LongLLMLingua scored by the same base LM (optional extra ``llmlingua``);
+* selective expansion (``expand_top_K``, :mod:`semidyn_rag.expansion`): the first ``K`` contexts
+  (a sample's contexts are taken to be in retrieval order, best first) go to the decoder as plain
+  text and the rest as latents, in one mixed prompt read by the decoder with its adapter.
 
 Every answered sample is appended to ``records/<setting>.jsonl`` as soon as its batch is done, so
 an interrupted run resumes where it stopped, and a rerun whose answers are all recorded finishes
@@ -37,7 +40,7 @@ from .peers import PEER_KINDS, HardCompression, truncate_texts
 
 if TYPE_CHECKING:
     from .lingua import LinguaPeer
-    from .modeling import SemiDynamicCompressor
+    from .modeling import LatentPrompt, SemiDynamicCompressor
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ SettingKind = Literal[
     "truncation",
     "llmlingua",
     "longllmlingua",
+    "expand",
 ]
 Family = Literal["baseline", "soft", "hard"]
 PAPER_SCALES = tuple(x / 2 for x in range(-4, 9))  # -2 ... 4 in steps of 0.5
@@ -65,12 +69,14 @@ class EvalSetting(BaseModel):
     """One point (or baseline line) of the accuracy-vs-ratio plot.
 
     ``ratio`` is required by the kinds that compress to a ratio (``fixed_ratio`` and the peers);
-    ``scale`` is the semi-dynamic sweep's parameter.
+    ``scale`` is the semi-dynamic sweep's parameter (and the latent contexts' of ``expand``);
+    ``k`` is required by ``expand``: how many contexts go as plain text.
     """
 
     kind: SettingKind
     ratio: float | None = None
     scale: float = 0.0
+    k: int | None = None
 
     @model_validator(mode="after")
     def _needs_ratio(self) -> EvalSetting:
@@ -78,10 +84,15 @@ class EvalSetting(BaseModel):
             self.ratio is not None and self.ratio >= 1
         ):
             raise ValueError(f"setting {self.kind} needs a ratio >= 1, got {self.ratio}")
+        if self.kind == "expand" and not (self.k is not None and self.k >= 0):
+            raise ValueError(f"setting expand needs k >= 0 (contexts kept as text), got {self.k}")
         return self
 
     @property
     def name(self) -> str:
+        if self.kind == "expand":
+            scale = f"_scale_{self.scale:+g}" if self.scale else ""
+            return f"expand_top_{self.k}{scale}"
         if self.kind == "fixed_ratio" or self.kind in PEER_KINDS:
             return f"{self.kind}_{self.ratio:g}"
         if self.kind == "semi_dynamic":
@@ -91,7 +102,7 @@ class EvalSetting(BaseModel):
     @property
     def family(self) -> Family:
         """``baseline`` (plain text or none), ``soft`` (our latents) or ``hard`` (a text peer)."""
-        if self.kind in ("fixed_ratio", "semi_dynamic"):
+        if self.kind in ("fixed_ratio", "semi_dynamic", "expand"):
             return "soft"
         return "hard" if self.kind in PEER_KINDS else "baseline"
 
@@ -99,7 +110,8 @@ class EvalSetting(BaseModel):
 _NAME = re.compile(
     r"^(?:(?P<plain>no_context|full_context)"
     r"|(?P<kind>fixed_ratio|truncation|llmlingua|longllmlingua)_(?P<ratio>\d+(?:\.\d+)?)"
-    r"|semi_dynamic_scale_(?P<scale>[+-]?\d+(?:\.\d+)?))$"
+    r"|semi_dynamic_scale_(?P<scale>[+-]?\d+(?:\.\d+)?)"
+    r"|expand_top_(?P<k>\d+)(?:_scale_(?P<kscale>[+-]?\d+(?:\.\d+)?))?)$"
 )
 
 
@@ -107,16 +119,18 @@ def parse_setting(name: str) -> EvalSetting:
     """The setting a name stands for (the inverse of :attr:`EvalSetting.name`).
 
     ``no_context``, ``full_context``, ``fixed_ratio_4``, ``semi_dynamic_scale_+1.5``,
-    ``truncation_8``, ``llmlingua_4``, ``longllmlingua_4``; ``ValueError`` names the forms
-    otherwise.
+    ``truncation_8``, ``llmlingua_4``, ``longllmlingua_4``, ``expand_top_1``,
+    ``expand_top_1_scale_+1``; ``ValueError`` names the forms otherwise.
     """
     match = _NAME.match(name.strip())
     if match is None:
         raise ValueError(
             f"unknown setting {name!r}: use a preset ({', '.join(PRESETS)}), a pattern such as "
             "'truncation_*', or a name: no_context, full_context, fixed_ratio_R, "
-            "semi_dynamic_scale_+S, truncation_R, llmlingua_R, longllmlingua_R"
+            "semi_dynamic_scale_+S, truncation_R, llmlingua_R, longllmlingua_R, expand_top_K"
         )
+    if match["k"]:
+        return EvalSetting(kind="expand", k=int(match["k"]), scale=float(match["kscale"] or 0))
     if match["plain"]:
         return EvalSetting(kind=match["plain"])
     if match["kind"]:
@@ -450,6 +464,10 @@ class Evaluator:
             latents = [max(h.kept_tokens, 1) for h in hard]
             latency = [h.seconds for h in hard]
             ratios = [list(h.context_ratios) for h in hard]
+        elif setting.kind == "expand":
+            prompts, latents, ratios, latency = self._expanded_prompts(setting, batch)
+            outputs = model.complete(prompts, **gen)
+            tokens = [self._token_counts[s.id] for s in batch]
         else:
             ratio = setting.ratio if setting.kind == "fixed_ratio" else None
             start = time.perf_counter()
@@ -480,6 +498,58 @@ class Evaluator:
                 batch, outputs, tokens, latents, ratios, latency, strict=True
             )
         ]
+
+    def expanded_prompts(
+        self, setting: EvalSetting, batch: Sequence[QASample]
+    ) -> list[LatentPrompt]:
+        """The decoder prompts of an ``expand`` setting (what its answers are generated from)."""
+        return self._expanded_prompts(setting, batch)[0]
+
+    def _expanded_prompts(
+        self, setting: EvalSetting, batch: Sequence[QASample]
+    ) -> tuple[list[LatentPrompt], list[int], list[list[float]], list[float | None]]:
+        """Mixed prompts, context positions, chosen ratios and compression seconds per sample.
+
+        The first ``k`` contexts of each sample (retrieval order: `TopScorePolicy` without scores)
+        stay text; the others are compressed in one encoder call for the batch. Positions count
+        the text contexts' decoder tokens plus the latents.
+        """
+        from .expansion import Candidate, TopScorePolicy, choose_expanded, mixed_prompt
+
+        assert setting.k is not None  # validated by EvalSetting
+        model, tok = self.model, self.model.decoder_tokenizer
+        chosen = [
+            choose_expanded(
+                TopScorePolicy(), s.question, [Candidate(c) for c in s.contexts], setting.k
+            )
+            for s in batch
+        ]
+        todo = [
+            c
+            for s, ch in zip(batch, chosen, strict=True)
+            for i, c in enumerate(s.contexts)
+            if i not in ch
+        ]
+        start = time.perf_counter()
+        compressed = iter(model.compress(todo, setting.scale) if todo else [])
+        share = (time.perf_counter() - start) / len(batch) if todo else None
+        prompts, positions, ratios = [], [], []
+        for s, ch in zip(batch, chosen, strict=True):
+            parts: list[Any] = []
+            count, chosen_ratios = 0, []
+            for i, text in enumerate(s.contexts):
+                if i in ch:
+                    parts.append(text)
+                    count += len(tok(text, add_special_tokens=False)["input_ids"])
+                else:
+                    ctx = next(compressed)
+                    parts.append(ctx.latents)
+                    count += ctx.num_latents
+                    chosen_ratios += list(ctx.segment_ratios)
+            prompts.append(mixed_prompt(model, s.question, parts))
+            positions.append(max(count, 1))
+            ratios.append(chosen_ratios)
+        return prompts, positions, ratios, [share] * len(batch)
 
     # ------------------------------------------------------------------ records
     def _records_path(self, setting: EvalSetting) -> Path:
@@ -622,7 +692,9 @@ def results_table(results: Sequence[SettingResult]) -> str:
             ratio_c = f"{s.avg_ratio_correct:.2f}" if s.avg_ratio_correct else "–"
             ratio_a = f"{s.avg_ratio:.2f}"
         target = (
-            f"scale {setting.scale:+g}"
+            f"top {setting.k} as text"
+            if setting.kind == "expand"
+            else f"scale {setting.scale:+g}"
             if setting.kind == "semi_dynamic"
             else f"{setting.ratio:g}×"
             if setting.ratio is not None
@@ -652,6 +724,7 @@ _POINT_STYLES = {  # kind: (marker, line style, label)
     "truncation": ("v", "--", "truncation (hard)"),
     "llmlingua": ("^", "--", "LLMLingua (hard)"),
     "longllmlingua": ("D", "--", "LongLLMLingua (hard)"),
+    "expand": ("P", "-.", "selective expansion (text + latents)"),
 }
 
 

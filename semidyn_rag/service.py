@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import hashlib
 import hmac
 import re
@@ -30,6 +31,13 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from .expansion import (
+    Candidate,
+    ExpansionPolicy,
+    TopScorePolicy,
+    check_budget,
+    choose_expanded,
+)
 from .modeling import LatentPrompt, SemiDynamicCompressor
 from .store import LatentStore, StoreMismatchError, entry_key, policy_key, text_hash
 from .types import CompressedContext
@@ -214,19 +222,25 @@ def check_whole_groups(slots: Sequence[Slot]) -> None:
             )
 
 
-_PENDING: contextvars.ContextVar[tuple[str, tuple[Slot, ...]] | None] = contextvars.ContextVar(
-    "semidyn_pending_chunks", default=None
+_PENDING: contextvars.ContextVar[tuple[str, tuple[Slot, ...], tuple[str, ...]] | None] = (
+    contextvars.ContextVar("semidyn_pending_chunks", default=None)
 )
 
 
-def expect_delivery(slots: Sequence[Slot], query: str) -> None:
-    """Note that the query ``query`` retrieved ``slots``.
+def expect_delivery(slots: Sequence[Slot], query: str, texts: Sequence[str] = ()) -> None:
+    """Note that the query ``query`` retrieved ``slots`` and the expanded chunks ``texts``.
 
     The next ``whole_groups`` resolve of a prompt that contains ``query`` (every response mode
-    puts the question in each prompt) must hold every one of them, whole. A context variable, so
+    puts the question in each prompt) must hold every one of the slots, and each text whole
+    (compared without whitespace, which response modes may re-flow). A context variable, so
     concurrent queries keep their own; a new query replaces it.
     """
-    _PENDING.set((query, tuple(slots)) if slots and query.strip() else None)
+    texts = tuple(t for t in texts if t.strip())
+    _PENDING.set((query, tuple(slots), texts) if (slots or texts) and query.strip() else None)
+
+
+def _squeeze(text: str) -> str:
+    return "".join(text.split())
 
 
 def _check_pending(prompt: str, slots: Sequence[Slot]) -> None:
@@ -235,7 +249,16 @@ def _check_pending(prompt: str, slots: Sequence[Slot]) -> None:
     if state is None or state[0] not in prompt:
         return
     _PENDING.set(None)
-    pending = state[1]
+    pending, texts = state[1], state[2]
+    squeezed = _squeeze(prompt)
+    lost = sum(_squeeze(t) not in squeezed for t in texts)
+    if lost:
+        raise IncompleteContextError(
+            f"the prompt lacks {lost} of the {len(texts)} chunks expanded to text for this query "
+            "(whole); they were cut, split off into other LLM calls or truncated away. Use "
+            "SemiDynamicSynthesizer (as_semidyn_query_engine), or compact/tree_summarize with the "
+            "LLM's prompt_helper and a context window that holds every retrieved chunk"
+        )
     present = {s.id for s in slots}
     missing = sum(s.id not in present for s in pending)
     if missing:
@@ -267,6 +290,16 @@ class ChunkLatents:
     def marker(self) -> str:
         """The text that stands for this chunk's latents in a framework's prompt."""
         return self.slot.marker
+
+
+@dataclass(frozen=True)
+class SelectiveCompression:
+    """`LatentService.compress_selectively`'s result: which chunks expand, the others' latents."""
+
+    expanded: frozenset[int]
+    """Positions of the chunks that go to the decoder as plain text."""
+    chunks: tuple[ChunkLatents | None, ...]
+    """Per input text, in order: its latents and marker, or ``None`` when it is expanded."""
 
 
 class LatentService:
@@ -372,6 +405,94 @@ class LatentService:
         group: bool = False,
     ) -> list[ChunkLatents]:
         return await asyncio.to_thread(self.compress, texts, scale=scale, ratio=ratio, group=group)
+
+    def regroup(self, chunks: Sequence[ChunkLatents]) -> list[ChunkLatents]:
+        """The same chunks under freshly issued slots that form one group (see `compress`)."""
+        group_id = secrets.token_hex(8) if len(chunks) > 1 else None
+        return [
+            dataclasses.replace(
+                c, slot=_SLOTS.issue(c.key, c.context.num_latents, group_id, len(chunks))
+            )
+            for c in chunks
+        ]
+
+    def compress_selectively(
+        self,
+        texts: Sequence[str],
+        *,
+        query: str,
+        expand_top_k: int,
+        scores: Sequence[float | None] | None = None,
+        policy: ExpansionPolicy | None = None,
+        scale: float | None = None,
+        ratio: float | None = None,
+        group: bool = False,
+    ) -> SelectiveCompression:
+        """Compress the retrieved ``texts`` except the ones ``policy`` expands to plain text.
+
+        ``expand_top_k`` is the budget (`semidyn_rag.expansion.choose_expanded`: 0 expands
+        nothing, a budget of at least ``len(texts)`` expands all, negative is a ``ValueError``);
+        ``policy`` defaults to `TopScorePolicy` over ``scores`` (retrieval order where they tie or
+        are ``None``). A policy with ``needs_contexts`` reads every chunk's latents first (store
+        and memory hits skip the encoder); otherwise only the chunks left compressed are
+        compressed. With ``group`` the compressed chunks form one group, as in `compress`.
+        """
+        budget = check_budget(expand_top_k)
+        policy = TopScorePolicy() if policy is None else policy
+        if scores is not None and len(scores) != len(texts):
+            raise ValueError(f"{len(scores)} scores for {len(texts)} texts")
+        n = len(texts)
+        every: list[ChunkLatents] | None = None
+        if policy.needs_contexts and 0 < budget < n:
+            every = self.compress(texts, scale=scale, ratio=ratio)
+        candidates = [
+            Candidate(
+                text=t,
+                score=None if scores is None else scores[i],
+                context=None if every is None else every[i].context,
+            )
+            for i, t in enumerate(texts)
+        ]
+        expanded = choose_expanded(policy, query, candidates, budget)
+        keep = [i for i in range(n) if i not in expanded]
+        if every is not None:
+            kept = [every[i] for i in keep]
+            compressed = self.regroup(kept) if group else kept
+        else:
+            compressed = self.compress(
+                [texts[i] for i in keep], scale=scale, ratio=ratio, group=group
+            )
+        chunks: list[ChunkLatents | None] = [None] * n
+        for i, chunk in zip(keep, compressed, strict=True):
+            chunks[i] = chunk
+        return SelectiveCompression(expanded, tuple(chunks))
+
+    async def acompress_selectively(
+        self,
+        texts: Sequence[str],
+        *,
+        query: str,
+        expand_top_k: int,
+        scores: Sequence[float | None] | None = None,
+        policy: ExpansionPolicy | None = None,
+        scale: float | None = None,
+        ratio: float | None = None,
+        group: bool = False,
+    ) -> SelectiveCompression:
+        """Async `compress_selectively`: the policy and the encoder run in a worker thread."""
+        return await asyncio.to_thread(
+            functools.partial(
+                self.compress_selectively,
+                texts,
+                query=query,
+                expand_top_k=expand_top_k,
+                scores=scores,
+                policy=policy,
+                scale=scale,
+                ratio=ratio,
+                group=group,
+            )
+        )
 
     def _as_stored(self, context: CompressedContext) -> CompressedContext:
         latents = context.latents.to(self.store.dtype).to(context.latents.dtype)

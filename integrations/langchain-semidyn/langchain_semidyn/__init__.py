@@ -1,5 +1,7 @@
 """LangChain integration of semidyn-rag: compress retrieved documents, answer from their latents."""
 
+from semidyn_rag.expansion import DensityPolicy, ExpansionPolicy, TopScorePolicy
+
 from .chains import compression_step, create_semidyn_rag_chain
 from .chat_models import ChatSemiDynamic, render_messages
 from .document_compressors import SemiDynamicDocumentCompressor
@@ -9,9 +11,12 @@ from .prompts import format_docs, qa_chat_prompt, qa_prompt, qa_template
 
 __all__ = [
     "ChatSemiDynamic",
+    "DensityPolicy",
+    "ExpansionPolicy",
     "SemiDynamicDocumentCompressor",
     "SemiDynamicLLM",
     "SentenceTransformerEmbeddings",
+    "TopScorePolicy",
     "compression_step",
     "create_semidyn_rag_chain",
     "format_docs",

@@ -30,7 +30,7 @@ def compression_step(
 ) -> Runnable[dict[str, Any], list[Document]]:
     """``{"documents", "question"}`` → marker documents (sync and async, callbacks passed on).
 
-    An optional ``"scale"`` key overrides the compressor's scale for that input.
+    Optional ``"scale"`` and ``"expand_top_k"`` keys override the compressor's for that input.
     """
 
     def compress(inputs: dict[str, Any], config: RunnableConfig) -> list[Document]:
@@ -39,6 +39,7 @@ def compression_step(
             inputs["question"],
             callbacks=config.get("callbacks"),
             scale=inputs.get("scale"),
+            expand_top_k=inputs.get("expand_top_k"),
         )
 
     async def acompress(inputs: dict[str, Any], config: RunnableConfig) -> list[Document]:
@@ -47,6 +48,7 @@ def compression_step(
             inputs["question"],
             callbacks=config.get("callbacks"),
             scale=inputs.get("scale"),
+            expand_top_k=inputs.get("expand_top_k"),
         )
 
     return RunnableLambda(compress, afunc=acompress, name="SemiDynamicCompression")

@@ -15,8 +15,9 @@ from typing import Any
 
 from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
-from pydantic import ConfigDict
-from semidyn_rag.service import ChunkLatents, LatentService, is_marker
+from pydantic import ConfigDict, Field
+from semidyn_rag.expansion import ExpansionPolicy, TopScorePolicy
+from semidyn_rag.service import ChunkLatents, LatentService, SelectiveCompression, is_marker
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,15 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
     ``semidyn_predicted_y`` when it ran, and ``semidyn_original_text`` unless turned off.
 
     Works as ``base_compressor`` of ``ContextualCompressionRetriever`` or on its own.
+
+    **Selective expansion.** With ``expand_top_k = k`` (or ``expand_top_k=`` per call, or an
+    ``"expand_top_k"`` key in `compression_step`'s input) the ``k`` documents chosen by
+    ``expansion_policy`` keep their ``page_content`` and the rest become markers; the order never
+    changes. The default `TopScorePolicy` ranks by ``metadata[score_key]`` (a reranker's
+    ``relevance_score`` by default); where scores tie or are absent, retrieval order (so plain
+    vector-store retrievers, which return the best first, expand their first ``k``). Every
+    returned document gets ``semidyn_expanded``; expanded ones carry no latent metadata. ``k``
+    at least the number of documents expands all; negative ``k`` is an error.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -46,10 +56,56 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
     """A fixed trained ratio instead of the selector's choice (multi-ratio compressors)."""
     keep_original_text: bool = True
     """Keep the chunk text in metadata for citations; it never reaches the prompt."""
+    expand_top_k: int = Field(default=0, ge=0)
+    """Documents sent as plain text per query (chosen by ``expansion_policy``); 0: none."""
+    expansion_policy: ExpansionPolicy = Field(default_factory=TopScorePolicy)
+    """Chooses the documents to expand (`semidyn_rag.expansion`)."""
+    score_key: str = "relevance_score"
+    """Metadata key holding a document's retrieval score for `TopScorePolicy` (absent: order)."""
 
     def with_scale(self, scale: float | None) -> SemiDynamicDocumentCompressor:
         """A copy with another ``scale`` (e.g. for one ``ContextualCompressionRetriever``)."""
         return self.model_copy(update={"scale": scale})
+
+    def with_expansion(
+        self, expand_top_k: int, policy: ExpansionPolicy | None = None
+    ) -> SemiDynamicDocumentCompressor:
+        """A copy that expands ``expand_top_k`` documents (with ``policy``, else the same one)."""
+        update: dict[str, Any] = {"expand_top_k": expand_top_k}
+        if policy is not None:
+            update["expansion_policy"] = policy
+        return type(self).model_validate({**dict(self), **update})
+
+    def _scores(self, documents: Sequence[Document]) -> list[float | None]:
+        scores: list[float | None] = []
+        for doc in documents:
+            value = doc.metadata.get(self.score_key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise ValueError(
+                    f"document {doc.id or ''!s} has metadata[{self.score_key!r}] = {value!r}, "
+                    "not a number; set score_key to the key of the retrieval score"
+                )
+            scores.append(None if value is None else float(value))
+        return scores
+
+    def _selection_args(
+        self,
+        todo: list[Document],
+        query: str,
+        scale: float,
+        ratio: float | None,
+        expand_top_k: int | None,
+    ) -> dict[str, Any]:
+        return {
+            "query": query,
+            "expand_top_k": self.expand_top_k if expand_top_k is None else expand_top_k,
+            "scores": self._scores(todo),
+            "policy": self.expansion_policy,
+            "scale": scale,
+            "ratio": ratio,
+        }
 
     def _settings(self, scale: float | None, ratio: float | None) -> tuple[float, float | None]:
         ratio = self.ratio if ratio is None else ratio
@@ -73,22 +129,19 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
         *,
         scale: float | None = None,
         ratio: float | None = None,
+        expand_top_k: int | None = None,
     ) -> list[Document]:
-        """Marker documents in the input order; ``scale``/``ratio`` override the fields.
+        """Marker (and expanded) documents in the input order; keyword arguments override fields.
 
-        ``query`` is unused: compression reads each chunk alone, so cached latents serve any query.
-        Empty documents are dropped; documents that already are markers pass through unchanged.
+        Compression reads each chunk alone, so cached latents serve any query; ``query`` only goes
+        to the expansion policy. Empty documents are dropped; documents that already are markers
+        pass through unchanged. A negative ``expand_top_k`` is a ``ValueError``.
         """
         todo, _ = self._split(documents)
         used_scale, used_ratio = self._settings(scale, ratio)
-        chunks = (
-            self.service.compress(
-                [d.page_content for d in todo], scale=used_scale, ratio=used_ratio
-            )
-            if todo
-            else []
-        )
-        return self._merge(documents, todo, chunks, used_scale, used_ratio)
+        args = self._selection_args(todo, query, used_scale, used_ratio, expand_top_k)
+        selection = self.service.compress_selectively([d.page_content for d in todo], **args)
+        return self._merge(documents, todo, selection, used_scale, used_ratio)
 
     async def acompress_documents(
         self,
@@ -98,40 +151,50 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
         *,
         scale: float | None = None,
         ratio: float | None = None,
+        expand_top_k: int | None = None,
     ) -> list[Document]:
         """Async `compress_documents`: the encoder runs in a worker thread."""
         todo, _ = self._split(documents)
         used_scale, used_ratio = self._settings(scale, ratio)
-        chunks = (
-            await self.service.acompress(
-                [d.page_content for d in todo], scale=used_scale, ratio=used_ratio
-            )
-            if todo
-            else []
-        )
-        return self._merge(documents, todo, chunks, used_scale, used_ratio)
+        args = self._selection_args(todo, query, used_scale, used_ratio, expand_top_k)
+        selection = await self.service.acompress_selectively([d.page_content for d in todo], **args)
+        return self._merge(documents, todo, selection, used_scale, used_ratio)
 
     def _merge(
         self,
         documents: Sequence[Document],
         todo: list[Document],
-        chunks: list[ChunkLatents],
+        selection: SelectiveCompression,
         scale: float,
         ratio: float | None,
     ) -> list[Document]:
-        by_id = {id(doc): chunk for doc, chunk in zip(todo, chunks, strict=True)}
+        by_id = {id(doc): chunk for doc, chunk in zip(todo, selection.chunks, strict=True)}
+        chunks = [c for c in selection.chunks if c is not None]
         out: list[Document] = []
         for doc in documents:
-            chunk = by_id.get(id(doc))
-            if chunk is not None:
+            if id(doc) not in by_id:
+                if doc.page_content.strip():
+                    out.append(doc)  # already a marker
+                continue
+            chunk = by_id[id(doc)]
+            if chunk is None:
+                out.append(self._expanded(doc))
+            else:
                 out.append(self._document(doc, chunk, scale, ratio))
-            elif doc.page_content.strip():
-                out.append(doc)  # already a marker
         if dropped := len(documents) - len(out):
             logger.debug("dropped %d empty document(s)", dropped)
         encoded = sum(not c.cached for c in chunks)
         logger.debug("compressed %d document(s), %d through the encoder", len(chunks), encoded)
         return out
+
+    def _expanded(self, doc: Document) -> Document:
+        """``doc`` with its text kept for the decoder, marked as expanded."""
+        extra: dict[str, Any] = {PREFIX + "expanded": True}
+        if self.keep_original_text:
+            extra[PREFIX + "original_text"] = doc.page_content
+        return Document(
+            page_content=doc.page_content, metadata={**doc.metadata, **extra}, id=doc.id
+        )
 
     def _document(
         self, doc: Document, chunk: ChunkLatents, scale: float, ratio: float | None
@@ -145,6 +208,7 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
             "original_tokens": ctx.num_tokens,
             "source": chunk.source,
             "scale": None if ratio is not None else scale,
+            "expanded": False,
         }
         if math.isfinite(ctx.predicted_y):
             extra["predicted_y"] = ctx.predicted_y

@@ -1,11 +1,15 @@
 """LlamaIndex integration of semidyn-rag: compress retrieved nodes into cached latent markers.
 
 `SemiDynamicNodePostprocessor` swaps node text for markers of the nodes' latents (store hits
-first); `SemiDynamicLLM` (``llama_index.llms.semidyn``) reads them; `as_semidyn_query_engine`
+first), or keeps the best ones as text (``expand_top_k``); `SemiDynamicLLM`
+(``llama_index.llms.semidyn``) reads them; `as_semidyn_query_engine`
 wires both into a query engine with the decoder's training prompt.
 """
 
+from semidyn_rag.expansion import DensityPolicy, ExpansionPolicy, TopScorePolicy
+
 from llama_index.postprocessor.semidyn.base import (
+    EXPANDED,
     KEY,
     NUM_LATENTS,
     ORIGINAL_TEXT,
@@ -18,6 +22,7 @@ from llama_index.postprocessor.semidyn.base import (
     SOURCE,
     SemiDynamicNodePostprocessor,
     compression_scale,
+    expansion_top_k,
 )
 from llama_index.postprocessor.semidyn.engine import (
     SemiDynamicSynthesizer,
@@ -27,6 +32,7 @@ from llama_index.postprocessor.semidyn.engine import (
 )
 
 __all__ = [
+    "EXPANDED",
     "KEY",
     "NUM_LATENTS",
     "ORIGINAL_TEXT",
@@ -37,10 +43,14 @@ __all__ = [
     "SCALE",
     "SEGMENT_RATIOS",
     "SOURCE",
+    "DensityPolicy",
+    "ExpansionPolicy",
     "SemiDynamicNodePostprocessor",
     "SemiDynamicSynthesizer",
+    "TopScorePolicy",
     "as_semidyn_query_engine",
     "compression_scale",
+    "expansion_top_k",
     "qa_prompt",
     "qa_template",
 ]

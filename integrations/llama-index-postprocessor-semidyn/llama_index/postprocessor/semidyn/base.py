@@ -19,8 +19,15 @@ from typing import Any
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle
+from semidyn_rag.expansion import ExpansionPolicy, TopScorePolicy, check_budget
 from semidyn_rag.precompress import Chunk, PrecompressConfig, PrecompressReport, precompress
-from semidyn_rag.service import ChunkLatents, LatentService, expect_delivery, is_marker
+from semidyn_rag.service import (
+    ChunkLatents,
+    LatentService,
+    SelectiveCompression,
+    expect_delivery,
+    is_marker,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +43,8 @@ SOURCE = PREFIX + "source"
 SCALE = PREFIX + "scale"
 PREDICTED_Y = PREFIX + "predicted_y"
 ORIGINAL_TEXT = PREFIX + "original_text"
+EXPANDED = PREFIX + "expanded"
+"""``True``: the node reaches the LLM as its plain text (expansion); ``False``: as latents."""
 
 _scale_override: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "semidyn_scale", default=None
@@ -57,6 +66,27 @@ def compression_scale(scale: float | None) -> Iterator[None]:
         _scale_override.reset(token)
 
 
+_expand_override: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "semidyn_expand_top_k", default=None
+)
+
+
+@contextlib.contextmanager
+def expansion_top_k(k: int | None) -> Iterator[None]:
+    """Expand ``k`` nodes to plain text for the queries run inside the block.
+
+    ``with expansion_top_k(2): engine.query(q)`` sends the two best-scored nodes as text and the
+    rest as latents, for that query only; like :func:`compression_scale` it is a context
+    variable (it follows ``aquery``; concurrent queries keep their own). ``None`` falls back to
+    the postprocessor's ``expand_top_k``. A negative ``k`` is a ``ValueError`` here.
+    """
+    token = _expand_override.set(None if k is None else check_budget(k))
+    try:
+        yield
+    finally:
+        _expand_override.reset(token)
+
+
 class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
     """Replace each retrieved node's text by the marker of its latents (store hits first).
 
@@ -76,6 +106,15 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
 
     The compression ``scale`` (higher compresses more) comes, in order, from
     :func:`compression_scale` around the query, the ``scale`` field, the service's default.
+
+    **Selective expansion.** With ``expand_top_k = k`` (or :func:`expansion_top_k` around a query)
+    the ``k`` nodes chosen by ``expansion_policy`` (default `TopScorePolicy`: the highest retrieval
+    scores; ties and missing scores in retrieval order) keep their text, the others become
+    markers; the order of the nodes never changes. Every node gets ``semidyn_expanded``; an
+    expanded node's LLM text is exactly the text that would have been compressed (``node_text``)
+    and it carries no latent metadata. ``k`` at least the number of nodes expands every node;
+    a negative ``k`` is a validation error. `SemiDynamicLLM` checks that each expanded text
+    reaches the prompt whole, as it checks the markers.
     """
 
     scale: float | None = Field(
@@ -91,11 +130,38 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
     keep_original_text: bool = Field(
         default=True, description="Keep the chunk text in metadata; it never reaches the prompt."
     )
+    expand_top_k: int = Field(
+        default=0, ge=0, description="Nodes sent as plain text per query (the policy's choice)."
+    )
     _service: LatentService = PrivateAttr()
+    _policy_obj: ExpansionPolicy = PrivateAttr()
 
-    def __init__(self, service: LatentService, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        service: LatentService,
+        *,
+        expansion_policy: ExpansionPolicy | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self._service = service
+        policy = TopScorePolicy() if expansion_policy is None else expansion_policy
+        if not isinstance(policy, ExpansionPolicy):
+            raise TypeError(
+                f"expansion_policy must have needs_contexts and choose(query, candidates, k); "
+                f"got {policy!r}"
+            )
+        self._policy_obj = policy
+
+    @property
+    def expansion_policy(self) -> ExpansionPolicy:
+        """Chooses the nodes to expand (`semidyn_rag.expansion`)."""
+        return self._policy_obj
+
+    def _budget(self) -> int:
+        """This query's expansion budget: context override, then the field."""
+        k = _expand_override.get()
+        return self.expand_top_k if k is None else k
 
     @classmethod
     def class_name(cls) -> str:
@@ -158,38 +224,63 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
                 texts.append(text)
         return positions, texts
 
+    def _selection_args(
+        self, nodes: list[NodeWithScore], positions: list[int], query: str
+    ) -> dict[str, Any]:
+        scale, ratio = self._policy()
+        return {
+            "query": query,
+            "expand_top_k": self._budget(),
+            "scores": [nodes[i].score for i in positions],
+            "policy": self._policy_obj,
+            "scale": scale,
+            "ratio": ratio,
+            "group": True,
+        }
+
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
         positions, texts = self._todo(nodes)
-        scale, ratio = self._policy()
-        chunks = self._service.compress(texts, scale=scale, ratio=ratio, group=True)
-        return self._merge(nodes, positions, chunks, scale, ratio, query_bundle)
+        query = query_bundle.query_str if query_bundle is not None else ""
+        args = self._selection_args(nodes, positions, query)
+        selection = self._service.compress_selectively(texts, **args)
+        return self._merge(nodes, positions, texts, selection, args["scale"], args["ratio"], query)
 
     async def _apostprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
         """Async path: the encoder (or the store read) runs in a worker thread."""
         positions, texts = self._todo(nodes)
-        scale, ratio = self._policy()
-        chunks = await self._service.acompress(texts, scale=scale, ratio=ratio, group=True)
-        return self._merge(nodes, positions, chunks, scale, ratio, query_bundle)
+        query = query_bundle.query_str if query_bundle is not None else ""
+        args = self._selection_args(nodes, positions, query)
+        selection = await self._service.acompress_selectively(texts, **args)
+        return self._merge(nodes, positions, texts, selection, args["scale"], args["ratio"], query)
 
     def _merge(
         self,
         nodes: list[NodeWithScore],
         positions: list[int],
-        chunks: list[ChunkLatents],
+        texts: list[str],
+        selection: SelectiveCompression,
         scale: float,
         ratio: float | None,
-        query_bundle: QueryBundle | None,
+        query: str,
     ) -> list[NodeWithScore]:
         out = list(nodes)
-        for i, chunk in zip(positions, chunks, strict=True):
-            out[i] = self._replace(nodes[i], chunk, None if ratio is not None else scale)
+        chunks: list[ChunkLatents] = []
+        expanded: list[str] = []
+        for j, (i, chunk) in enumerate(zip(positions, selection.chunks, strict=True)):
+            if chunk is None:
+                out[i] = self._expand(nodes[i], texts[j])
+                expanded.append(texts[j])
+            else:
+                out[i] = self._replace(nodes[i], chunk, None if ratio is not None else scale)
+                chunks.append(chunk)
         # this query's LLM call must then hold every one of them, whole (SemiDynamicLLM checks)
-        query = query_bundle.query_str if query_bundle is not None else ""
-        expect_delivery([c.slot for c in chunks], query)
+        expect_delivery([c.slot for c in chunks], query, expanded)
+        if expanded:
+            logger.debug("expanded %d node(s) to plain text", len(expanded))
         if chunks:
             sources = [c.source for c in chunks]
             logger.debug(
@@ -200,6 +291,13 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
                 sources.count("memory"),
             )
         return out
+
+    def _expand(self, node: NodeWithScore, text: str) -> NodeWithScore:
+        """A copy of the node whose LLM-visible content is ``text`` (``node_text``) alone."""
+        extra: dict[str, Any] = {EXPANDED: True}
+        if self.keep_original_text:
+            extra[ORIGINAL_TEXT] = node.node.get_content(metadata_mode=MetadataMode.NONE)
+        return self._copy(node, extra, text)
 
     def _replace(
         self, node: NodeWithScore, chunk: ChunkLatents, scale: float | None
@@ -214,11 +312,16 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
             ORIGINAL_TOKENS: ctx.num_tokens,
             SOURCE: chunk.source,
             SCALE: scale,
+            EXPANDED: False,
         }
         if math.isfinite(ctx.predicted_y):
             extra[PREDICTED_Y] = ctx.predicted_y
         if self.keep_original_text:
             extra[ORIGINAL_TEXT] = node.node.get_content(metadata_mode=MetadataMode.NONE)
+        return self._copy(node, extra, chunk.marker)
+
+    def _copy(self, node: NodeWithScore, extra: dict[str, Any], content: str) -> NodeWithScore:
+        """The node with ``extra`` metadata (hidden from the LLM and the embedder) and ``content``."""
         metadata = {**node.node.metadata, **extra}
         ours = [k for k in extra if k not in node.node.excluded_embed_metadata_keys]
         copy = node.node.model_copy(
@@ -229,5 +332,5 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
                 "embedding": None,
             }
         )
-        copy.set_content(chunk.marker)
+        copy.set_content(content)
         return NodeWithScore(node=copy, score=node.score)

@@ -34,6 +34,7 @@ from llama_index.core.response_synthesizers import (
     get_response_synthesizer,
 )
 from llama_index.core.types import RESPONSE_TEXT_TYPE
+from semidyn_rag.expansion import ExpansionPolicy
 from semidyn_rag.service import LatentService
 
 from llama_index.llms.semidyn import SemiDynamicLLM
@@ -95,6 +96,8 @@ def as_semidyn_query_engine(
     streaming: bool = False,
     node_postprocessors: Sequence[BaseNodePostprocessor] = (),
     response_mode: ResponseMode | str | None = None,
+    expand_top_k: int = 0,
+    expansion_policy: ExpansionPolicy | None = None,
     **kwargs: Any,
 ) -> RetrieverQueryEngine:
     """``index.as_query_engine`` wired for compressed contexts.
@@ -104,10 +107,18 @@ def as_semidyn_query_engine(
     through `SemiDynamicSynthesizer` with the training prompt. A stock ``response_mode`` instead
     gets the training prompt and the LLM's ``prompt_helper`` (markers counted as latents); the
     modes that split chunks over calls fail with `IncompleteContextError` (module docstring).
+    ``expand_top_k`` nodes (chosen by ``expansion_policy``, default: the best retrieval scores)
+    reach the decoder as plain text, the rest as latents (`SemiDynamicNodePostprocessor`).
     ``kwargs`` go to the retriever.
     """
     llm = llm or SemiDynamicLLM(service)
-    compressor = SemiDynamicNodePostprocessor(service, scale=scale, ratio=ratio)
+    compressor = SemiDynamicNodePostprocessor(
+        service,
+        scale=scale,
+        ratio=ratio,
+        expand_top_k=expand_top_k,
+        expansion_policy=expansion_policy,
+    )
     synthesizer: BaseSynthesizer
     if response_mode is None:
         synthesizer = SemiDynamicSynthesizer(
