@@ -1052,22 +1052,39 @@ def _one_line(exc: BaseException) -> str:
 # --- entry point -------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="semidyn", description="Semi-dynamic soft context compression for RAG."
-    )
+def _output_flags(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="-v: info (default), -vv: debug"
+        "-v", "--verbose", action="count", default=default, help="-v: info (default), -vv: debug"
     )
     parser.add_argument(
         "-q",
         "--quiet",
         action="store_true",
+        default=default if default is argparse.SUPPRESS else False,
         help="warnings and errors only: no progress bars, no library warnings",
     )
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every (nested) subcommand parser under ``parser``."""
+    found = []
+    for action in parser._actions:  # argparse keeps no public list of subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_subparsers(child)]
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="semidyn", description="Semi-dynamic soft context compression for RAG."
+    )
+    _output_flags(parser, 0)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in SUBCOMMANDS.values():
         register(sub)
+    for child in _subparsers(parser):  # `semidyn store info PATH -q` works as `semidyn -q ...`
+        _output_flags(child, argparse.SUPPRESS)
     return parser
 
 

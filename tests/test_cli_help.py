@@ -33,3 +33,31 @@ def test_no_shipped_flag_help_is_cut_mid_sentence():
         for spec in specs:
             assert not cut.search(spec["help"]), (section, spec["name"], spec["help"])
             assert "``" not in spec["help"], (section, spec["name"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "quiet", "verbose"),
+    [
+        (["store", "info", "x", "-q"], True, 0),
+        (["-q", "store", "info", "x"], True, 0),
+        (["store", "check", "x", "-vv"], False, 2),
+        (["-v", "store", "check", "x"], False, 1),
+        (["store", "info", "x"], False, 0),
+        (["precompress", "--help-not-needed"], None, None),
+    ],
+)
+def test_output_flags_work_before_and_after_the_subcommand(argv, quiet, verbose):
+    parser = cli.build_parser()
+    if quiet is None:  # an unknown flag is still refused
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        return
+    args = parser.parse_args(argv)
+    assert (args.quiet, args.verbose) == (quiet, verbose)
+
+
+def test_every_subcommand_takes_the_output_flags():
+    parser = cli.build_parser()
+    for child in cli._subparsers(parser):
+        options = {s for a in child._actions for s in a.option_strings}
+        assert {"-q", "--quiet", "-v", "--verbose"} <= options, child.prog
