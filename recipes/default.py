@@ -30,6 +30,7 @@ from semidyn_rag.data import load_hotpotqa, sample, squad_article_split
 from semidyn_rag.evaluation import Evaluator, default_settings
 from semidyn_rag.loading import SMOLLM2, SMOLLM2_GGUF
 from semidyn_rag.training.density import (
+    Surprisal,
     bits_per_latent,
     fit_ratio_head,
     head_features,
@@ -305,6 +306,22 @@ def _mix_sources(held: bool) -> tuple[list[str], list[str]]:
     return paragraphs, names
 
 
+def _surprisal_cached(model: SemiDynamicCompressor, texts: list[str]) -> list[Surprisal]:
+    """`surprisal` (256 tokens per text), remembered in ``RUN/surprisal.json`` by text hash."""
+    import hashlib
+
+    path = RUN / "surprisal.json"
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    key = {t: hashlib.sha256(t.encode()).hexdigest() for t in texts}
+    todo = [t for t in texts if key[t] not in cache]
+    if todo:
+        for text, s in zip(todo, surprisal(model, todo, max_tokens=256), strict=True):
+            cache[key[text]] = [s.bits, s.tokens]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cache))
+    return [Surprisal(*cache[key[t]]) for t in texts]
+
+
 def density() -> None:
     """Surprisal labels on a mix of text kinds, a ridge-fitted head on layer ``HEAD_LAYER``, and
     the checks of the selector (label spread, Spearman on held-aside texts, ratios per kind)."""
@@ -319,7 +336,7 @@ def density() -> None:
         name: mix(*_mix_sources(held), per_kind, SEED + 17 * held, held=held)
         for name, held, per_kind in (("train", False, PER_KIND), ("held", True, 25))
     }
-    stats = {k: surprisal(model, [t.text for t in v], max_tokens=256) for k, v in sets.items()}
+    stats = {k: _surprisal_cached(model, [t.text for t in v]) for k, v in sets.items()}
     prose = sorted(
         s.bits_per_token for s, t in zip(stats["train"], sets["train"]) if t.kind == "prose"
     )
