@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from semidyn_rag import CompressorConfig, SemiDynamicCompressor
 from semidyn_rag.checkpoint import CONFIG_NAME, DEFAULT_CHECKPOINT, MODULES_NAME
 from semidyn_rag.data import load_hotpotqa, sample, squad_article_split
-from semidyn_rag.evaluation import Evaluator, default_settings
+from semidyn_rag.evaluation import CheckpointRef, Evaluator, select_settings
 from semidyn_rag.loading import SMOLLM2, SMOLLM2_GGUF
 from semidyn_rag.training.density import (
     Surprisal,
@@ -468,12 +468,35 @@ def ship() -> None:
     logger.info("shipped %s to %s (%.1f MB)", last.name, DEFAULT_CHECKPOINT, size)
 
 
-def evaluate(limit: int, scales: list[float]) -> None:
+EVAL_SETTINGS = (
+    "no_context",
+    "full_context",
+    "fixed_ratio_2",
+    "fixed_ratio_4",
+    "fixed_ratio_8",
+    "truncation_2",
+    "truncation_4",
+    "truncation_8",
+)
+"""Baselines, the trained ratios and truncation to the same token budgets (the bar's peer)."""
+
+
+def evaluate(limit: int, scales: list[float], settings: list[str], hotpot_limit: int) -> None:
+    """Held-out SQuAD articles (and HotpotQA dev gold passages): table, Pareto plot, records."""
+    model = CheckpointRef(None)
+    chosen = select_settings(model, [*settings, *_scale_names(scales)])
     _, held_out = squad_split()
-    model = SemiDynamicCompressor.from_pretrained(None)
-    evaluator = Evaluator(model, sample(held_out, limit, SEED), RESULTS, max_new_tokens=24)
-    evaluator.run(default_settings(model, scales))
+    Evaluator(model, sample(held_out, limit, SEED), RESULTS, max_new_tokens=24).run(chosen)
     print((RESULTS / "results.md").read_text())
+    if hotpot_limit:
+        dev = load_hotpotqa(DATA / "hotpotqa" / "dev.jsonl")
+        out = RESULTS.with_name("default_eval_hotpotqa")
+        Evaluator(model, sample(dev, hotpot_limit, SEED), out, max_new_tokens=24).run(chosen)
+        print((out / "results.md").read_text())
+
+
+def _scale_names(scales: list[float]) -> list[str]:
+    return [f"semi_dynamic_scale_{s:+g}" for s in scales]
 
 
 def main() -> None:
@@ -487,7 +510,9 @@ def main() -> None:
     parser.add_argument("--teach-limit", type=int, default=None)
     parser.add_argument("--synth-limit", type=int, default=40)
     parser.add_argument("--eval-limit", type=int, default=200)
-    parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 1.25, 1.5, 1.75, 2.0])
+    parser.add_argument("--scales", type=float, nargs="+", default=[-1.0, -0.5, 0.0, 0.5, 1.0])
+    parser.add_argument("--settings", nargs="+", default=list(EVAL_SETTINGS))
+    parser.add_argument("--hotpot-limit", type=int, default=100)
     args = parser.parse_args()
     if args.step == "synth":
         synth(args.synth_limit)
@@ -502,7 +527,7 @@ def main() -> None:
     elif args.step == "ship":
         ship()
     else:
-        evaluate(args.eval_limit, args.scales)
+        evaluate(args.eval_limit, args.scales, args.settings, args.hotpot_limit)
 
 
 if __name__ == "__main__":
