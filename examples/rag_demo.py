@@ -15,9 +15,12 @@
    adapter disabled reads the plain chunk text. That is the honest uncompressed comparison: the
    same weights a user would run without compression (the decoder adapter was trained to read
    latents, not text), on the same chunks.
+4. *Selective expansion*: the compressed engine again with ``expand_top_k=1``: per question the
+   best-scored chunk reaches the decoder as plain text and the others as latents, in one prompt.
 
 The report shows each answer, the ratio chosen per chunk, the average compression ratio, the
-store hits per pass, and the time of both engines.
+store hits per pass, and the time of the engines: all-latent, k=1 expanded and plain text side by
+side.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from llama_index.core.query_engine import BaseQueryEngine
 from llama_index.embeddings.semidyn import SentenceTransformerEmbedding
 from llama_index.llms.semidyn import SemiDynamicLLM
 from llama_index.postprocessor.semidyn import (
+    EXPANDED,
     NUM_LATENTS,
     SEGMENT_RATIOS,
     SOURCE,
@@ -73,10 +77,11 @@ class Answer:
     text: str
     docs: list[str]
     ratios: list[str]
-    """The selector's ratio per chunk (``4``), or per segment of a long chunk (``2+4``)."""
+    """The selector's ratio per chunk (``4``), per segment of a long chunk (``2+4``), or
+    ``text`` for a chunk expanded to plain text; empty for the plain-text baseline."""
     sources: list[str]
     context_positions: int
-    """Latent positions (compressed) or chunk tokens (baseline) the decoder read as context."""
+    """Latent positions plus the tokens of text chunks: what the decoder read as context."""
     answer_tokens: int
     """Tokens of the answer: decoding time grows with them, so the report shows them next to it."""
 
@@ -99,6 +104,9 @@ class DemoResult:
     precompress: PrecompressReport
     passes: list[Pass] = field(default_factory=list)
     baseline: Pass | None = None
+    expansion: Pass | None = None
+    """The compressed engine with ``expand_top_k`` chunks as text (None: not run)."""
+    expand_top_k: int = 0
 
 
 def read_questions(path: Path) -> list[Question]:
@@ -123,18 +131,24 @@ def ask(
         response = engine.query(q.question)
         metas = [n.node.metadata for n in response.source_nodes]
         text = str(response.response or "").strip()
-        compressed = all(NUM_LATENTS in m for m in metas)
-        positions = (
-            sum(m[NUM_LATENTS] for m in metas)
-            if compressed
-            else sum(count_tokens(n.node.get_content()) for n in response.source_nodes)
+        # a node the postprocessor left alone (baseline) or expanded is read as its text
+        latent = [NUM_LATENTS in m and not m.get(EXPANDED) for m in metas]
+        positions = sum(
+            m[NUM_LATENTS] if is_latent else count_tokens(n.node.get_content())
+            for n, m, is_latent in zip(response.source_nodes, metas, latent)
         )
+        processed = [EXPANDED in m for m in metas]
         answers.append(
             Answer(
                 text=text,
                 docs=[m.get("file_name", "?") for m in metas],
-                ratios=[ratio_text(m[SEGMENT_RATIOS]) for m in metas] if compressed else [],
-                sources=[m[SOURCE] for m in metas] if compressed else [],
+                ratios=[
+                    ratio_text(m[SEGMENT_RATIOS]) if is_latent else "text"
+                    for m, is_latent in zip(metas, latent)
+                ]
+                if any(processed)
+                else [],
+                sources=[m[SOURCE] for m, is_latent in zip(metas, latent) if is_latent],
                 context_positions=positions,
                 answer_tokens=count_tokens(text) if text != EMPTY else 0,
             )
@@ -155,11 +169,13 @@ def run_demo(
     chunk_size: int = 160,
     limit: int | None = None,
     baseline: bool = True,
+    expand_top_k: int = 1,
 ) -> DemoResult:
     """Index ``corpus``, precompress it into the store at ``store_path``, ask its questions.
 
     ``embed_model`` defaults to all-MiniLM-L6-v2; ``limit`` asks only the first questions;
-    ``baseline=False`` skips the plain-text engine.
+    ``baseline=False`` skips the plain-text engine; ``expand_top_k`` chunks per question go as
+    text in the selective-expansion pass (0: no such pass).
     """
     questions = read_questions(corpus / "questions.jsonl")[:limit]
     nodes = load_nodes(corpus, chunk_size=chunk_size, extensions=[".md"])
@@ -179,6 +195,7 @@ def run_demo(
             questions=questions,
             chunks=[(n.metadata.get("file_name", "?"), c) for n, c in zip(nodes, chunks)],
             precompress=report,
+            expand_top_k=expand_top_k,
         )
 
         # 2. online: a fresh service stands for the serving process; everything is in the store
@@ -195,6 +212,12 @@ def run_demo(
 
         result.passes.append(ask(engine, questions, "pass 1 (store)", count_tokens))
         result.passes.append(ask(engine, questions, "pass 2 (memory)", count_tokens))
+        if expand_top_k:
+            expanding = as_semidyn_query_engine(
+                index, service, llm=llm, similarity_top_k=top_k, expand_top_k=expand_top_k
+            )
+            name = f"k={expand_top_k} as text"
+            result.expansion = ask(expanding, questions, name, count_tokens)
 
         # 3. baseline: same index, retrieval and prompt; the base decoder reads the chunk text
         if baseline:
@@ -252,10 +275,13 @@ def format_report(result: DemoResult) -> str:
     out.append("")
     out.append("== Answers (compressed contexts, pass 1) ==")
     base = result.baseline.answers if result.baseline else [None] * len(result.questions)
-    for q, a, b in zip(result.questions, first.answers, base):
+    mixed = result.expansion.answers if result.expansion else [None] * len(result.questions)
+    for q, a, b, e in zip(result.questions, first.answers, base, mixed):
         out.append(f"Q: {q.question}")
         out.append(f"   reference: {' / '.join(q.answers)}")
         out.append(f"   compressed: {a.text!r}")
+        if e is not None:
+            out.append(f"   k={result.expand_top_k} as text: {e.text!r}")
         if b is not None:
             out.append(f"   plain text: {b.text!r}")
         chosen = ", ".join(f"{d} @ {r}x ({s})" for d, r, s in zip(a.docs, a.ratios, a.sources))
@@ -264,12 +290,14 @@ def format_report(result: DemoResult) -> str:
     out.append("")
     out.append("== Passes ==")
     n = max(len(result.questions), 1)
-    for p in [*result.passes, *([result.baseline] if result.baseline else [])]:
+    extra = [p for p in (result.expansion, result.baseline) if p is not None]
+    for p in [*result.passes, *extra]:
         sources = p.sources()
         cached = ", ".join(f"{k} {sources[k]}" for k in ("store", "memory", "encoder"))
         positions = sum(a.context_positions for a in p.answers) / n
         generated = sum(a.answer_tokens for a in p.answers) / n
-        unit = "latents" if sources else "tokens"
+        texts = sum(r == "text" for a in p.answers for r in a.ratios)
+        unit = "latents" if sources and not texts else "positions" if sources else "tokens"
         out.append(
             f"{p.name:<22} {p.seconds:6.2f} s ({p.seconds / n:.2f} s/question); per question: "
             f"context {positions:.0f} {unit}, answer {generated:.0f} tokens"
@@ -283,6 +311,18 @@ def format_report(result: DemoResult) -> str:
             f"time: compressed {compressed:.2f} s vs plain text {plain:.2f} s "
             f"(speed-up {plain / max(compressed, 1e-9):.2f}x)"
         )
+    out.append("")
+    out.append("== All-latent vs selective expansion vs plain text ==")
+    out.append(f"{'engine':<22} {'correct':>8} {'context/question':>17} {'s/question':>11}")
+    rows = [("all latent (pass 1)", result.passes[0])]
+    if result.expansion:
+        rows.append((f"k={result.expand_top_k} as text", result.expansion))
+    if result.baseline:
+        rows.append(("plain text (base)", result.baseline))
+    for label, p in rows:
+        hits = sum(substring_match(a.text, q.answers) for a, q in zip(p.answers, result.questions))
+        positions = sum(a.context_positions for a in p.answers) / n
+        out.append(f"{label:<22} {hits:>5}/{n:<2} {positions:>17.0f} {p.seconds / n:>11.2f}")
     return "\n".join(out)
 
 
@@ -298,9 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--limit", type=int, help="ask only the first N questions")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain-text engine")
+    parser.add_argument(
+        "--expand-top-k",
+        type=int,
+        default=1,
+        help="chunks per question sent as text in the selective-expansion pass (0: skip it)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     args = parser.parse_args(argv)
+    if args.expand_top_k < 0:
+        parser.error("--expand-top-k must be >= 0")
     setup_logging(args.quiet, plain_text_corpus=True)
 
     model = load_compressor(args.compressor, args.device)
@@ -317,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             chunk_size=args.chunk_size,
             limit=args.limit,
             baseline=not args.no_baseline,
+            expand_top_k=args.expand_top_k,
         )
     print(format_report(result))
     return 0

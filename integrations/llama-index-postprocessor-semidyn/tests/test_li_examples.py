@@ -71,6 +71,17 @@ def test_rag_demo_report(compressor_dir: Path, small_corpus: Path, tmp_path: Pat
     assert re.search(r"pass 2 \(memory\).*\n +latents from: store 0, memory 4, encoder 0", report)
     assert re.search(r"baseline \(plain text\) .* context \d+ tokens, answer", report)
     assert re.search(r"time: compressed [\d.]+ s vs plain text [\d.]+ s", report)
+    # selective expansion: per question the best chunk as text, the other one's latents
+    assert re.search(r"k=1 as text .* context \d+ positions, answer", report)
+    assert re.search(r"k=1 as text.*\n +latents from: store 0, memory 2, encoder 0", report)
+    assert len(re.findall(r"\n   k=1 as text: '", report)) == 2
+    table = report.split("== All-latent vs selective expansion vs plain text ==")[1]
+    rows = re.findall(
+        r"\n(all latent \(pass 1\)|k=1 as text|plain text \(base\)) +(\d)/2 +(\d+)", table
+    )
+    assert [r[0] for r in rows] == ["all latent (pass 1)", "k=1 as text", "plain text (base)"]
+    latent, mixed, plain = (int(r[2]) for r in rows)
+    assert latent < mixed < plain  # one chunk's tokens replace its latents
 
 
 def test_own_documents(compressor_dir: Path, tmp_path: Path, capsys) -> None:
