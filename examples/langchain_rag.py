@@ -103,9 +103,16 @@ def precompress(model: SemiDynamicCompressor, store: LatentStore, texts: list[st
 
 
 def log_sources(docs: Sequence[Document]) -> Sequence[Document]:
-    """Where each chunk's latents came from: ``store`` once the corpus is precompressed."""
+    """Where each chunk's latents came from (``store`` once the corpus is precompressed), or
+    ``text`` for a chunk expanded to plain text (``--expand-top-k``)."""
     logger.info(
-        "retrieved %s", [(d.metadata["semidyn_source"], d.metadata["semidyn_ratio"]) for d in docs]
+        "retrieved %s",
+        [
+            ("text",)
+            if d.metadata["semidyn_expanded"]
+            else (d.metadata["semidyn_source"], d.metadata["semidyn_ratio"])
+            for d in docs
+        ],
     )
     return docs
 
@@ -118,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=0.0, help="higher compresses more")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--question", action="append", help="ask this (repeatable)")
+    parser.add_argument(
+        "--expand-top-k", type=int, default=0, help="best chunks sent as plain text (default 0)"
+    )
     args = parser.parse_args(argv)
+    if args.expand_top_k < 0:
+        parser.error("--expand-top-k must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -135,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             service = LatentService(model, store, scale=args.scale)
             faiss = FAISS.from_texts(CORPUS, SentenceTransformerEmbeddings())
             retriever = ContextualCompressionRetriever(
-                base_compressor=SemiDynamicDocumentCompressor(service=service),
+                base_compressor=SemiDynamicDocumentCompressor(
+                    service=service, expand_top_k=args.expand_top_k
+                ),
                 base_retriever=faiss.as_retriever(search_kwargs={"k": 2}),
             )
             llm = SemiDynamicLLM(service=service, max_new_tokens=args.max_new_tokens)

@@ -28,3 +28,6 @@ def test_example_script_runs(tmp_path, capsys, caplog) -> None:
     assert module.main([*argv, "--question", "When was the Eiffel Tower completed?"]) == 0
     assert "(0 new)" in caplog.text
     assert "retrieved [('store'" in caplog.text
+    caplog.clear()
+    assert module.main([*argv, "--expand-top-k", "1", "--question", "Who built the tower?"]) == 0
+    assert "retrieved [('text',), ('store'" in caplog.text  # the best chunk as text
