@@ -99,9 +99,9 @@ WIDEN = TrainConfig.model_validate(
 DISTILL = TrainConfig.model_validate(
     {
         **WIDEN.model_dump(),
-        "steps": 400,
+        "steps": 200,
         "train_ratios": [4, 8],
-        "encoder_warmup_steps": 400,
+        "encoder_warmup_steps": 200,
         "mse_weight": 0.0,  # the head is fitted in closed form (`density`), not by gradient
         "kd_weight": 1.0,
         "output_dir": str(RUN / "distill"),
@@ -262,6 +262,9 @@ def training_samples(count) -> tuple[list[TrainSample], list[TrainSample]]:
 TEACHER = RUN / "teacher.jsonl"
 """The base decoder's answers (and top-k targets) on the full training contexts (``teach``)."""
 TEACH_CHUNK = 64
+TEACH_LIMIT = 512
+"""Training questions the teacher answers (the first ones, in `training_samples` order): what
+one CPU session could afford; more is better."""
 
 
 def teach(limit: int | None = None) -> None:
@@ -507,7 +510,7 @@ def main() -> None:
         "step", choices=["synth", "teach", "density", "train", "distill", "ship", "eval"]
     )
     parser.add_argument("--init", choices=["third-phase", "default"], default="third-phase")
-    parser.add_argument("--teach-limit", type=int, default=None)
+    parser.add_argument("--teach-limit", type=int, default=TEACH_LIMIT)
     parser.add_argument("--synth-limit", type=int, default=40)
     parser.add_argument("--eval-limit", type=int, default=200)
     parser.add_argument("--scales", type=float, nargs="+", default=[-1.0, -0.5, 0.0, 0.5, 1.0])
