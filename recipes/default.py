@@ -103,6 +103,7 @@ DISTILL = TrainConfig.model_validate(
         "train_ratios": [4, 8],
         "encoder_warmup_steps": 200,
         "mse_weight": 0.0,  # the head is fitted in closed form (`density`), not by gradient
+        "align_steps": 0,  # the converter the decoder learned to read stays as it is
         "kd_weight": 1.0,
         "output_dir": str(RUN / "distill"),
         "save_every": 20,
