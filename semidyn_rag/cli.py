@@ -641,8 +641,9 @@ def _first_row(path: Path) -> tuple[str, dict] | None:
                         raise UserError(f"{path}:{number} is not JSON ({exc.msg})") from None
                     return f"{path}:{number}", row if isinstance(row, dict) else {}
         return None
-    import pyarrow.parquet as pq
+    from .extras import require
 
+    pq = require("pyarrow.parquet", f"reading {path}")
     try:
         schema = pq.read_schema(path)
     except Exception as exc:  # pyarrow's own error types

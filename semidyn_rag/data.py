@@ -16,9 +16,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -353,7 +353,11 @@ def load_eval_parquet(path: str | Path, *, source: str = "parquet") -> list[QASa
     (any type, kept as text; the row number when absent) and ``title`` are optional, and further
     columns such as ``context_len`` are ignored, because the token count depends on the tokenizer
     and is recomputed. ``source`` labels the samples (e.g. ``"squad"``) for per-dataset results.
+    Needs the ``parquet`` extra (pyarrow); raises :class:`~semidyn_rag.extras.MissingExtraError`
+    without it.
     """
+    pa = require("pyarrow", "reading .parquet evaluation files")
+    pq = require("pyarrow.parquet", "reading .parquet evaluation files")
     path = Path(path)
     try:
         schema = pq.read_schema(path)

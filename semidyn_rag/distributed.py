@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from .extras import require
 from .precompress import (
     Chunk,
     PrecompressConfig,
@@ -56,6 +55,10 @@ from .types import CompressedContext
 
 if TYPE_CHECKING:
     from .modeling import SemiDynamicCompressor
+
+# Ray Data hands batches over as Arrow tables; the `ray` extra (ray[data]) brings pyarrow along.
+pa = require("pyarrow", "precompression on Ray", extra="ray")
+pq = require("pyarrow.parquet", "precompression on Ray", extra="ray")
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +131,7 @@ def ray_session(config: RayConfig) -> Iterator[Any]:
         os.environ.setdefault(name, value)
     if not config.address:  # our own instance: loopback whatever the environment says
         os.environ[LOOPBACK_FLAG] = "0"
-    import ray
+    ray = require("ray", "precompression on Ray")
     from ray._private import ray_constants
 
     if ray.is_initialized():

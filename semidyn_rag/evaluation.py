@@ -637,8 +637,12 @@ class Evaluator:
 
         One progress bar counts answers over all settings (with an ETA); recorded answers count as
         done. Raises ``ImportError`` before answering anything when an LLMLingua setting has work
-        to do and the ``llmlingua`` package is missing.
+        to do and the ``llmlingua`` package is missing, or when the ``plot`` extra (matplotlib,
+        for ``pareto.png``) is.
         """
+        from .extras import require
+
+        require("matplotlib", "the evaluation's Pareto plot")
         unique = list({s.name: s for s in settings}.values())
         ids = {s.id for s in self.samples}
         recorded = {s.name: len(ids & self._load(s).keys()) for s in unique}
@@ -768,10 +772,11 @@ def plot_pareto(results: Sequence[SettingResult], path: str | Path) -> Path | No
             f"; removed the stale {path}" if had else "",
         )
         return None
-    import matplotlib
+    from .extras import require
 
+    matplotlib = require("matplotlib", "the evaluation's Pareto plot")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "the evaluation's Pareto plot")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=150)
     any_hollow = False

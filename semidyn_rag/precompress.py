@@ -33,6 +33,7 @@ from filelock import Timeout
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from .extras import require
 from .store import (
     DTYPE_SIZES,
     Embedder,
@@ -237,7 +238,7 @@ def read_corpus(
                     if doc is not None:
                         yield doc
     elif path.suffix == ".parquet" and path.is_file():
-        import pyarrow.parquet as pq
+        pq = require("pyarrow.parquet", f"reading {path}")
 
         number = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):

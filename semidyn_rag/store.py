@@ -43,10 +43,11 @@ import numpy as np
 from filelock import FileLock
 from pydantic import BaseModel
 
+from .extras import require
 from .types import CompressedContext
 
 # torch is imported where tensors are built and faiss where the index is: `store info` and
-# `store check` need neither
+# `store check` need neither, and faiss is an optional extra
 if TYPE_CHECKING:
     import torch
 
@@ -1154,6 +1155,10 @@ def _decode(row: tuple, dtype: torch.dtype | None, *, verify: bool = True) -> Co
     return CompressedContext(latents, f.num_tokens, f.segment_ratios, f.segment_y)
 
 
+def _faiss() -> Any:
+    return require("faiss", "VectorIndex (the FAISS retrieval index)")
+
+
 class VectorIndex:
     """A FAISS index of retrieval embeddings with string ids, persisted in one file.
 
@@ -1164,6 +1169,8 @@ class VectorIndex:
 
     The FAISS index and the id map are saved together in one ``.npz`` written to a temporary file
     and renamed over the old one, so a crash never leaves an index whose ids disagree with it.
+    Needs the ``faiss`` extra (``pip install 'semidyn-rag[faiss]'``); without it, building or
+    loading one raises :class:`~semidyn_rag.extras.MissingExtraError`.
     """
 
     def __init__(
@@ -1180,7 +1187,7 @@ class VectorIndex:
         self.metric: Metric = metric
         self.embed = embed
         self.path = Path(path) if path is not None else None
-        import faiss
+        faiss = _faiss()
 
         flat = faiss.IndexFlatL2(self.dim) if metric == "l2" else faiss.IndexFlatIP(self.dim)
         self._index = faiss.IndexIDMap2(flat)
@@ -1206,7 +1213,7 @@ class VectorIndex:
                 f"{what} have shape {matrix.shape}; this index holds {self.dim}-d vectors"
             )
         if self.metric == "cosine":
-            import faiss
+            faiss = _faiss()
 
             faiss.normalize_L2(matrix)
         return matrix
@@ -1274,7 +1281,7 @@ class VectorIndex:
         target = Path(path) if path is not None else self.path
         if target is None:
             raise ValueError("give a path to save an index that has none")
-        import faiss
+        faiss = _faiss()
 
         items = sorted(self._labels.items(), key=lambda item: item[1])
         encoded = [i.encode("utf-8", "surrogatepass") for i, _ in items]
@@ -1299,7 +1306,7 @@ class VectorIndex:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no vector index at {path}")
-        import faiss
+        faiss = _faiss()
 
         try:
             with np.load(path, allow_pickle=False) as data:

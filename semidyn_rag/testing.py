@@ -1,9 +1,14 @@
-"""Helpers for tests of semidyn-rag and its integrations: real tiny models, no mocks, no hub.
+"""Helpers and pytest fixtures for tests of semidyn-rag and its integrations: real tiny models,
+no mocks, no hub. Needs pytest (the ``dev`` extra).
 
 The integrations' test suites live in separate directories (each with its own ``conftest.py``),
 so what they share has to be importable: a tiny random-weight compressor that really runs, a
 counter around the real encoder (to prove that a store hit skipped it), and a deterministic
 bag-of-words embedding under which documents sharing words with a query really are nearer.
+
+The fixtures at the end are shared by importing them into a ``conftest.py``
+(``from semidyn_rag.testing import compressor_dir, store``): a conftest below the rootdir may
+not declare ``pytest_plugins``, and importing keeps each suite explicit about what it uses.
 """
 
 from __future__ import annotations
@@ -12,14 +17,35 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import pytest
 import torch
 
 from .config import CompressorConfig
 from .modeling import SemiDynamicCompressor
+from .service import LatentService
+from .store import LatentStore
 from .tiny import build_qwen3, build_tokenizer
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Paris is the capital of France and Berlin is the capital of Germany.",
+    "Question: what is the answer? Context: the answer is forty two.",
+    "Soft context compression turns long passages into a few latent vectors.",
+    "Alice was born in 1990 in Lyon; Bob moved to Oslo in 2004 with his sister.",
+] * 20
+"""The core tests' tokenizer corpus (``tests/``)."""
+
+PASSAGES = [
+    "Paris is the capital of France and Berlin is the capital of Germany.",
+    "Alice was born in 1990 in Lyon; Bob moved to Oslo in 2004 with his sister.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Soft context compression turns long passages into a few latent vectors.",
+    "The Rhine flows from the Alps through Germany to the North Sea at Rotterdam.",
+]
+"""Five retrievable documents: the integrations' corpus (their tokenizer is trained on it)."""
 
 
 def randomize_lora(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -154,3 +180,62 @@ def hashing_embedding(text: str, dim: int = 256) -> list[float]:
         vec[slot] += 1.0 if digest[4] & 1 else -1.0
     norm = math.sqrt(sum(v * v for v in vec)) or 1.0
     return [v / norm for v in vec]
+
+
+# --- pytest fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny matmuls gain nothing from intra-op threads, and on a shared CPU the threads' waits
+    cost more than the work they split (the LlamaIndex suite: ~100 s with 2 threads under load,
+    ~30 s with 1). Restored after each test, so other directories of one run keep their setting.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def compressor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One saved tiny compressor (tokenizer trained on :data:`PASSAGES`); its base is the sibling
+    ``base/``. Every test that loads it gets the same weights, like a new process would."""
+    return save_tiny_compressor(tmp_path_factory.mktemp("tiny"), PASSAGES * 20)
+
+
+@pytest.fixture
+def load_compressor(compressor_dir: Path) -> Callable[[], SemiDynamicCompressor]:
+    """``load_compressor()``: a fresh load of :func:`compressor_dir`, as a new process does."""
+    return lambda: SemiDynamicCompressor.from_pretrained(compressor_dir).eval()
+
+
+@pytest.fixture
+def encode_counter(compressor: SemiDynamicCompressor) -> Iterator[EncodeCounter]:
+    """Counts the ``compressor`` fixture's encoder passes (uninstalled after the test)."""
+    counter = EncodeCounter(compressor)
+    yield counter
+    counter.uninstall()
+
+
+@pytest.fixture
+def count_encodes() -> type[EncodeCounter]:
+    """``count_encodes(compressor)`` wraps another compressor's ``encode`` (e.g. a new session's)."""
+    return EncodeCounter
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "latents"
+
+
+@pytest.fixture
+def store(store_path: Path, compressor: SemiDynamicCompressor) -> Iterator[LatentStore]:
+    """A writable latent store for the ``compressor`` fixture, closed after the test."""
+    with LatentStore(store_path, compressor.fingerprint) as latent_store:
+        yield latent_store
+
+
+@pytest.fixture
+def service(compressor: SemiDynamicCompressor, store: LatentStore) -> LatentService:
+    return LatentService(compressor, store)

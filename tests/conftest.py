@@ -10,18 +10,21 @@ import torch
 
 from semidyn_rag.config import CompressorConfig
 from semidyn_rag.modeling import SemiDynamicCompressor
-from semidyn_rag.testing import randomize_lora
+from semidyn_rag.testing import (
+    CORPUS,
+    compressor_dir,
+    count_encodes,
+    load_compressor,
+    one_torch_thread,
+    randomize_lora,
+)
 from semidyn_rag.tiny import build_qwen3, build_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog near the river bank.",
-    "Paris is the capital of France and Berlin is the capital of Germany.",
-    "Question: what is the answer? Context: the answer is forty two.",
-    "Soft context compression turns long passages into a few latent vectors.",
-    "Alice was born in 1990 in Lyon; Bob moved to Oslo in 2004 with his sister.",
-] * 20
+# shared fixtures (semidyn_rag.testing); one_torch_thread is autouse
+__all__ = ["compressor_dir", "count_encodes", "load_compressor", "one_torch_thread"]
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import CORPUS
 
 from semidyn_rag import distributed
 from semidyn_rag.distributed import (
@@ -26,7 +25,7 @@ from semidyn_rag.distributed import (
 from semidyn_rag.modeling import SemiDynamicCompressor
 from semidyn_rag.precompress import Chunk, PrecompressConfig, precompress
 from semidyn_rag.store import LatentStore, text_hash
-from semidyn_rag.testing import save_tiny_compressor
+from semidyn_rag.testing import CORPUS, save_tiny_compressor
 
 CONFIG = PrecompressConfig(progress=False, batch_tokens=96)
 TEXTS = [" ".join(CORPUS[i : i + 1 + i % 3]) for i in range(10)]  # 1-3 sentences
@@ -95,6 +94,7 @@ def test_shards_round_trip_and_merge_once(tmp_path, checkpoint, model):
         assert leftover_shards(tmp_path / "shards") == [foreign]  # other weights: left alone
 
 
+@pytest.mark.integration  # starts Ray: ~30 s
 def test_ray_gives_the_local_store(tmp_path, checkpoint, model, chunks, ray_dir, monkeypatch):
     local = precompress(model, chunks, tmp_path / "local", CONFIG)
     assert local.duplicates > 0

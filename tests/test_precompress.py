@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import CORPUS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,7 +41,7 @@ from semidyn_rag.precompress import (
     token_spans,
 )
 from semidyn_rag.store import DB_NAME, LatentStore, StoreMismatchError, entry_key
-from semidyn_rag.testing import EncodeCounter, hashing_embedding, save_tiny_compressor
+from semidyn_rag.testing import CORPUS, EncodeCounter, hashing_embedding, save_tiny_compressor
 
 SENTENCES = CORPUS[:5]
 CONFIG = PrecompressConfig(chunk_tokens=24, chunk_overlap=4, progress=False)
@@ -133,6 +132,7 @@ def stored_count(store_dir: Path) -> int:
         conn.close()
 
 
+@pytest.mark.integration  # a SIGKILLed subprocess
 def test_killed_run_resumes_to_a_complete_store(tmp_path, checkpoint, model, corpus, counter):
     chunks = load_chunks([corpus], CONFIG, model.tokenizer)
     unique = len(expected_entries(model, chunks))
@@ -471,6 +471,7 @@ EMBED_CHILD = (
 )
 
 
+@pytest.mark.integration  # a SIGKILLed subprocess
 def test_killed_embedding_run_keeps_what_it_saved(tmp_path, checkpoint, model, corpus):
     store_dir = tmp_path / "store"
     args = ["-q", "precompress", str(corpus), "--store", str(store_dir), *FLAGS]

@@ -7,6 +7,7 @@ from semidyn_rag.config import CompressorConfig
 from semidyn_rag.loading import SMOLLM2, SMOLLM2_GGUF
 from semidyn_rag.modeling import SemiDynamicCompressor
 
+pytestmark = pytest.mark.slow  # loads the real 135M model (tens of seconds on this CPU)
 pytest.importorskip("gguf")
 CONTEXT = (
     "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, "

@@ -285,6 +285,7 @@ def test_info_totals_and_markdown(tmp_path):
     assert StoreInfo.model_validate_json(info.model_dump_json()) == info
 
 
+@pytest.mark.integration  # subprocesses
 def test_killed_writer_leaves_a_consistent_store(tmp_path):
     LatentStore(tmp_path, FP).close()
     with worker("write", tmp_path, 6, 0, "pause") as writer:
@@ -308,6 +309,7 @@ def test_killed_writer_leaves_a_consistent_store(tmp_path):
         assert store.get(worker_key(10_000)).num_tokens == 10_000
 
 
+@pytest.mark.integration  # subprocesses
 def test_readers_in_other_processes_see_whole_batches_while_one_writes(tmp_path):
     batches = 20
     LatentStore(tmp_path, FP).close()
@@ -678,6 +680,7 @@ SAVER = (
 )
 
 
+@pytest.mark.integration  # subprocesses
 def test_killed_index_save_leaves_no_temp_files_a_rerun_keeps(tmp_path):
     target = tmp_path / INDEX_NAME
     for _ in range(20):  # kill mid-save until a temporary file is left behind

@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from ..extras import require
 from .samples import TrainSample, density_label
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,11 @@ class Teacher(Protocol):
 
 
 class OpenAITeacher:
-    """Any OpenAI-compatible chat-completions server (vLLM, llama.cpp, OpenAI...)."""
+    """Any OpenAI-compatible chat-completions server (vLLM, llama.cpp, OpenAI...).
+
+    Needs the ``synth`` extra (httpx); raises :class:`~semidyn_rag.extras.MissingExtraError`
+    without it.
+    """
 
     def __init__(
         self,
@@ -92,7 +96,8 @@ class OpenAITeacher:
         self.max_retries = max_retries
         self.backoff = backoff
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=timeout, headers=headers)
+        self._httpx = require("httpx", "the OpenAI-compatible teacher")
+        self.client = self._httpx.Client(timeout=timeout, headers=headers)
 
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float) -> str:
         body = {
@@ -107,7 +112,7 @@ class OpenAITeacher:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 response = self.client.post(self.url, json=body)
-            except httpx.HTTPError as e:
+            except self._httpx.HTTPError as e:
                 error = f"{type(e).__name__}: {e}"
                 continue
             if response.status_code == 429 or response.status_code >= 500:
@@ -190,7 +195,7 @@ def load_seeds(path: str | Path) -> list[Seed]:
         with path.open(encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
     elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        pq = require("pyarrow.parquet", f"reading seeds from {path}")
 
         rows = pq.read_table(path).to_pylist()
     else:

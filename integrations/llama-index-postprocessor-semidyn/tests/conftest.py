@@ -1,38 +1,47 @@
 """Real tiny models, a real latent store, a real FAISS index and a real embedding: no mocks.
 
-The compressor is a random-weight Qwen3 with a locally trained tokenizer (`semidyn_rag.testing`),
-its LoRA adapters randomized so that they matter; answers are noise, the plumbing is the real
-one. Retrieval uses a hashing bag-of-words embedding: nodes sharing words with the query really
-are nearer, so what FAISS retrieves can be asserted.
+The shared fixtures (a saved tiny compressor, its store and service, encoder counters) come from
+`semidyn_rag.testing`, as for the other suites; answers are noise, the plumbing is the real one.
+Retrieval uses a hashing bag-of-words embedding: nodes sharing words with the query really are
+nearer, so what FAISS retrieves can be asserted.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import faiss
 import pytest
-import torch
 from llama_index.core import StorageContext, VectorStoreIndex
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.schema import TextNode
 from llama_index.vector_stores.faiss import FaissVectorStore
 from semidyn_rag.modeling import SemiDynamicCompressor
-from semidyn_rag.service import LatentService, expect_delivery
-from semidyn_rag.store import LatentStore
-from semidyn_rag.testing import EncodeCounter, hashing_embedding, save_tiny_compressor
+from semidyn_rag.service import expect_delivery
+from semidyn_rag.testing import (
+    PASSAGES,
+    compressor_dir,
+    encode_counter,
+    hashing_embedding,
+    load_compressor,
+    one_torch_thread,
+    service,
+    store,
+    store_path,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CORPUS = [
-    "Paris is the capital of France and Berlin is the capital of Germany.",
-    "Alice was born in 1990 in Lyon; Bob moved to Oslo in 2004 with his sister.",
-    "The quick brown fox jumps over the lazy dog near the river bank.",
-    "Soft context compression turns long passages into a few latent vectors.",
-    "The Rhine flows from the Alps through Germany to the North Sea at Rotterdam.",
+__all__ = [  # fixtures used by this suite, imported from the one shared place
+    "compressor_dir",
+    "encode_counter",
+    "load_compressor",
+    "one_torch_thread",
+    "service",
+    "store",
+    "store_path",
 ]
 
 
@@ -51,31 +60,10 @@ class HashingEmbedding(BaseEmbedding):
         return hashing_embedding(query, self.dim)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads' waits cost
-    more than the work they split (this suite: ~100 s with 2 threads under load, ~30 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def _no_pending_query() -> None:
     """Each test is its own query: no chunks a previous test retrieved are still expected."""
     expect_delivery([], "")
-
-
-@pytest.fixture(scope="session")
-def compressor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One saved compressor: every service below loads the same weights, like a new process."""
-    return save_tiny_compressor(tmp_path_factory.mktemp("li_tiny"), CORPUS * 20)
-
-
-@pytest.fixture
-def load_compressor(compressor_dir: Path) -> Callable[[], SemiDynamicCompressor]:
-    return lambda: SemiDynamicCompressor.from_pretrained(compressor_dir).eval()
 
 
 @pytest.fixture(scope="session")
@@ -85,33 +73,10 @@ def compressor(compressor_dir: Path) -> SemiDynamicCompressor:
 
 
 @pytest.fixture
-def encode_counter(compressor: SemiDynamicCompressor) -> Iterator[EncodeCounter]:
-    counter = EncodeCounter(compressor)
-    yield counter
-    counter.uninstall()
-
-
-@pytest.fixture
-def store_path(tmp_path: Path) -> Path:
-    return tmp_path / "latents"
-
-
-@pytest.fixture
-def store(store_path: Path, compressor: SemiDynamicCompressor) -> Iterator[LatentStore]:
-    with LatentStore(store_path, compressor.fingerprint) as latent_store:
-        yield latent_store
-
-
-@pytest.fixture
-def service(compressor: SemiDynamicCompressor, store: LatentStore) -> LatentService:
-    return LatentService(compressor, store)
-
-
-@pytest.fixture
 def nodes() -> list[TextNode]:
     return [
         TextNode(text=text, id_=f"node{i}", metadata={"file_name": f"doc{i}.txt", "page": i})
-        for i, text in enumerate(CORPUS)
+        for i, text in enumerate(PASSAGES)
     ]
 
 

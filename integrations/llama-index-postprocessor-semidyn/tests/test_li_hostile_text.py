@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CORPUS
 from llama_index.core.schema import NodeWithScore, TextNode
 from semidyn_rag.modeling import PLACEHOLDER, LatentPrompt
 from semidyn_rag.service import MARKER_PATTERN
+from semidyn_rag.testing import PASSAGES as CORPUS
 
 from llama_index.llms.semidyn import SemiDynamicLLM
 from llama_index.postprocessor.semidyn import (

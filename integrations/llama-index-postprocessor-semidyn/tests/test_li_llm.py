@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CORPUS
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from semidyn_rag.modeling import LatentPrompt
 from semidyn_rag.service import marker
+from semidyn_rag.testing import PASSAGES as CORPUS
 
 from llama_index.llms.semidyn import (
     LatentDeliveryError,

@@ -13,10 +13,10 @@ import re
 
 import pytest
 import torch
-from conftest import CORPUS
 from llama_index.core.response_synthesizers import ResponseMode
 from semidyn_rag.modeling import LatentPrompt
 from semidyn_rag.service import IncompleteContextError, LatentDeliveryError, LatentService
+from semidyn_rag.testing import PASSAGES as CORPUS
 
 from llama_index.llms.semidyn import SemiDynamicLLM
 from llama_index.postprocessor.semidyn import (

@@ -11,6 +11,8 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_semidyn import ChatSemiDynamic
 
+pytestmark = pytest.mark.integration  # LangChain's integration suite: many generations
+
 
 class TestChatSemiDynamicIntegration(ChatModelIntegrationTests):
     @pytest.fixture(autouse=True)

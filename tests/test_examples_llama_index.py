@@ -1,4 +1,6 @@
-"""The example scripts, run for real on tiny checkpoints and the real all-MiniLM-L6-v2 embedding."""
+"""The LlamaIndex example scripts, run for real on tiny checkpoints and the real all-MiniLM-L6-v2
+embedding. They live in the monorepo (not in the integration's package tests): examples/ is not
+part of any distribution."""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from semidyn_rag.metrics import normalize_answer
 from semidyn_rag.testing import save_paper_layout
 
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import own_documents  # noqa: E402
@@ -48,6 +51,7 @@ def test_shipped_corpus_answers_its_questions() -> None:
         assert any(normalize_answer(a) in text for a in q.answers), q
 
 
+@pytest.mark.slow  # an example script end to end
 def test_rag_demo_report(compressor_dir: Path, small_corpus: Path, tmp_path: Path, capsys) -> None:
     store = tmp_path / "store"
     argv = [
@@ -84,6 +88,7 @@ def test_rag_demo_report(compressor_dir: Path, small_corpus: Path, tmp_path: Pat
     assert latent < mixed < plain  # one chunk's tokens replace its latents
 
 
+@pytest.mark.slow  # an example script end to end
 def test_own_documents(compressor_dir: Path, tmp_path: Path, capsys) -> None:
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -96,6 +101,7 @@ def test_own_documents(compressor_dir: Path, tmp_path: Path, capsys) -> None:
     assert re.search(r"- paris\.md \(score [\d.]+\): \d+x, \d+ latents, from store", out)
 
 
+@pytest.mark.slow  # an example script end to end
 def test_paper_checkpoint(compressor_dir: Path, small_corpus: Path, tmp_path: Path, capsys) -> None:
     assert paper_checkpoint.main([str(tmp_path / "missing")]) == 2
     assert "does not download" in capsys.readouterr().err

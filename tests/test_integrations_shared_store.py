@@ -1,19 +1,21 @@
 """One store, both frameworks: latents LlamaIndex wrote are LangChain store hits, and back.
 
-Skipped when the LlamaIndex integration is not installed.
+A monorepo test (neither integration's package tests import the other package); skipped when
+either integration is not installed.
 """
 
 from __future__ import annotations
 
 import pytest
-from langchain_core.documents import Document
+
 from semidyn_rag.service import LatentService
 from semidyn_rag.store import LatentStore
+from semidyn_rag.testing import PASSAGES
 
-from langchain_semidyn import SemiDynamicDocumentCompressor
-
+langchain_semidyn = pytest.importorskip("langchain_semidyn")
 semidyn_li = pytest.importorskip("llama_index.postprocessor.semidyn")
 schema = pytest.importorskip("llama_index.core.schema")
+Document = pytest.importorskip("langchain_core.documents").Document
 
 
 def nodes(texts: list[str]) -> list:
@@ -21,23 +23,26 @@ def nodes(texts: list[str]) -> list:
 
 
 def test_store_written_by_one_framework_serves_the_other(
-    tmp_path, load_compressor, count_encodes, documents
+    tmp_path, load_compressor, count_encodes
 ) -> None:
-    texts = [d.page_content for d in documents]
+    texts = PASSAGES
+    documents = [
+        Document(page_content=t, metadata={"source": f"doc{i}.txt"}) for i, t in enumerate(texts)
+    ]
     path = tmp_path / "shared"
 
     writer = load_compressor()
     with LatentStore(path, writer.fingerprint) as store:
         postprocessor = semidyn_li.SemiDynamicNodePostprocessor(LatentService(writer, store))
         li_out = postprocessor.postprocess_nodes(nodes(texts[:3]), query_str="q")
-        SemiDynamicDocumentCompressor(service=LatentService(writer, store)).compress_documents(
-            documents[3:], "q"
-        )
+        langchain_semidyn.SemiDynamicDocumentCompressor(
+            service=LatentService(writer, store)
+        ).compress_documents(documents[3:], "q")
 
     reader = load_compressor()
     counter = count_encodes(reader)
     with LatentStore(path, reader.fingerprint, readonly=True) as store:
-        lc_out = SemiDynamicDocumentCompressor(
+        lc_out = langchain_semidyn.SemiDynamicDocumentCompressor(
             service=LatentService(reader, store)
         ).compress_documents(documents, "another query")
         li_back = semidyn_li.SemiDynamicNodePostprocessor(
