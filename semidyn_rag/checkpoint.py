@@ -655,17 +655,33 @@ def import_official(
     return model
 
 
+def tokenizer_digest(tokenizer: Any) -> str:
+    """Hex sha256 of what decides a tokenizer's ids for a text: a fast tokenizer's whole definition
+    (normalizer, pre-tokenizer, vocabulary, merges, added tokens, post-processor), else its class
+    and vocabulary; plus its eos id (appended when pooling ``<eos>``). No paths are hashed."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = backend.to_str()
+    else:
+        vocab = sorted(tokenizer.get_vocab().items())
+        definition = json.dumps([type(tokenizer).__name__, vocab], ensure_ascii=False)
+    digest = hashlib.sha256(definition.encode("utf-8", "surrogatepass"))
+    digest.update(f"|eos={tokenizer.eos_token_id}".encode())
+    return digest.hexdigest()
+
+
 def fingerprint(model: SemiDynamicCompressor) -> str:
     """A short hash of what determines the latents: config, and every weight that shapes them.
 
-    Hashed: the compressor config (without base paths), both bases' architecture configs, our own
-    tensors (ratio head, converter, memory), every LoRA tensor, the decoder's input-embedding
-    table, and **every encoder base weight the encoder pass runs** (its embeddings and its layers up
-    to ``encoder_depth``; the layers past an early exit and the LM head do not shape latents). So a
-    base whose weights were replaced at the same path, or weights loaded into a live model, give
-    another fingerprint. Base models are identified by content rather than by path, so the same
-    checkpoint copied to another folder or machine keeps its fingerprint (and a store precompressed
-    elsewhere stays usable). Tensors are hashed as raw bytes with their dtype and shape (about
+    Hashed: the compressor config (without base paths), both bases' architecture configs, the
+    encoder's tokenizer (`tokenizer_digest`), our own tensors (ratio head, converter, memory),
+    every LoRA tensor, the decoder's input-embedding table, and **every encoder base weight the
+    encoder pass runs** (its embeddings and its layers up to ``encoder_depth``; the layers past an
+    early exit and the LM head do not shape latents). So a base whose weights or tokenizer were
+    replaced at the same path, or weights loaded into a live model, give another fingerprint.
+    Base models are identified by content rather than by path, so the same checkpoint copied to
+    another folder or machine keeps its fingerprint (and a store precompressed elsewhere stays
+    usable). Tensors are hashed as raw bytes with their dtype and shape (about
     1.5 GB/s; ``SemiDynamicCompressor.fingerprint`` caches the result until a weight changes).
     """
     config = model.config.model_dump(exclude={"encoder_model", "decoder_model"})
@@ -681,6 +697,9 @@ def fingerprint(model: SemiDynamicCompressor) -> str:
             base_config.pop("quantization_config")
         digest.update(json.dumps(base_config, sort_keys=True, default=str).encode())
         tensors[f"{role}.embed_tokens"] = base.get_input_embeddings().weight
+    # the encoder's token ids shape the latents as much as its weights: a tokenizer replaced at
+    # the same path (another normalizer, vocabulary or merges) must not reuse the old latents
+    digest.update(tokenizer_digest(model.tokenizer).encode())
     depth = getattr(model, "encoder_depth", None)
     skipped_layers = re.compile(r"\.layers\.(\d+)\.")
     for name, param in model.encoder.get_base_model().named_parameters():

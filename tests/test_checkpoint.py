@@ -88,3 +88,23 @@ def test_fingerprint_does_not_depend_on_the_folder(compressor, tmp_path):
     a = SemiDynamicCompressor.from_pretrained(tmp_path / "a")
     b = SemiDynamicCompressor.from_pretrained(tmp_path / "b")
     assert a.fingerprint == b.fingerprint == compressor.fingerprint
+
+
+def test_fingerprint_follows_the_encoder_tokenizer(compressor, tmp_path):
+    """A base whose tokenizer was replaced at the same path tokenizes differently: the latents of
+    the same text change, so the fingerprint (the store's key) must move too."""
+    import json
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(compressor.config.encoder_model, base)
+    compressor.save_pretrained(tmp_path / "ck")
+    first = SemiDynamicCompressor.from_pretrained(tmp_path / "ck", encoder_model=str(base))
+    tokenizer_file = base / "tokenizer.json"
+    definition = json.loads(tokenizer_file.read_text())
+    definition["normalizer"] = {"type": "Lowercase"}
+    tokenizer_file.write_text(json.dumps(definition))
+    second = SemiDynamicCompressor.from_pretrained(tmp_path / "ck", encoder_model=str(base))
+    a, b = first.compress(TEXTS[:1], ratio=2.0)[0], second.compress(TEXTS[:1], ratio=2.0)[0]
+    assert a.num_tokens != b.num_tokens or not torch.equal(a.latents, b.latents)
+    assert second.fingerprint != first.fingerprint
