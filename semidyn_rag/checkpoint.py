@@ -162,7 +162,15 @@ def _resolve(name_or_path: str | Path | None) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(name_or_path)))
+    try:
+        return Path(snapshot_download(str(name_or_path)))
+    # offline, unknown repository, malformed id: the hub's own messages do not name the input
+    except Exception as exc:
+        raise CheckpointError(
+            f"compressor {name_or_path}: no such local directory, and not a hub model that could "
+            f"be fetched ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "check the path, or download the model while online"
+        ) from exc
 
 
 # ---------------------------------------------------------------------- adapters

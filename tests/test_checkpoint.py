@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -108,3 +110,12 @@ def test_fingerprint_follows_the_encoder_tokenizer(compressor, tmp_path):
     a, b = first.compress(TEXTS[:1], ratio=2.0)[0], second.compress(TEXTS[:1], ratio=2.0)[0]
     assert a.num_tokens != b.num_tokens or not torch.equal(a.latents, b.latents)
     assert second.fingerprint != first.fingerprint
+
+
+@pytest.mark.parametrize("name", ["no-such-dir/compressor", "./missing", "not a repo id!"])
+def test_missing_checkpoint_is_named(tmp_path, monkeypatch, name):
+    """A path that does not exist is neither loaded nor reported with the hub's anonymous error."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match=rf"compressor {re.escape(name)}: no such local"):
+        SemiDynamicCompressor.from_pretrained(name)
