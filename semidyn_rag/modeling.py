@@ -101,6 +101,10 @@ class LatentPrompt:
         return PLACEHOLDER.join(self.pieces)
 
 
+class ContextTooLongError(ValueError):
+    """A text's latents would exceed the decoder's positions even at the highest ratio."""
+
+
 def _check_base_reads_text(prompts: Sequence[LatentPrompt], adapter: bool) -> None:
     """The base decoder (``adapter=False``) never learned to read latents: refuse, don't babble."""
     if not adapter and any(p.latents for p in prompts):
@@ -553,6 +557,23 @@ class SemiDynamicCompressor(nn.Module):
                 owners.append(owner)
         return segments, owners
 
+    def _check_fits_decoder(
+        self, token_lists: Sequence[Sequence[int]], ratio: float | None
+    ) -> None:
+        from .precompress import decoder_positions, min_latents
+
+        budget = decoder_positions(self)
+        if budget is None:
+            return
+        for i, ids in enumerate(token_lists):
+            need = min_latents(self, len(ids), ratio)
+            if need > budget:
+                raise ContextTooLongError(
+                    f"text {i} has {len(ids):,} tokens, which give at least {need:,} latents: "
+                    f"more than the decoder's {budget:,} positions (max_position_embeddings); "
+                    "split it into smaller chunks"
+                )
+
     @torch.inference_mode()
     def compress(
         self,
@@ -580,9 +601,14 @@ class SemiDynamicCompressor(nn.Module):
         *,
         batch_size: int = 16,
     ) -> list[CompressedContext]:
-        """:meth:`compress` for already tokenized texts (callers that tokenized to batch by length)."""
+        """:meth:`compress` for already tokenized texts (callers that tokenized to batch by length).
+
+        Raises `ContextTooLongError` (before the encoder runs) for a text whose latents could not
+        fit the decoder's positions even at the highest ratio: no prompt could hold it.
+        """
         if not token_lists:
             return []
+        self._check_fits_decoder(token_lists, ratio)
         segments, owners = self._segments(token_lists)
         order = sorted(range(len(segments)), key=lambda i: len(segments[i]))
         latents: list[torch.Tensor | None] = [None] * len(segments)

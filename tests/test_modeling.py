@@ -209,3 +209,22 @@ def test_fresh_converter_speaks_at_the_scale_of_decoder_embeddings(compressor):
     plain.match_output_scale(0.01)
     assert float(plain(probe).detach().pow(2).mean().sqrt()) == pytest.approx(0.01, rel=0.2)
     assert before > 0.05  # the unscaled MLP is far off: the rescale is what makes the difference
+
+
+def test_a_text_the_decoder_cannot_hold_is_refused_before_encoding(compressor, monkeypatch):
+    """A chunk whose latents exceed the decoder's positions even at the highest ratio (a 1 MB
+    chunk on a 4,096-position decoder) is an error naming the budget, not minutes of encoding."""
+    from semidyn_rag.modeling import ContextTooLongError
+
+    compressor.decoder.get_base_model().config.max_position_embeddings = 16
+    text = "Paris is the capital of France and Berlin is the capital of Germany. " * 4
+    n = len(compressor.tokenize([text])[0])
+    assert n > 32  # at ratio 2 it needs more than 16 positions
+    encoded = []
+    monkeypatch.setattr(compressor, "encode", lambda *a, **k: encoded.append(a) or 1 / 0)
+    with pytest.raises(ContextTooLongError, match=r"decoder's 16 positions"):
+        compressor.compress(["short", text], ratio=2.0)
+    assert encoded == []
+    monkeypatch.undo()
+    [fits] = compressor.compress(["Paris is the capital of France."], ratio=2.0)
+    assert fits.num_latents <= 16
