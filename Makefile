@@ -50,5 +50,8 @@ bench: $(STAMP)
 train-default: $(STAMP)
 	$(PY) recipes/default.py synth
 	$(PY) recipes/default.py train
+	$(PY) recipes/default.py teach
+	$(PY) recipes/default.py density
+	$(PY) recipes/default.py distill
 	$(PY) recipes/default.py ship
 	$(PY) recipes/default.py eval
