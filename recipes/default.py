@@ -1,14 +1,20 @@
 """Recipe of the bundled default compressor (SmolLM2-135M-Instruct as encoder and decoder base).
 
-    python recipes/default.py synth   # synthetic QA tasks from the teacher (resumable)
-    python recipes/default.py train   # converter fit + three SFT phases (resumable)
-    python recipes/default.py ship    # fp16 copy of the final checkpoint into semidyn_rag/default
-    python recipes/default.py eval    # held-out SQuAD articles: Pareto table + plot
+    python recipes/default.py synth     # synthetic QA tasks from the teacher (resumable)
+    python recipes/default.py train     # converter fit + three SFT phases (resumable)
+    python recipes/default.py teach     # the base decoder answers training questions on full text
+    python recipes/default.py density   # surprisal labels on a mix of text kinds, head on layer 2
+    python recipes/default.py distill   # fourth phase: distil the teacher's answers (resumable)
+    python recipes/default.py ship      # fp16 copy of the distilled checkpoint + fitted head
+    python recipes/default.py eval      # held-out SQuAD articles: table, peers, Pareto plot
 
-``make train-default`` runs all four. Data: SQuAD (whole articles held out for evaluation) and
+``make train-default`` runs them all. Data: SQuAD (whole articles held out for evaluation) and
 HotpotQA training rows from ``../shared/data``, plus synthetic QA tasks written by the synthesis
-pipeline with SmolLM2 itself as the teacher (the only LLM available offline here). Density labels
-come from an extractive summary (``extractive_label``): SmolLM2's own summaries carry no signal.
+pipeline with SmolLM2 itself as the teacher (the only LLM available offline here). The first three
+phases learn from gold answers; the fourth from the untouched base decoder's own answers on the
+full text (sequence- and token-level distillation, PISCO-style), which is what "accuracy kept
+under compression" measures. The ratio head is fitted in closed form to surprisal labels
+(`training.density`): SmolLM2's summaries carry no density signal, its surprisal does.
 """
 
 from __future__ import annotations
