@@ -6,12 +6,17 @@ passes documents' page content), so a compressed chunk travels through them as a
 and turns a prompt holding markers back into a `LatentPrompt` for the decoder. The LlamaIndex and
 LangChain packages are thin translations around it and hold no model logic.
 
-Text never acts as a slot. A marker is ``[[latent:<slot>]]`` where ``<slot>`` is a random id that
-this process issued when it compressed the chunk, signed with a per-process secret; the slot
-registry maps it to the chunk's cache key. Anything else that looks like a marker (a document or
-question holding ``[[latent:...]]``, a marker of another process, a cache key copied from
-metadata) is plain text to the decoder. A signed slot that is no longer registered, or a marker
-cut in pieces, is an error (`LatentDeliveryError`): a chunk's latents never vanish silently.
+Text never acts as a slot. A marker is ``[[latent:<slot>]]`` where ``<slot>`` is an id that this
+process issued when it compressed the chunk for one call, signed with a per-process secret; the
+slot registry maps it to the chunk's cache key. **A slot is used once**: the LLM call that
+resolves it for decoding uses it up, and from then on its marker is plain text. So only the
+markers our compressor issued for the call at hand carry latents; anything else that looks like
+a marker is text to the decoder: a document or question holding ``[[latent:...]]``, a marker of
+another process, a cache key copied from metadata, and a marker copied from an earlier
+response's source nodes or documents into a question, a chat history or a document. In a
+LlamaIndex query (`expect_delivery`) a marker issued for another query is text as well.
+A marker issued here but evicted before any call read it, or a live marker cut in pieces, is an
+error (`LatentDeliveryError`): a chunk's latents never vanish silently.
 """
 
 from __future__ import annotations
@@ -92,12 +97,25 @@ class Slot:
 
 
 class _SlotRegistry:
-    """Process-wide, bounded registry of issued slots, signed with a per-process secret."""
+    """Bounded registry of issued slots, signed with a per-process secret; each slot is used once.
 
-    def __init__(self, capacity: int = 65536) -> None:
+    A slot id is ``<issue number, 10 hex><random, 6 hex><signature, 16 hex>``. Live slots (issued,
+    not yet used) are held up to ``capacity``, oldest evicted first. For the last ``remembered``
+    issue numbers a bitmap records which were used, so that a signed id tells apart a slot already
+    read by its call (its marker is text from then on) and one evicted before any call read it
+    (an error: its chunk would be lost). An id issued before that window is text.
+    """
+
+    def __init__(self, capacity: int = 65536, remembered: int = 1 << 22) -> None:
         self.capacity = capacity
+        self.remembered = remembered
         self._secret = secrets.token_bytes(32)
         self._slots: OrderedDict[str, Slot] = OrderedDict()
+        self._next = 0
+        """Issue number of the next slot."""
+        self._base = 0
+        """Issue number of the bitmap's first bit (a multiple of 8)."""
+        self._used = bytearray()
         self._lock = threading.Lock()
 
     def _mac(self, nonce: str) -> str:
@@ -106,24 +124,76 @@ class _SlotRegistry:
     def issue(
         self, key: str, num_latents: int | None, group: str | None = None, group_size: int = 1
     ) -> Slot:
-        nonce = secrets.token_hex(8)
-        slot = Slot(nonce + self._mac(nonce), key, num_latents, group, group_size)
         with self._lock:
+            number = self._next
+            self._next += 1
+            nonce = f"{number:010x}{secrets.token_hex(3)}"
+            slot = Slot(nonce + self._mac(nonce), key, num_latents, group, group_size)
             self._slots[slot.id] = slot
             while len(self._slots) > self.capacity:
                 self._slots.popitem(last=False)
+            if self._next - self._base > self.remembered:  # forget the oldest quarter
+                drop = self.remembered // 32  # bytes: a quarter of the window's bits
+                del self._used[:drop]
+                self._base += drop * 8
+            needed = (self._next - self._base + 7) // 8
+            if len(self._used) < needed:
+                self._used.extend(bytes(needed - len(self._used)))
         return slot
 
     def signed(self, slot_id: str) -> bool:
-        """True when this process issued ``slot_id`` (registered or not any more)."""
+        """True when this process issued ``slot_id`` (live, used or evicted)."""
         return hmac.compare_digest(slot_id[16:], self._mac(slot_id[:16]))
+
+    def _bit(self, number: int) -> tuple[int, int]:
+        offset = number - self._base
+        return offset >> 3, 1 << (offset & 7)
+
+    def state(self, slot_id: str) -> Slot | Literal["used", "evicted", "forgotten"]:
+        """A signed id's fate: its live `Slot`, or why it no longer stands for latents."""
+        number = int(slot_id[:10], 16)
+        with self._lock:
+            if (slot := self._slots.get(slot_id)) is not None:
+                return slot
+            if number < self._base:
+                return "forgotten"
+            index, mask = self._bit(number)
+            return "used" if self._used[index] & mask else "evicted"
 
     def get(self, slot_id: str) -> Slot | None:
         with self._lock:
             return self._slots.get(slot_id)
 
+    def use(self, slots: Sequence[Slot]) -> None:
+        """Mark ``slots`` used, all or none; one another call used meanwhile is an error."""
+        ids = list(dict.fromkeys(s.id for s in slots))
+        with self._lock:
+            if gone := [i for i in ids if i not in self._slots]:
+                raise LatentDeliveryError(
+                    f"{len(gone)} latent slot(s) of this prompt were used by another call in the "
+                    "meantime (a slot is read by one LLM call only); compress the chunks again "
+                    "for this call"
+                )
+            for slot_id in ids:
+                del self._slots[slot_id]
+                number = int(slot_id[:10], 16)
+                if number >= self._base:
+                    index, mask = self._bit(number)
+                    self._used[index] |= mask
+
+    def release(self, slots: Sequence[Slot]) -> None:
+        """Undo `use` for a call that failed before the decoder read the slots."""
+        with self._lock:
+            for slot in {s.id: s for s in slots}.values():
+                number = int(slot.id[:10], 16)
+                if number < self._base:
+                    continue
+                index, mask = self._bit(number)
+                self._used[index] &= ~mask & 0xFF
+                self._slots[slot.id] = slot
+
     def part_of_one(self, piece: str, head: bool) -> bool:
-        """True when ``piece`` starts (``head``) or ends a registered slot id."""
+        """True when ``piece`` starts (``head``) or ends a live slot id."""
         with self._lock:
             ids = list(self._slots)
         return any(i.startswith(piece) if head else i.endswith(piece) for i in ids)
@@ -135,18 +205,21 @@ _SLOTS = _SlotRegistry()
 def marker(key: str, num_latents: int | None = None) -> str:
     """Issue a marker for the chunk with cache ``key`` (for code that builds prompts by hand).
 
-    Each call issues a fresh slot; the latents are looked up (memory, then store) when a prompt
-    holding it is resolved.
+    Each call issues a fresh slot, good for one LLM call (see `LatentService.resolve`); the
+    latents are looked up (memory, then store) when a prompt holding it is resolved.
     """
     return _SLOTS.issue(key, num_latents).marker
 
 
 def parse_prompt(prompt: str, *, check_fragments: bool = True) -> list[str | Slot]:
-    """Split ``prompt`` into text and the slots of the markers this process issued, in order.
+    """Split ``prompt`` into text and the live slots of its markers, in order; uses nothing.
 
-    Text that only looks like a marker stays text. Raises `UnknownMarkerError` for a marker this
-    process signed whose slot has left the registry, and (with ``check_fragments``)
-    `MalformedMarkerError` when the text holds a cut piece of a registered marker.
+    Only a marker this process issued whose slot no call has read yet is a slot; anything else
+    stays text: marker-shaped text, a marker of another process, and a marker whose slot an
+    earlier call already read (copied from a response's source nodes into a question or chat
+    history, say). Raises `UnknownMarkerError` for a marker this process issued whose slot was
+    evicted before any call read it, and (with ``check_fragments``) `MalformedMarkerError` when
+    the text holds a cut piece of a live marker.
     """
     parts: list[str | Slot] = []
     text: list[str] = []
@@ -155,12 +228,15 @@ def parse_prompt(prompt: str, *, check_fragments: bool = True) -> list[str | Slo
         slot_id = match.group(1)
         if not _SLOTS.signed(slot_id):
             continue
-        slot = _SLOTS.get(slot_id)
-        if slot is None:
+        slot = _SLOTS.state(slot_id)
+        if slot == "evicted":
             raise UnknownMarkerError(
-                f"marker {match.group(0)} was issued by this process but has expired "
-                f"(over {_SLOTS.capacity} markers were issued after it); compress the chunk again"
+                f"marker {match.group(0)} was issued by this process but expired before any call "
+                f"read it (over {_SLOTS.capacity} markers were issued after it); compress the "
+                "chunk again"
             )
+        if not isinstance(slot, Slot):  # already read by its own call: from now on, text
+            continue
         text.append(prompt[last : match.start()])
         parts += ["".join(text), slot]
         text, last = [], match.end()
@@ -193,7 +269,7 @@ def _cut(piece: str) -> None:
 
 
 def is_marker(text: str) -> bool:
-    """True when ``text`` is exactly one marker this process issued (and still holds)."""
+    """True when ``text`` is exactly one live marker: issued here, and read by no call yet."""
     match = MARKER_PATTERN.fullmatch(text.strip())
     return (
         match is not None
@@ -232,11 +308,29 @@ def expect_delivery(slots: Sequence[Slot], query: str, texts: Sequence[str] = ()
 
     The next ``whole_groups`` resolve of a prompt that contains ``query`` (every response mode
     puts the question in each prompt) must hold every one of the slots, and each text whole
-    (compared without whitespace, which response modes may re-flow). A context variable, so
-    concurrent queries keep their own; a new query replaces it.
+    (compared without whitespace, which response modes may re-flow); in that prompt any other
+    live marker is text (a marker leaked from another retrieval, typed into the question, was
+    not issued for this query). A context variable, so concurrent queries keep their own; a new
+    query replaces it; an empty ``query`` clears it.
     """
     texts = tuple(t for t in texts if t.strip())
-    _PENDING.set((query, tuple(slots), texts) if (slots or texts) and query.strip() else None)
+    _PENDING.set((query, tuple(slots), texts) if query.strip() else None)
+
+
+def _scoped_to_pending(prompt: str, parts: list[str | Slot]) -> list[str | Slot]:
+    """``parts`` with every slot not issued for the pending query turned back into its text."""
+    state = _PENDING.get()
+    if state is None or state[0] not in prompt:
+        return parts
+    ours = {s.id for s in state[1]}
+    out: list[str | Slot] = []
+    for part in parts:
+        part = part.marker if isinstance(part, Slot) and part.id not in ours else part
+        if isinstance(part, str) and out and isinstance(out[-1], str):
+            out[-1] += part
+        else:
+            out.append(part)
+    return out
 
 
 def _squeeze(text: str) -> str:
@@ -270,6 +364,22 @@ def _check_pending(prompt: str, slots: Sequence[Slot]) -> None:
             "(as_semidyn_query_engine), or compact/tree_summarize with the LLM's prompt_helper and "
             "a context window that holds every retrieved chunk"
         )
+
+
+@dataclass(frozen=True)
+class ResolvedPrompt:
+    """A prompt resolved for one LLM call whose slots are not used yet (`LatentService.prepare`)."""
+
+    prompt: LatentPrompt
+    """What the decoder reads: the text with each live marker's latents in its place."""
+    slots: tuple[Slot, ...]
+    """The slots expanded, in prompt order."""
+    contexts: tuple[CompressedContext, ...]
+    """Each slot's latents and ratio, in the same order."""
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(s.key for s in self.slots)
 
 
 @dataclass(frozen=True)
@@ -520,55 +630,121 @@ class LatentService:
         return out
 
     def slots(self, prompt: str) -> list[Slot]:
-        """The slots of the markers in ``prompt``, in order (errors as in `parse_prompt`)."""
+        """The live slots of the markers in ``prompt``, in order (as `parse_prompt`; uses none)."""
         return [p for p in parse_prompt(prompt) if isinstance(p, Slot)]
 
-    def resolve(self, prompt: str, *, whole_groups: bool = False) -> LatentPrompt:
-        """The decoder prompt: each marker this process issued becomes its latents, the rest text.
+    def prepare(self, prompt: str, *, whole_groups: bool = False) -> ResolvedPrompt:
+        """Resolve ``prompt`` for one LLM call without using its slots yet (see `resolve`).
 
-        ``whole_groups`` also requires every chunk of each group the prompt touches (see
-        `compress`) and, in a query that called `expect_delivery`, every chunk it retrieved.
-        Raises a `LatentDeliveryError` as `parse_prompt` and `check_whole_groups` do, or when a
-        slot's latents are in neither memory nor the store.
+        Checks everything `resolve` checks and looks the latents up; the caller then runs its
+        own checks (a context window, say) and hands the result to `complete` or `stream`, which
+        use the slots, or to `use`.
         """
         parts = parse_prompt(prompt)
-        slots = [p for p in parts if isinstance(p, Slot)]
+        if whole_groups:
+            parts = _scoped_to_pending(prompt, parts)
+        slots = tuple(p for p in parts if isinstance(p, Slot))
         if whole_groups:
             _check_pending(prompt, slots)
             check_whole_groups(slots)
-        contexts = self.lookup([s.key for s in slots]) if slots else {}
-        return LatentPrompt.from_parts(
-            p if isinstance(p, str) else contexts[p.key].latents for p in parts
+        found = self.lookup([s.key for s in slots]) if slots else {}
+        resolved = LatentPrompt.from_parts(
+            p if isinstance(p, str) else found[p.key].latents for p in parts
         )
+        return ResolvedPrompt(resolved, slots, tuple(found[s.key] for s in slots))
 
-    def _resolved(self, prompt: str | LatentPrompt, whole_groups: bool) -> LatentPrompt:
+    def use(self, *prepared: ResolvedPrompt) -> None:
+        """Use the slots of ``prepared`` for the one LLM call about to decode them.
+
+        Their markers are text to every later call. Several prompts of one call (a batch) use
+        their slots together, so a slot they share serves all of them. Raises
+        `LatentDeliveryError` when another call used one of the slots since `prepare`.
+        """
+        _SLOTS.use([s for p in prepared for s in p.slots])
+
+    def release(self, *prepared: ResolvedPrompt) -> None:
+        """Give back the slots of a call that failed before the decoder read them."""
+        _SLOTS.release([s for p in prepared for s in p.slots])
+
+    def resolve(self, prompt: str, *, whole_groups: bool = False, use: bool = True) -> LatentPrompt:
+        """The decoder prompt: each live marker becomes its latents, the rest stays text.
+
+        **A slot carries latents into one LLM call only.** Resolving a prompt for decoding uses
+        the slots it expands; their markers are plain text to every later call (a marker copied
+        from a response's source nodes into a question or a chat history is text). ``use=False``
+        only looks (inspection, counting); `parse_prompt`, `slots` and token counting never use.
+
+        ``whole_groups`` also requires every chunk of each group the prompt touches (see
+        `compress`) and, in a query that called `expect_delivery`, every chunk it retrieved
+        (any other live marker is text there). Raises a `LatentDeliveryError` as `parse_prompt`
+        and `check_whole_groups` do, or when a slot's latents are in neither memory nor the store.
+        """
+        prepared = self.prepare(prompt, whole_groups=whole_groups)
+        if use:
+            self.use(prepared)
+        return prepared.prompt
+
+    def _start(
+        self, prompt: str | LatentPrompt | ResolvedPrompt, whole_groups: bool
+    ) -> tuple[LatentPrompt, ResolvedPrompt | None]:
         if isinstance(prompt, LatentPrompt):
-            return prompt
-        return self.resolve(prompt, whole_groups=whole_groups)
+            return prompt, None
+        prepared = (
+            prompt
+            if isinstance(prompt, ResolvedPrompt)
+            else self.prepare(prompt, whole_groups=whole_groups)
+        )
+        self.use(prepared)
+        return prepared.prompt, prepared
 
     def complete(
-        self, prompt: str | LatentPrompt, *, whole_groups: bool = False, **generate_kwargs: object
+        self,
+        prompt: str | LatentPrompt | ResolvedPrompt,
+        *,
+        whole_groups: bool = False,
+        **generate_kwargs: object,
     ) -> str:
-        """The decoder's answer to ``prompt`` (a framework's string, or already resolved)."""
-        resolved = self._resolved(prompt, whole_groups)
-        return self.compressor.complete([resolved], **generate_kwargs)[0]
+        """The decoder's answer to ``prompt``: a framework's string (resolved and used here), a
+        `prepare` result (used here), or an already resolved `LatentPrompt`.
+
+        A decoder error gives the slots back (a retry of the same prompt still reads them).
+        """
+        resolved, prepared = self._start(prompt, whole_groups)
+        try:
+            return self.compressor.complete([resolved], **generate_kwargs)[0]
+        except BaseException:
+            if prepared is not None:
+                self.release(prepared)
+            raise
 
     def stream(
-        self, prompt: str | LatentPrompt, *, whole_groups: bool = False, **generate_kwargs: object
+        self,
+        prompt: str | LatentPrompt | ResolvedPrompt,
+        *,
+        whole_groups: bool = False,
+        **generate_kwargs: object,
     ) -> Iterator[str]:
-        """Decoder text pieces as they are produced (the prompt is resolved before the first)."""
-        resolved = self._resolved(prompt, whole_groups)
+        """Decoder text pieces as they are produced (the slots are used before the first)."""
+        resolved, _ = self._start(prompt, whole_groups)
         return self.compressor.stream(resolved, **generate_kwargs)
 
     async def acomplete(
-        self, prompt: str | LatentPrompt, *, whole_groups: bool = False, **generate_kwargs: object
+        self,
+        prompt: str | LatentPrompt | ResolvedPrompt,
+        *,
+        whole_groups: bool = False,
+        **generate_kwargs: object,
     ) -> str:
         return await asyncio.to_thread(
             self.complete, prompt, whole_groups=whole_groups, **generate_kwargs
         )
 
     async def astream(
-        self, prompt: str | LatentPrompt, *, whole_groups: bool = False, **generate_kwargs: object
+        self,
+        prompt: str | LatentPrompt | ResolvedPrompt,
+        *,
+        whole_groups: bool = False,
+        **generate_kwargs: object,
     ) -> AsyncIterator[str]:
         """Async token stream: the decoder runs in a worker thread, pieces come back as they land."""
         queue: asyncio.Queue[object] = asyncio.Queue()

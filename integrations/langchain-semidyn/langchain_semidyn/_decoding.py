@@ -18,7 +18,8 @@ import torch
 from langchain_core.language_models.base import LangSmithParams
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from semidyn_rag.modeling import LatentPrompt
-from semidyn_rag.service import LatentService, Slot, parse_prompt
+from semidyn_rag.precompress import decoder_positions
+from semidyn_rag.service import ContextWindowError, LatentService, ResolvedPrompt
 from semidyn_rag.types import CompressedContext
 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -51,9 +52,20 @@ class PromptAccount:
 
     prompt_tokens: int
     """Decoder input positions: chat-template text tokens plus every latent position."""
-    keys: tuple[str, ...]
-    contexts: tuple[CompressedContext, ...]
-    resolved: LatentPrompt
+    prepared: ResolvedPrompt
+    """The resolved prompt, its slots not used yet (`LatentService.prepare`)."""
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.prepared.keys
+
+    @property
+    def contexts(self) -> tuple[CompressedContext, ...]:
+        return self.prepared.contexts
+
+    @property
+    def resolved(self) -> LatentPrompt:
+        return self.prepared.prompt
 
     @property
     def latent_positions(self) -> int:
@@ -61,12 +73,12 @@ class PromptAccount:
 
 
 def account_prompt(service: LatentService, prompt: str) -> PromptAccount:
-    """Resolve ``prompt`` (unknown markers raise here, before any decoding) and count positions."""
-    keys = tuple(p.key for p in parse_prompt(prompt) if isinstance(p, Slot))
-    found = service.lookup(keys) if keys else {}
-    resolved = service.resolve(prompt)
-    positions = service.compressor.prompt_positions(resolved)
-    return PromptAccount(positions, keys, tuple(found[k] for k in keys), resolved)
+    """Resolve ``prompt`` (unknown markers raise here, before any decoding) and count positions.
+
+    Uses no slot: the call that decodes the prompt does (`LatentService.complete`/`stream`).
+    """
+    prepared = service.prepare(prompt)
+    return PromptAccount(service.compressor.prompt_positions(prepared.prompt), prepared)
 
 
 @dataclass(frozen=True)
@@ -200,25 +212,42 @@ class LatentDecoding(BaseModel):
         return params
 
     def _call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """A call's LangChain parameters in HF ``generate`` terms, over the instance's."""
+        """A call's LangChain parameters in HF ``generate`` terms, over the instance's.
+
+        ``None`` for ``max_tokens``, ``max_new_tokens``, ``max_length``, ``temperature`` or
+        ``top_p`` means the instance's value; a call is held to the constructor's bounds (a
+        ``ValueError`` for a limit below 1, a negative temperature, a ``top_p`` outside (0, 1]).
+        """
         call = {**self.model_kwargs, **kwargs}
+        for name in ("max_tokens", "max_new_tokens", "max_length", "temperature", "top_p"):
+            if name in call and call[name] is None:
+                del call[name]
         model = call.pop("model", None)
         if model is not None and model != self._model_name:
             raise ValueError(
                 f"{type(self).__name__} serves the compressor it was built with "
                 f"({self._model_name}); it cannot switch to model {model!r} per call"
             )
+        for name in ("max_tokens", "max_new_tokens", "max_length"):
+            if name in call and (isinstance(call[name], bool) or int(call[name]) < 1):
+                raise ValueError(f"{name} must be a positive number of tokens, got {call[name]!r}")
         if "max_tokens" in call:
             value = call.pop("max_tokens")
             if call.get("max_new_tokens") not in (None, value):
                 raise ValueError("give max_tokens or max_new_tokens, not both")
             call["max_new_tokens"] = value
         temperature = call.pop("temperature", self.temperature)
+        if temperature < 0:
+            raise ValueError(
+                f"temperature must be 0 (greedy) or above (sampling), got {temperature}"
+            )
         top_p = call.pop("top_p", self.top_p)
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         gen: dict[str, Any] = {}
         if call.get("max_new_tokens") is None and call.get("max_length") is None:
             gen["max_new_tokens"] = self.max_tokens
-        if temperature is not None and temperature > 0:
+        if temperature > 0:
             gen["temperature"] = float(temperature)  # the decoder samples (do_sample follows)
             if top_p is not None:
                 gen["top_p"] = top_p
@@ -226,6 +255,29 @@ class LatentDecoding(BaseModel):
             gen["adapter"] = False
         gen.update(call)
         return gen
+
+    def _check_window(self, account: PromptAccount, gen: dict[str, Any]) -> None:
+        """Refuse, before decoding, a prompt whose positions plus the answer's exceed the decoder's.
+
+        Raises `ContextWindowError` (a ``RuntimeError``) naming both numbers.
+        """
+        budget = decoder_positions(self.service.compressor)
+        if budget is None:
+            return
+        positions = account.prompt_tokens
+        if gen.get("max_new_tokens") is not None:
+            needed, answer = positions + int(gen["max_new_tokens"]), int(gen["max_new_tokens"])
+            what = f"plus max_tokens {answer} = {needed}"
+        else:  # HF max_length counts the prompt's positions
+            needed = max(positions + 1, int(gen["max_length"]))
+            what = f"with max_length {int(gen['max_length'])}: {needed}"
+        if needed > budget:
+            raise ContextWindowError(
+                f"the prompt needs {positions} decoder positions ({account.latent_positions} of "
+                f"them latents) {what}, more than the decoder's {budget} positions "
+                "(max_position_embeddings): retrieve fewer documents, compress harder (a higher "
+                "scale) or lower max_tokens"
+            )
 
     def _generate_kwargs(
         self, stop: list[str] | None, kwargs: dict[str, Any]
@@ -278,23 +330,49 @@ class LatentDecoding(BaseModel):
         )
 
     # ------------------------------------------------------------------ sync
+    def _accounts(
+        self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> list[tuple[PromptAccount, dict[str, Any], TokenCounter, list[str]]]:
+        """Every prompt of one call resolved and checked, before any decoding or slot use."""
+        out = []
+        for prompt in prompts:
+            gen, counter, stops = self._generate_kwargs(stop, kwargs)
+            account = account_prompt(self.service, prompt)
+            self._check_window(account, gen)
+            out.append((account, gen, counter, stops))
+        return out
+
+    def _decode_many(
+        self, prompts: list[str], stop: list[str] | None, **kwargs: Any
+    ) -> list[Outcome]:
+        """One call's prompts: their slots are used together (a shared one serves them all)."""
+        planned = self._accounts(prompts, stop, kwargs)
+        prepared = [account.prepared for account, *_ in planned]
+        self.service.use(*prepared)
+        outcomes = []
+        try:
+            for account, gen, counter, stops in planned:
+                cutter = StopCutter(stops)
+                raw = self.service.complete(account.resolved, **gen)
+                text = cutter.feed(raw) + cutter.flush()
+                outcomes.append(self._outcome(text, account, counter, cutter.hit, gen))
+        except BaseException:
+            if not outcomes:  # the decoder read nothing: a retry may use the slots again
+                self.service.release(*prepared)
+            raise
+        return outcomes
+
     def _decode(self, prompt: str, stop: list[str] | None, **kwargs: Any) -> Outcome:
-        account = account_prompt(self.service, prompt)
-        gen, counter, stops = self._generate_kwargs(stop, kwargs)
-        cutter = StopCutter(stops)
-        raw = self.service.complete(account.resolved, **gen)
-        text = cutter.feed(raw) + cutter.flush()
-        return self._outcome(text, account, counter, cutter.hit, gen)
+        return self._decode_many([prompt], stop, **kwargs)[0]
 
     def _decode_stream(
         self, prompt: str, stop: list[str] | None, **kwargs: Any
     ) -> Iterator[str | Outcome]:
         """Text pieces as the decoder emits them (cut at a stop string), then the `Outcome`."""
-        account = account_prompt(self.service, prompt)
-        gen, counter, stops = self._generate_kwargs(stop, kwargs)
+        [(account, gen, counter, stops)] = self._accounts([prompt], stop, kwargs)
         cutter = StopCutter(stops)
         emitted: list[str] = []
-        with contextlib.closing(self.service.stream(account.resolved, **gen)) as pieces:
+        with contextlib.closing(self.service.stream(account.prepared, **gen)) as pieces:
             for piece in pieces:
                 if text := cutter.feed(piece):
                     emitted.append(text)
@@ -307,23 +385,39 @@ class LatentDecoding(BaseModel):
         yield self._outcome("".join(emitted), account, counter, cutter.hit, gen)
 
     # ------------------------------------------------------------------ async
+    async def _adecode_many(
+        self, prompts: list[str], stop: list[str] | None, **kwargs: Any
+    ) -> list[Outcome]:
+        """Async `_decode_many`: resolution and the decoder run in worker threads."""
+        planned = await asyncio.to_thread(self._accounts, prompts, stop, kwargs)
+        prepared = [account.prepared for account, *_ in planned]
+        self.service.use(*prepared)
+        outcomes = []
+        try:
+            for account, gen, counter, stops in planned:
+                cutter = StopCutter(stops)
+                raw = await self.service.acomplete(account.resolved, **gen)
+                text = cutter.feed(raw) + cutter.flush()
+                outcomes.append(self._outcome(text, account, counter, cutter.hit, gen))
+        except BaseException:
+            if not outcomes:
+                self.service.release(*prepared)
+            raise
+        return outcomes
+
     async def _adecode(self, prompt: str, stop: list[str] | None, **kwargs: Any) -> Outcome:
-        account = await asyncio.to_thread(account_prompt, self.service, prompt)
-        gen, counter, stops = self._generate_kwargs(stop, kwargs)
-        cutter = StopCutter(stops)
-        raw = await self.service.acomplete(account.resolved, **gen)
-        text = cutter.feed(raw) + cutter.flush()
-        return self._outcome(text, account, counter, cutter.hit, gen)
+        return (await self._adecode_many([prompt], stop, **kwargs))[0]
 
     async def _adecode_stream(
         self, prompt: str, stop: list[str] | None, **kwargs: Any
     ) -> AsyncIterator[str | Outcome]:
         """Async `_decode_stream`: the decoder runs in a worker thread of `LatentService`."""
-        account = await asyncio.to_thread(account_prompt, self.service, prompt)
-        gen, counter, stops = self._generate_kwargs(stop, kwargs)
+        [(account, gen, counter, stops)] = await asyncio.to_thread(
+            self._accounts, [prompt], stop, kwargs
+        )
         cutter = StopCutter(stops)
         emitted: list[str] = []
-        pieces = self.service.astream(account.resolved, **gen)
+        pieces = self.service.astream(account.prepared, **gen)
         try:
             async for piece in pieces:
                 if text := cutter.feed(piece):

@@ -1,8 +1,9 @@
 """`SemiDynamicDocumentCompressor`: retrieved documents in, latent markers out.
 
 LangChain hands an LLM only strings, so a compressed document travels as a short marker
-(``[[latent:<key>]]``) in ``page_content``; `SemiDynamicLLM` / `ChatSemiDynamic` turn it back into
-the chunk's latents. Compression is query-independent (the encoder reads the chunk alone), which is
+(``[[latent:<slot>]]``, a slot issued for this call) in ``page_content``; `SemiDynamicLLM` /
+`ChatSemiDynamic` turn it back into the chunk's latents, once: the LLM call that reads a slot uses
+it up, and its marker is plain text afterwards. Compression is query-independent (the encoder reads the chunk alone), which is
 what lets a corpus be compressed once, offline, into a store shared with the LlamaIndex integration.
 """
 
@@ -17,7 +18,7 @@ from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field
 from semidyn_rag.expansion import ExpansionPolicy, TopScorePolicy
-from semidyn_rag.service import ChunkLatents, LatentService, SelectiveCompression, is_marker
+from semidyn_rag.service import ChunkLatents, LatentService, SelectiveCompression
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +115,14 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
         return (self.service.scale if scale is None else scale), ratio
 
     def _split(self, documents: Sequence[Document]) -> tuple[list[Document], list[Document]]:
-        """Documents to compress; empty ones and ones that are already markers are set aside."""
+        """Documents to compress (every one with text) and the empty ones, set aside.
+
+        A document whose text is a marker is compressed like any text: a marker carries latents
+        only into the LLM call it was issued for, never through a document.
+        """
         todo, skipped = [], []
         for doc in documents:
-            text = doc.page_content
-            (todo if text.strip() and not is_marker(text) else skipped).append(doc)
+            (todo if doc.page_content.strip() else skipped).append(doc)
         return todo, skipped
 
     def compress_documents(
@@ -134,8 +138,9 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
         """Marker (and expanded) documents in the input order; keyword arguments override fields.
 
         Compression reads each chunk alone, so cached latents serve any query; ``query`` only goes
-        to the expansion policy. Empty documents are dropped; documents that already are markers
-        pass through unchanged. A negative ``expand_top_k`` is a ``ValueError``.
+        to the expansion policy. Empty documents are dropped; every other document is compressed,
+        one whose text is a marker included (text never stands for latents). A negative
+        ``expand_top_k`` is a ``ValueError``.
         """
         todo, _ = self._split(documents)
         used_scale, used_ratio = self._settings(scale, ratio)
@@ -172,9 +177,7 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
         chunks = [c for c in selection.chunks if c is not None]
         out: list[Document] = []
         for doc in documents:
-            if id(doc) not in by_id:
-                if doc.page_content.strip():
-                    out.append(doc)  # already a marker
+            if id(doc) not in by_id:  # empty
                 continue
             chunk = by_id[id(doc)]
             if chunk is None:

@@ -81,8 +81,7 @@ class SemiDynamicLLM(LatentDecoding, LLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        outcomes = [self._decode(prompt, stop, **kwargs) for prompt in prompts]
-        return self._result(outcomes)
+        return self._result(self._decode_many(prompts, stop, **kwargs))
 
     async def _agenerate(
         self,
@@ -91,8 +90,7 @@ class SemiDynamicLLM(LatentDecoding, LLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        outcomes = [await self._adecode(prompt, stop, **kwargs) for prompt in prompts]
-        return self._result(outcomes)
+        return self._result(await self._adecode_many(prompts, stop, **kwargs))
 
     def _result(self, outcomes: list[Outcome]) -> LLMResult:
         return LLMResult(

@@ -171,13 +171,16 @@ async def test_engine_async_and_streaming_with_expansion(index, service, decoder
 
 async def test_llm_streams_a_mixed_prompt(service, nodes, decoder_inputs):
     post = SemiDynamicNodePostprocessor(service, expand_top_k=1)
-    out = post.postprocess_nodes(scored(nodes[:3]), query_str="q")
-    context = "\n".join(n.node.get_content() for n in out)
-    prompt = service.qa_template(context, "Who was born in Lyon?")
+
+    def prompt() -> str:  # fresh markers per call: a slot serves one LLM call
+        out = post.postprocess_nodes(scored(nodes[:3]), query_str="q")
+        context = "\n".join(n.node.get_content() for n in out)
+        return service.qa_template(context, "Who was born in Lyon?")
+
     llm = SemiDynamicLLM(service, max_new_tokens=MAX_NEW)
-    full = llm.complete(prompt, formatted=True).text
-    assert "".join(r.delta for r in llm.stream_complete(prompt, formatted=True)) == full
-    stream = await llm.astream_complete(prompt, formatted=True)
+    full = llm.complete(prompt(), formatted=True).text
+    assert "".join(r.delta for r in llm.stream_complete(prompt(), formatted=True)) == full
+    stream = await llm.astream_complete(prompt(), formatted=True)
     assert "".join([r.delta async for r in stream]) == full
     for seen in decoder_inputs.prompts:
         assert len(seen.latents) == 2 and nodes[1].text in seen.pieces[1]

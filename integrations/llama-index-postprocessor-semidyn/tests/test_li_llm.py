@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from semidyn_rag.modeling import LatentPrompt
 from semidyn_rag.service import marker
@@ -26,10 +27,22 @@ def llm(service) -> SemiDynamicLLM:
 
 
 @pytest.fixture
-def prompt(service) -> str:
-    """The training prompt with two compressed chunks, as a query engine would build it."""
-    chunks = service.compress(CORPUS[:2])
-    return service.qa_template("\n".join(c.marker for c in chunks), QUESTION)
+def make_prompt(service):
+    """Builds the training prompt with two compressed chunks, as a query engine would.
+
+    Each call issues fresh markers for the same latents: a slot serves one LLM call.
+    """
+
+    def make() -> str:
+        chunks = service.compress(CORPUS[:2])
+        return service.qa_template("\n".join(c.marker for c in chunks), QUESTION)
+
+    return make
+
+
+@pytest.fixture
+def prompt(make_prompt) -> str:
+    return make_prompt()
 
 
 def test_complete_reads_the_latents_of_the_markers(llm, service, prompt):
@@ -61,11 +74,11 @@ def sampler(service) -> SemiDynamicLLM:
     return SemiDynamicLLM(service, max_new_tokens=12, generate_kwargs={"suppress_tokens": banned})
 
 
-def test_stream_complete_yields_pieces_that_join_to_complete(sampler, prompt):
-    pieces = list(sampler.stream_complete(prompt, formatted=True))
+def test_stream_complete_yields_pieces_that_join_to_complete(sampler, make_prompt):
+    pieces = list(sampler.stream_complete(make_prompt(), formatted=True))
     assert len(pieces) > 1  # real token streaming, not one final chunk
     assert "".join(p.delta for p in pieces) == pieces[-1].text
-    assert pieces[-1].text == sampler.complete(prompt, formatted=True).text
+    assert pieces[-1].text == sampler.complete(make_prompt(), formatted=True).text
 
 
 def test_unknown_marker_is_a_clear_error(llm, service):
@@ -105,16 +118,19 @@ def test_metadata(llm, service):
     assert SemiDynamicLLM(service, context_window=512).metadata.context_window == 512
 
 
-def test_chat_goes_through_completion(llm, prompt):
-    messages = [
-        ChatMessage(role=MessageRole.ASSISTANT, content="earlier answer"),
-        ChatMessage(role=MessageRole.USER, content=prompt),
-    ]
-    assert render_messages(messages) == prompt
-    reply = llm.chat(messages)
+def test_chat_goes_through_completion(llm, make_prompt):
+    def messages(prompt: str) -> list[ChatMessage]:
+        return [
+            ChatMessage(role=MessageRole.ASSISTANT, content="earlier answer"),
+            ChatMessage(role=MessageRole.USER, content=prompt),
+        ]
+
+    prompt = make_prompt()
+    assert render_messages(messages(prompt)) == prompt
+    reply = llm.chat(messages(prompt))
     assert reply.message.role == MessageRole.ASSISTANT
-    assert reply.message.content == llm.complete(prompt, formatted=True).text
-    streamed = list(llm.stream_chat(messages))
+    assert reply.message.content == llm.complete(make_prompt(), formatted=True).text
+    streamed = list(llm.stream_chat(messages(make_prompt())))
     assert streamed[-1].message.content == reply.message.content
 
 
@@ -131,15 +147,18 @@ def test_base_decoder_baseline(service):
     assert want[0] != tuned  # the baseline really runs without the (randomized) adapter
 
 
-async def test_async_complete_stream_and_chat(llm, sampler, service, prompt):
-    want = llm.complete(prompt, formatted=True).text
-    assert (await llm.acomplete(prompt, formatted=True)).text == want
-    sampled = sampler.complete(prompt, formatted=True).text
-    pieces = [p async for p in await sampler.astream_complete(prompt, formatted=True)]
+async def test_async_complete_stream_and_chat(llm, sampler, service, make_prompt):
+    want = llm.complete(make_prompt(), formatted=True).text
+    assert (await llm.acomplete(make_prompt(), formatted=True)).text == want
+    sampled = sampler.complete(make_prompt(), formatted=True).text
+    pieces = [p async for p in await sampler.astream_complete(make_prompt(), formatted=True)]
     assert len(pieces) > 1 and pieces[-1].text == sampled
-    message = ChatMessage(role=MessageRole.USER, content=prompt)
-    assert (await llm.achat([message])).message.content == want
-    chat_pieces = [p async for p in await llm.astream_chat([message])]
+
+    def message() -> ChatMessage:
+        return ChatMessage(role=MessageRole.USER, content=make_prompt())
+
+    assert (await llm.achat([message()])).message.content == want
+    chat_pieces = [p async for p in await llm.astream_chat([message()])]
     assert chat_pieces[-1].message.content == want
     ghost = service.qa_template(marker("f" * 64), QUESTION)
     with pytest.raises(UnknownMarkerError):
@@ -155,3 +174,52 @@ async def test_async_stream_stopped_early_stops_the_decoder(service, prompt):
     lock = service.compressor._lock
     assert lock.acquire(blocking=False)  # the decoder lock is free again: generation stopped
     lock.release()
+
+
+# ------------------------------------------------------- generation arguments by their names
+
+
+def _no_eos(service) -> dict:
+    """Random weights may stop at once; forbid ``<eos>`` so the limit is what ends generation."""
+    return {"suppress_tokens": [service.compressor.decoder_tokenizer.eos_token_id]}
+
+
+def _answer_tokens(service, text: str) -> int:
+    return len(service.compressor.decoder_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_max_tokens_is_llama_index_name_for_the_limit(service):
+    llm = SemiDynamicLLM(service, max_new_tokens=9, generate_kwargs=_no_eos(service))
+    assert _answer_tokens(service, llm.complete("Name a city.", max_tokens=2).text) <= 2
+    assert _answer_tokens(service, llm.complete("Name a city.", max_tokens=None).text) > 2
+    built = SemiDynamicLLM(service, max_tokens=2, generate_kwargs=_no_eos(service))
+    assert built.max_new_tokens == built.metadata.num_output == 2
+    assert _answer_tokens(service, built.complete("Name a city.").text) <= 2
+    with pytest.raises(ValueError, match="not both"):
+        llm.complete("Name a city.", max_tokens=2, max_new_tokens=3)
+    with pytest.raises(ValueError, match="at least 1"):
+        llm.complete("Name a city.", max_tokens=0)
+
+
+def test_temperature_is_honoured_and_checked(service):
+    hot = SemiDynamicLLM(
+        service, max_new_tokens=8, temperature=5.0, generate_kwargs=_no_eos(service)
+    )
+    assert hot.temperature == 5.0
+    torch.manual_seed(0)
+    assert len({hot.complete("Name a city.").text for _ in range(4)}) > 1  # it samples
+    greedy = SemiDynamicLLM(service, max_new_tokens=8, generate_kwargs=_no_eos(service))
+    assert len({greedy.complete("Name a city.").text for _ in range(3)}) == 1
+    torch.manual_seed(0)
+    assert len({greedy.complete("Name a city.", temperature=5.0).text for _ in range(4)}) > 1
+    with pytest.raises(ValueError, match="temperature"):
+        greedy.complete("Name a city.", temperature=-1)
+    with pytest.raises(ValueError):
+        SemiDynamicLLM(service, temperature=-1)
+
+
+def test_unknown_constructor_parameters_are_refused(service):
+    with pytest.raises(ValueError, match=r"no parameter top_p.*generate_kwargs"):
+        SemiDynamicLLM(service, top_p=0.5)
+    with pytest.raises(ValueError, match="no parameter max_token"):
+        SemiDynamicLLM(service, max_token=3)  # a typo is not silently ignored

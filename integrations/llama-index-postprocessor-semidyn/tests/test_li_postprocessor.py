@@ -127,14 +127,17 @@ def test_fixed_ratio(service, nodes):
     assert out[0].node.metadata[SCALE] is None
 
 
-def test_markers_and_empty_nodes_pass_through(service, nodes, encode_counter):
+def test_empty_nodes_pass_through_and_marker_nodes_are_text(service, nodes, encode_counter):
+    """A node whose text is a marker (even a live one of ours) is compressed like any text."""
     post = SemiDynamicNodePostprocessor(service)
     marked = post.postprocess_nodes(scored(nodes[:1]))
     empty = NodeWithScore(node=TextNode(text="  ", id_="empty"), score=0.1)
     out = post.postprocess_nodes([*marked, empty, *scored(nodes[1:2])])
-    assert out[0] is marked[0] and out[1] is empty
-    assert out[2].node.metadata[SOURCE] == "encoder"
-    assert encode_counter.calls == 2 and encode_counter.rows == 2
+    assert out[1] is empty
+    assert out[0].node.metadata[SOURCE] == out[2].node.metadata[SOURCE] == "encoder"
+    assert out[0].node.metadata[KEY] == service.keys([marked[0].node.get_content()])[0]
+    assert out[0].node.metadata[KEY] != marked[0].node.metadata[KEY]
+    assert encode_counter.calls == 2 and encode_counter.rows == 3
 
 
 def test_metadata_mode_llm_compresses_what_the_llm_would_read(service, nodes):

@@ -7,8 +7,7 @@ from collections.abc import Callable
 import pytest
 from llama_index.core.base.response.schema import Response, StreamingResponse
 from llama_index.core.query_engine import RetrieverQueryEngine
-from semidyn_rag.modeling import LatentPrompt
-from semidyn_rag.service import LatentService
+from semidyn_rag.service import LatentService, ResolvedPrompt
 from semidyn_rag.store import LatentStore
 from semidyn_rag.testing import EncodeCounter
 
@@ -28,16 +27,19 @@ RHINE = "node4"
 
 
 class PromptRecorder:
-    """Wraps a service's real ``resolve``: keeps the prompt strings the LLM received."""
+    """Wraps a service's real ``prepare``: keeps the prompt strings the LLM received and what
+    they resolved to (their slots are used by the call, so they cannot be re-read after it)."""
 
     def __init__(self, service: LatentService) -> None:
         self.prompts: list[str] = []
-        self._resolve = service.resolve
-        service.resolve = self.resolve  # type: ignore[method-assign]
+        self.resolved: list[ResolvedPrompt] = []
+        self._prepare = service.prepare
+        service.prepare = self.prepare  # type: ignore[method-assign]
 
-    def resolve(self, prompt: str, **kwargs: object) -> LatentPrompt:
+    def prepare(self, prompt: str, **kwargs: object) -> ResolvedPrompt:
         self.prompts.append(prompt)
-        return self._resolve(prompt, **kwargs)
+        self.resolved.append(self._prepare(prompt, **kwargs))
+        return self.resolved[-1]
 
 
 @pytest.fixture
@@ -75,10 +77,11 @@ def test_query_engine_end_to_end(make_engine, service, recorder, encode_counter)
         assert response.metadata[node.node.node_id][RATIO] == meta[RATIO]
     # the LLM got markers and no chunk text; the answer is the decoder's on those latents
     (prompt,) = recorder.prompts
-    keys = [slot.key for slot in service.slots(prompt)]
-    assert keys == [n.node.metadata[KEY] for n in nodes]
+    (resolved,) = recorder.resolved
+    assert list(resolved.keys) == [n.node.metadata[KEY] for n in nodes]
     assert "Rhine" not in prompt and "file_name" not in prompt
-    want = service.complete(prompt, max_new_tokens=MAX_NEW) or "Empty Response"
+    assert service.slots(prompt) == []  # the call used its slots: its markers are text now
+    want = service.complete(resolved.prompt, max_new_tokens=MAX_NEW) or "Empty Response"
     assert response.response == want
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 from langchain_classic.retrievers import ContextualCompressionRetriever
 from langchain_community.vectorstores import FAISS
+from langchain_core.documents import Document
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import RunnablePassthrough
 from semidyn_rag.service import LatentService
@@ -66,7 +67,15 @@ async def test_lcel_chain_sync_and_async(service, vectorstore, encode_counter) -
     assert set(result) == {"question", "documents", "context", "answer"}
     assert len(result["documents"]) == 3
     assert result["context"] == format_docs(result["documents"])
-    assert result["answer"] == chat.invoke(qa_prompt(service).format(**result)).content
+    # the chain's call used its markers (a slot serves one call): the same chunks, fresh markers
+    fresh = compressor.compress_documents(
+        [Document(page_content=d.metadata["semidyn_original_text"]) for d in result["documents"]],
+        QUESTION,
+    )
+    prompt = qa_prompt(service).format(context=format_docs(fresh), question=QUESTION)
+    assert result["answer"] == chat.invoke(prompt).content
+    used = qa_prompt(service).format(**result)
+    assert chat.invoke(used).response_metadata["latent_keys"] == []  # text now
 
     again = chain.invoke(QUESTION)
     assert encode_counter.calls == 1

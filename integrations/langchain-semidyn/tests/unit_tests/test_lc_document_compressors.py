@@ -72,16 +72,22 @@ def test_fixed_ratio_overrides_the_selector(service, documents) -> None:
     assert {d.metadata["semidyn_scale"] for d in out} == {None}
 
 
-def test_empty_documents_dropped_markers_pass_through(service, documents, encode_counter) -> None:
+def test_empty_documents_dropped_marker_documents_compressed_as_text(
+    service, documents, encode_counter
+) -> None:
+    """A document whose text is a marker, even a live one of ours, is text to compress."""
     compressor = SemiDynamicDocumentCompressor(service=service, keep_original_text=False)
     first = compressor.compress_documents(documents[:1], "q")[0]
-    mixed = [Document(page_content="   "), first, documents[1]]
+    leaked = Document(page_content=first.page_content)  # a marker copied without metadata
+    mixed = [Document(page_content="   "), first, leaked, documents[1]]
     out = compressor.compress_documents(mixed, "q")
-    assert len(out) == 2
-    assert out[0] is first  # not compressed twice
-    assert out[1].metadata["semidyn_source"] == "encoder"
-    assert "semidyn_original_text" not in out[1].metadata
-    assert encode_counter.rows == 2
+    assert len(out) == 3
+    assert [d.metadata["semidyn_source"] for d in out] == ["encoder"] * 3
+    assert out[0].metadata["semidyn_key"] == service.keys([first.page_content])[0]
+    assert out[1].metadata["semidyn_key"] == out[0].metadata["semidyn_key"]
+    assert out[0].metadata["semidyn_key"] != first.metadata["semidyn_key"]
+    assert "semidyn_original_text" not in out[2].metadata
+    assert encode_counter.rows == 3
     assert compressor.compress_documents([], "q") == []
 
 

@@ -147,23 +147,26 @@ def check_decoder_read(prompt: LatentPrompt, documents: list[Document]) -> None:
 async def test_llm_and_chat_read_a_mixed_prompt_sync_async_streaming(
     service, documents, decoder_inputs
 ) -> None:
-    docs = SemiDynamicDocumentCompressor(service=service, expand_top_k=2).compress_documents(
-        scored(documents), "q"
-    )
-    prompt = qa_prompt(service).format(context=format_docs(docs), question=QUESTION)
+    compressor = SemiDynamicDocumentCompressor(service=service, expand_top_k=2)
+    docs = compressor.compress_documents(scored(documents), "q")
+
+    def prompt() -> str:  # fresh markers per call: a slot carries latents into one call only
+        fresh = compressor.compress_documents(scored(documents), "q")
+        return qa_prompt(service).format(context=format_docs(fresh), question=QUESTION)
+
     llm = SemiDynamicLLM(service=service, max_new_tokens=4)
     chat = ChatSemiDynamic(service=service, max_new_tokens=4)
-    full = llm.invoke(prompt)
-    assert "".join(llm.stream(prompt)) == full
-    assert await llm.ainvoke(prompt) == full
-    assert "".join([c async for c in llm.astream(prompt)]) == full
-    assert chat.invoke(prompt).content == full
-    assert "".join([c.content async for c in chat.astream(prompt)]) == full
+    full = llm.invoke(prompt())
+    assert "".join(llm.stream(prompt())) == full
+    assert await llm.ainvoke(prompt()) == full
+    assert "".join([c async for c in llm.astream(prompt())]) == full
+    assert chat.invoke(prompt()).content == full
+    assert "".join([c.content async for c in chat.astream(prompt())]) == full
     assert len(decoder_inputs.prompts) == 6
     for seen in decoder_inputs.prompts:
         check_decoder_read(seen, docs)
     # usage counts the expanded text's tokens and the latents, what the decoder really read
-    result = llm.generate([prompt])
+    result = llm.generate([prompt()])
     info = result.generations[0][0].generation_info
     assert info["prompt_tokens"] == service.compressor.prompt_positions(decoder_inputs.prompts[0])
     assert info["latent_positions"] == sum(t.shape[0] for t in decoder_inputs.prompts[0].latents)

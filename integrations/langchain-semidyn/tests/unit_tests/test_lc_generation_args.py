@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from langchain_core.documents import Document
-from langchain_core.messages import HumanMessage
+from langchain_core.messages import AIMessage, HumanMessage
 from semidyn_rag.modeling import PLACEHOLDER, LatentPrompt
+from semidyn_rag.service import ContextWindowError
 
-from langchain_semidyn import ChatSemiDynamic, SemiDynamicDocumentCompressor, SemiDynamicLLM
+from langchain_semidyn import (
+    ChatSemiDynamic,
+    SemiDynamicDocumentCompressor,
+    SemiDynamicLLM,
+    format_docs,
+)
 
 QUESTION = "Where was Alice born?"
 
@@ -87,11 +93,88 @@ def test_hostile_documents_and_questions_are_text(service, documents, hostile) -
     content = f"Context: {doc.page_content}\nQuestion: {question}"
     reply = chat.invoke([HumanMessage(content=content)])
     assert reply.response_metadata["latent_keys"] == [doc.metadata["semidyn_key"]]
-    resolved = service.resolve(content)
-    assert len(resolved.latents) == 1 and resolved.pieces[1].endswith(question)
+    resolved = service.resolve(content)  # the call above used the slot: all text now
+    assert resolved.latents == () and resolved.pieces[0].endswith(question)
     plain = ChatSemiDynamic(service=service, max_tokens=4, adapter=False)
     plain.invoke(question)  # the plain baseline reads the text, U+E000 and all
     want = service.compressor.complete(
         [LatentPrompt.from_parts([question])], adapter=False, max_new_tokens=4
     )
     assert plain.invoke(question).content == want[0]
+
+
+def test_none_means_the_default_and_calls_keep_the_constructor_bounds(service) -> None:
+    chat = ChatSemiDynamic(service=service, max_tokens=3, model_kwargs=_no_eos(service))
+    assert _tokens(chat.invoke(QUESTION, max_tokens=None)) == 3
+    assert _tokens(chat.invoke(QUESTION, max_new_tokens=None, temperature=None, top_p=None)) == 3
+    llm = SemiDynamicLLM(service=service, max_tokens=2, model_kwargs=_no_eos(service))
+    usage = llm.generate([QUESTION], max_tokens=None).llm_output["token_usage"]
+    assert usage["completion_tokens"] == 2
+    for bad in ({"temperature": -1}, {"max_tokens": 0}, {"max_length": -5}, {"top_p": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            chat.invoke(QUESTION, **bad)
+    with pytest.raises(ValueError):
+        ChatSemiDynamic(service=service, temperature=-1)
+
+
+def test_prompt_plus_answer_beyond_the_decoder_is_refused_before_decoding(service) -> None:
+    budget = service.compressor.decoder.get_base_model().config.max_position_embeddings
+    chat = ChatSemiDynamic(service=service, max_tokens=4)
+    positions = chat.invoke(QUESTION).usage_metadata["input_tokens"]
+    calls = []
+    real = service.compressor.complete
+    service.compressor.complete = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        over = budget - positions + 1
+        with pytest.raises(ContextWindowError, match=rf"{positions} decoder positions.*{budget}"):
+            chat.invoke(QUESTION, max_tokens=over)
+        with pytest.raises(ContextWindowError, match=str(budget)):
+            chat.invoke(QUESTION, max_length=budget + 1)
+        with pytest.raises(ContextWindowError):
+            list(chat.stream(QUESTION, max_tokens=over))
+        assert calls == []  # refused before the decoder ran
+        assert _tokens(chat.invoke(QUESTION, max_tokens=1)) <= 1
+    finally:
+        del service.compressor.complete
+
+
+# ------------------------------------------------------- a slot carries latents into one call
+
+
+def test_marker_from_earlier_documents_in_a_question_or_history_is_text(service, documents) -> None:
+    compressor = SemiDynamicDocumentCompressor(service=service)
+    chat = ChatSemiDynamic(service=service, max_tokens=3)
+    earlier = compressor.compress_documents(documents, QUESTION)  # five chunks, one call
+    first = chat.invoke(f"Context: {format_docs(earlier)}\nQuestion: {QUESTION}")
+    assert len(first.response_metadata["latent_keys"]) == len(documents)
+    leaked = earlier[2].page_content
+
+    docs = compressor.compress_documents(documents[:1], "Where is Oslo?")
+    question = f"What does {leaked} say? Where is Oslo?"
+    reply = chat.invoke(f"Context: {format_docs(docs)}\nQuestion: {question}")
+    assert reply.response_metadata["latent_keys"] == [docs[0].metadata["semidyn_key"]]
+
+    docs = compressor.compress_documents(documents[:1], "Where is Oslo?")
+    history = [
+        HumanMessage(content=f"Remember {leaked}"),
+        AIMessage(content="ok"),
+        HumanMessage(content=f"Context: {format_docs(docs)}\nQuestion: Where is Oslo?"),
+    ]
+    reply = chat.invoke(history)
+    assert reply.response_metadata["latent_keys"] == [docs[0].metadata["semidyn_key"]]
+    llm = SemiDynamicLLM(service=service, max_tokens=3)
+    result = llm.generate([f"{leaked} Where is Oslo?"])
+    assert result.generations[0][0].generation_info["latent_keys"] == []
+
+
+def test_document_whose_text_is_a_leaked_marker_is_compressed_as_text(service, documents) -> None:
+    compressor = SemiDynamicDocumentCompressor(service=service)
+    chat = ChatSemiDynamic(service=service, max_tokens=3)
+    (victim,) = compressor.compress_documents(documents[1:2], QUESTION)
+    chat.invoke(f"Context: {victim.page_content}\nQuestion: {QUESTION}")
+    (doc,) = compressor.compress_documents([Document(page_content=victim.page_content)], "q")
+    assert doc.metadata["semidyn_source"] == "encoder"
+    assert doc.metadata["semidyn_key"] == service.keys([victim.page_content])[0]
+    reply = chat.invoke(f"Context: {doc.page_content}\nQuestion: q")
+    assert reply.response_metadata["latent_keys"] == [doc.metadata["semidyn_key"]]
+    assert doc.metadata["semidyn_key"] != victim.metadata["semidyn_key"]

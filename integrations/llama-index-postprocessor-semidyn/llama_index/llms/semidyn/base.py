@@ -38,12 +38,12 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.indices.prompt_helper import PromptHelper
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
-from semidyn_rag.modeling import LatentPrompt
 from semidyn_rag.service import (
     ContextWindowError,
     LatentDeliveryError,
     LatentService,
     MalformedMarkerError,
+    ResolvedPrompt,
     Slot,
     parse_prompt,
 )
@@ -78,15 +78,19 @@ class SemiDynamicLLM(CustomLLM):
             llm.complete(service.qa_template(marker, "Who founded Lyon?"))
 
     Prompts without markers are plain generation by the decoder; text that only looks like a
-    marker is text. A marker the service cannot resolve raises `UnknownMarkerError`, a cut marker
+    marker is text, and so is a marker whose slot an earlier call already read: a slot carries
+    latents into the one LLM call it was issued for (token counting and ``prompt_helper`` use
+    none). A marker the service cannot resolve raises `UnknownMarkerError`, a cut marker
     `MalformedMarkerError`, a prompt holding only some of the chunks retrieved for its query
     `IncompleteContextError`, and a prompt the decoder cannot hold `ContextWindowError` (all
     `LatentDeliveryError`). Chat goes through LlamaIndex's completion-to-chat derivation with
     :func:`render_messages`.
 
-    ``max_new_tokens`` bounds the answer unless ``generate_kwargs`` (or a call) gives
-    ``max_new_tokens`` or ``max_length`` (HF: prompt positions included); a ``temperature`` above 0
-    in them samples.
+    ``max_new_tokens`` (also accepted as ``max_tokens``, here and per call) bounds the answer
+    unless ``generate_kwargs`` or a call gives ``max_new_tokens`` or ``max_length`` (HF: prompt
+    positions included); ``temperature`` above 0 (the field, ``generate_kwargs`` or a call, the
+    last winning) samples. An unknown constructor parameter, a negative temperature or a limit
+    below 1 is a ``ValueError``.
 
     ``adapter=False`` runs the untouched base decoder on plain text: the honest uncompressed
     baseline on the same base model; the core refuses markers there (the base never learned to
@@ -97,7 +101,12 @@ class SemiDynamicLLM(CustomLLM):
     context_window: int = Field(
         default=0, description="Decoder positions; 0: the decoder's max_position_embeddings."
     )
-    max_new_tokens: int = Field(default=256, gt=0, description="Tokens to generate at most.")
+    max_new_tokens: int = Field(
+        default=256, gt=0, description="Tokens to generate at most (alias: max_tokens)."
+    )
+    temperature: float = Field(
+        default=0.0, ge=0.0, description="0 decodes greedily; above 0 samples at it."
+    )
     adapter: bool = Field(
         default=True, description="False: the base decoder without its LoRA (plain baseline)."
     )
@@ -107,6 +116,18 @@ class SemiDynamicLLM(CustomLLM):
     _service: LatentService = PrivateAttr()
 
     def __init__(self, service: LatentService, **kwargs: Any) -> None:
+        if "max_tokens" in kwargs:  # LlamaIndex's usual name for the answer budget
+            value = kwargs.pop("max_tokens")
+            if kwargs.get("max_new_tokens", value) != value:
+                raise ValueError("give max_tokens or max_new_tokens, not both")
+            kwargs["max_new_tokens"] = value
+        if unknown := sorted(set(kwargs) - set(type(self).model_fields)):
+            # pydantic would drop them: a temperature or top_p given here would be ignored
+            raise ValueError(
+                f"SemiDynamicLLM has no parameter {', '.join(unknown)}; generation takes "
+                "max_new_tokens (or max_tokens) and temperature, other HF generate arguments "
+                "(top_p, do_sample, ...) go in generate_kwargs or per call"
+            )
         kwargs.setdefault("messages_to_prompt", render_messages)
         super().__init__(**kwargs)
         self._service = service
@@ -163,16 +184,17 @@ class SemiDynamicLLM(CustomLLM):
     # ------------------------------------------------------------------ helpers
     def _prepare(
         self, prompt: str, formatted: bool, gen: dict[str, Any]
-    ) -> tuple[LatentPrompt, dict[str, Any]]:
+    ) -> tuple[ResolvedPrompt, dict[str, Any]]:
         """Resolve a prompt for the decoder, refusing one that lost a chunk or overflows.
 
         Every chunk of each query the prompt touches must be there, whole (a response mode that
         splits them over calls or truncates them fails here), and prompt plus answer must fit
-        ``context_window``.
+        ``context_window``. The slots are used when decoding starts (`LatentService.complete`).
         """
         if not formatted:
             prompt = self.completion_to_prompt(prompt)
-        resolved = self._service.resolve(prompt, whole_groups=True)
+        prepared = self._service.prepare(prompt, whole_groups=True)
+        resolved = prepared.prompt
         if resolved.latents and not self.adapter:  # not a ValueError: Refine would swallow it
             raise LatentDeliveryError(
                 "adapter=False runs the base decoder, which cannot read latent markers; give it "
@@ -191,11 +213,37 @@ class SemiDynamicLLM(CustomLLM):
                 f"than the context window of {self.context_window}: retrieve fewer chunks, "
                 "compress harder (a higher scale) or lower max_new_tokens"
             )
-        info = {"latent_keys": [p.key for p in parse_prompt(prompt) if isinstance(p, Slot)]}
-        return resolved, info
+        return prepared, {"latent_keys": list(prepared.keys)}
 
     def _kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {**self.generate_kwargs, **kwargs}
+        """A call's generation arguments over ``generate_kwargs`` and the fields, in HF terms.
+
+        ``max_tokens`` (LlamaIndex's name) is ``max_new_tokens``; ``None`` for either, or for
+        ``temperature``, means the default. A negative ``temperature`` or a limit below 1 is a
+        ``ValueError``.
+        """
+        call = {**self.generate_kwargs, **kwargs}
+        if "max_tokens" in call:
+            value = call.pop("max_tokens")
+            if value is not None and call.get("max_new_tokens") not in (None, value):
+                raise ValueError("give max_tokens or max_new_tokens, not both")
+            call["max_new_tokens"] = value if value is not None else call.get("max_new_tokens")
+        call = {
+            k: v
+            for k, v in call.items()
+            if v is not None or k not in ("max_new_tokens", "max_length", "temperature")
+        }
+        if call.get("max_new_tokens") is not None and int(call["max_new_tokens"]) < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {call['max_new_tokens']}")
+        temperature = call.get("temperature", self.temperature)
+        if temperature < 0:
+            raise ValueError(
+                f"temperature must be 0 (greedy) or above (sampling), got {temperature}"
+            )
+        out: dict[str, Any] = {}
+        if temperature > 0:
+            out["temperature"] = float(temperature)  # the decoder samples (do_sample follows)
+        out.update(call)
         if out.get("max_new_tokens") is None and out.get("max_length") is None:
             out["max_new_tokens"] = self.max_new_tokens
         if not self.adapter:
@@ -206,8 +254,8 @@ class SemiDynamicLLM(CustomLLM):
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         gen = self._kwargs(kwargs)
-        resolved, info = self._prepare(prompt, formatted, gen)
-        text = self._service.complete(resolved, **gen)
+        prepared, info = self._prepare(prompt, formatted, gen)
+        text = self._service.complete(prepared, **gen)
         return CompletionResponse(text=text, additional_kwargs=info)
 
     @llm_completion_callback()
@@ -216,8 +264,8 @@ class SemiDynamicLLM(CustomLLM):
     ) -> CompletionResponseGen:
         """Decoder tokens as they are produced (markers are resolved before the first one)."""
         gen = self._kwargs(kwargs)
-        resolved, info = self._prepare(prompt, formatted, gen)
-        pieces = self._service.stream(resolved, **gen)
+        prepared, info = self._prepare(prompt, formatted, gen)
+        pieces = self._service.stream(prepared, **gen)
 
         def gen() -> CompletionResponseGen:
             text = ""
@@ -237,8 +285,8 @@ class SemiDynamicLLM(CustomLLM):
     ) -> CompletionResponse:
         """Async completion: the decoder runs in a worker thread, the event loop stays free."""
         gen = self._kwargs(kwargs)
-        resolved, info = self._prepare(prompt, formatted, gen)
-        text = await self._service.acomplete(resolved, **gen)
+        prepared, info = self._prepare(prompt, formatted, gen)
+        text = await self._service.acomplete(prepared, **gen)
         return CompletionResponse(text=text, additional_kwargs=info)
 
     @llm_completion_callback()
@@ -247,8 +295,8 @@ class SemiDynamicLLM(CustomLLM):
     ) -> CompletionResponseAsyncGen:
         """Async token stream; an unknown marker raises at the first iteration."""
         gen = self._kwargs(kwargs)
-        resolved, info = self._prepare(prompt, formatted, gen)
-        pieces = self._service.astream(resolved, **gen)
+        prepared, info = self._prepare(prompt, formatted, gen)
+        pieces = self._service.astream(prepared, **gen)
 
         async def gen() -> CompletionResponseAsyncGen:
             text = ""

@@ -1,10 +1,12 @@
 """`SemiDynamicNodePostprocessor`: retrieved nodes in, latent markers out.
 
 LlamaIndex hands an LLM a prompt string and never node metadata, so a compressed node travels as a
-short marker (``[[latent:<slot>]]``, a slot this process issued) in its text; `SemiDynamicLLM`
-turns it back into the chunk's latent span. A node whose own text looks like a marker is
-compressed like any text: text never stands for latents. Compression reads each chunk alone (it does not depend on the query), which is what
-lets a corpus be compressed once, offline, into a `LatentStore` that every later query reads.
+short marker (``[[latent:<slot>]]``, a slot this process issued for this query) in its text;
+`SemiDynamicLLM` turns it back into the chunk's latent span, once: the LLM call that reads a slot
+uses it up. A node whose own text is or holds a marker is compressed like any text: text never
+stands for latents. Compression reads each chunk alone (it does not depend on the query), which
+is what lets a corpus be compressed once, offline, into a `LatentStore` that every later query
+reads.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from semidyn_rag.service import (
     LatentService,
     SelectiveCompression,
     expect_delivery,
-    is_marker,
 )
 
 logger = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         for item in nodes:
             node = item.node if isinstance(item, NodeWithScore) else item
             text = self.node_text(node)
-            if text.strip() and not is_marker(text):
+            if text.strip():
                 chunks.append(
                     Chunk(id=node.node_id, doc_id=node.ref_doc_id or node.node_id, text=text)
                 )
@@ -215,11 +216,15 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         return (self._service.scale if scale is None else scale), ratio
 
     def _todo(self, nodes: Sequence[NodeWithScore]) -> tuple[list[int], list[str]]:
-        """Positions and texts of the nodes to compress; empty nodes and our markers pass through."""
+        """Positions and texts of the nodes to compress: every node with text (empty ones pass).
+
+        A node whose text is a marker is compressed like any text: a marker carries latents only
+        into the LLM call it was issued for, never through a node.
+        """
         positions, texts = [], []
         for i, node in enumerate(nodes):
             text = self.node_text(node)
-            if text.strip() and not is_marker(text):
+            if text.strip():
                 positions.append(i)
                 texts.append(text)
         return positions, texts
