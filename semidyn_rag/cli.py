@@ -747,7 +747,8 @@ def _up_to_date(args: argparse.Namespace, config: Any, text_fields: tuple[str, .
             (c.id, plan.policy, c.doc_id, k, text_hash(c.text))
             for c, k in zip(plan.chunks, plan.keys, strict=True)
         }
-        stored = store.manifest({c.doc_id for c in chunks})
+        emptied = set(getattr(chunks, "empty_documents", ()))  # their old chunks must go
+        stored = store.manifest({c.doc_id for c in chunks} | emptied)
         same = {(r.id, r.policy, r.doc_id, r.key, r.text_hash) for r in stored}
         if same != rows:
             return None

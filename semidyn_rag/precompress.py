@@ -165,8 +165,9 @@ def _row_document(
     text = next((row[k] for k in text_fields if isinstance(row.get(k), str)), None)
     if text is None:
         raise CorpusRowError(where, f"none of the text fields {list(text_fields)}")
-    if not text.strip():
-        return None
+    if not text.strip():  # a document without text: known only when the row names its id
+        has_id = row.get(id_field) not in (None, "")
+        return Document(str(row[id_field]), "", {}) if has_id else None
     check_text(text, where)
     metadata = dict(row["metadata"]) if isinstance(row.get("metadata"), Mapping) else {}
     skip = {*text_fields, id_field, "metadata"}
@@ -181,11 +182,15 @@ def read_corpus(
     id_field: str = "id",
     suffixes: Sequence[str] = TEXT_SUFFIXES,
     skipped: list[RowError] | None = None,
+    empty: list[str] | None = None,
+    root: str | Path | None = None,
 ) -> Iterator[Document]:
     """Documents from a directory of text files (recursive), one text file, JSON lines or parquet.
 
-    * directory: every file ending in ``suffixes`` (hidden paths skipped), id = relative path;
-    * ``.txt``/``.md``: the whole file is one document, id = file name;
+    * directory: every file ending in ``suffixes`` (hidden paths skipped), id = its path relative
+      to ``root`` (default: the directory);
+    * ``.txt``/``.md``: the whole file is one document, id = its path relative to ``root``
+      (default: the file's directory, so the id is the file name);
     * ``.jsonl``/``.parquet``: one document per row; the text is the first of ``text_fields``
       present, the id is ``id_field`` (else a hash of the text), and metadata is the row's
       ``metadata`` object plus its other fields.
@@ -193,20 +198,41 @@ def read_corpus(
     Rows are streamed, so a parquet file larger than memory can be read. A row or file that cannot
     be used (invalid JSON, not an object, no text field, text that is not valid Unicode or UTF-8)
     raises :class:`CorpusRowError` naming it; with a ``skipped`` list it is appended there and
-    skipped instead. Raises ``FileNotFoundError`` for a missing path and :class:`CorpusError`
-    for an unknown format.
+    skipped instead (logged once, by whoever reports the run: :func:`prepare_work`). A document
+    without text (an emptied file, a row with an id and blank text) is not yielded; with an
+    ``empty`` list its id is appended there, so that a sync can remove its old chunks.
+
+    **Document ids of files.** Pass the same ``root`` whenever a file may be read both through
+    its directory and alone: ``read_corpus("docs/sub/a.txt", root="docs")`` gives the id
+    ``sub/a.txt``, as ``read_corpus("docs")`` does. A file outside ``root`` is a
+    :class:`CorpusError`. Raises ``FileNotFoundError`` for a missing path and
+    :class:`CorpusError` for an unknown format.
     """
     path = Path(path)
+    base = Path(root).resolve() if root is not None else None
+
+    def file_id(file: Path, default: Path) -> str:
+        if base is None:
+            return file.relative_to(default).as_posix()
+        try:
+            return file.resolve().relative_to(base).as_posix()
+        except ValueError:
+            raise CorpusError(f"{file} is not under the corpus root {root}") from None
 
     def attempt(make: Callable[[], Document | None]) -> Document | None:
         try:
-            return make()
+            doc = make()
         except CorpusRowError as exc:
             if skipped is None:
                 raise
             skipped.append(RowError(exc.where, exc.problem))
-            logger.warning("skipped %s", exc)
+            logger.debug("skipped %s", exc)
             return None
+        if doc is not None and not doc.text.strip():
+            if empty is not None:
+                empty.append(doc.id)
+            return None
+        return doc
 
     if path.is_dir():
         files = sorted(
@@ -217,12 +243,13 @@ def read_corpus(
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         for file in files:
-            rel = file.relative_to(path).as_posix()
+            rel = file_id(file, path)
             doc = attempt(lambda file=file, rel=rel: _file_document(file, rel))
             if doc is not None:
                 yield doc
     elif path.suffix.lower() in suffixes and path.is_file():
-        doc = attempt(lambda: _file_document(path, path.name))
+        name = file_id(path, path.parent)
+        doc = attempt(lambda: _file_document(path, name))
         if doc is not None:
             yield doc
     elif path.suffix == ".jsonl" and path.is_file():
@@ -266,7 +293,7 @@ def _file_document(file: Path, doc_id: str) -> Document | None:
             str(file), f"not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8"
         ) from None
     if not text.strip():
-        return None
+        return Document(doc_id, "", {"source": doc_id})
     check_text(text, str(file))
     return Document(doc_id, text, {"source": doc_id})
 
@@ -424,6 +451,18 @@ def chunk_documents(
     return chunks
 
 
+class CorpusChunks(list[Chunk]):
+    """The chunks of a corpus (:func:`load_chunks`), and the ids of its documents with no chunk.
+
+    A list of `Chunk`; ``empty_documents`` travel with it so that every job that syncs the
+    store by document (:func:`precompress`, the Ray job) removes those documents' old chunks.
+    """
+
+    def __init__(self, chunks: Iterable[Chunk] = (), *, empty_documents: Iterable[str] = ()):
+        super().__init__(chunks)
+        self.empty_documents: list[str] = list(empty_documents)
+
+
 def documents_path(chunks_path: str | Path) -> Path:
     """Where :func:`save_chunks` writes the documents' metadata: ``NAME.documents.jsonl``."""
     path = Path(chunks_path)
@@ -532,6 +571,8 @@ class PrecompressReport(BaseModel):
     changed_chunks: int = 0
     """Chunk ids whose text changed since the last run: compressed and embedded again."""
     pruned_documents: int = 0
+    emptied_documents: int = 0
+    """Documents of the run that have no text any more: their old chunks were removed."""
     deleted_entries: int = 0
     """Stored latents of vanished or edited text, deleted."""
     unembedded: int = 0
@@ -568,6 +609,7 @@ class PrecompressReport(BaseModel):
             ("chunk ids removed", f"{self.removed_chunks:,}"),
             ("chunks changed", f"{self.changed_chunks:,}"),
             ("documents pruned", f"{self.pruned_documents:,}"),
+            ("documents emptied (old chunks removed)", f"{self.emptied_documents:,}"),
             ("stale entries deleted", f"{self.deleted_entries:,}"),
             ("chunks not embedded", f"{self.unembedded:,}"),
             ("inputs skipped (errors)", f"{self.invalid_count:,}"),
@@ -603,6 +645,10 @@ class WorkPlan:
     """Encoder token ids of each ``todo`` text (tokenized once, by :func:`prepare_work`)."""
     invalid: list[RowError] = field(default_factory=list)
     """Inputs skipped: rows of the corpus files, chunks that are not valid text or too long."""
+    empty_documents: list[str] = field(default_factory=list)
+    """Documents of the run with no chunk (emptied): the sync removes their old chunks."""
+    emptied: list[str] = field(default_factory=list)
+    """Of those, the ones whose old chunks the sync removed (set by :func:`finish_run`)."""
 
     @property
     def duplicates(self) -> int:
@@ -643,6 +689,7 @@ class WorkPlan:
             pruned_documents=len(sync.pruned_docs),
             deleted_entries=sync.deleted_entries,
             unembedded=unembedded,
+            emptied_documents=len(self.emptied),
             invalid=[str(e) for e in self.invalid[:MAX_SHOWN_ERRORS]],
             invalid_count=len(self.invalid),
         )
@@ -683,9 +730,13 @@ def prepare_work(
     store: LatentStore,
     config: PrecompressConfig,
     input_errors: Sequence[RowError] = (),
+    empty_documents: Sequence[str] | None = None,
 ) -> WorkPlan:
     """:func:`plan_work` for the chunks that can be compressed and read, their missing texts
-    tokenized once; the rest are listed in ``invalid`` with the reason.
+    tokenized once; the rest are listed in ``invalid`` with the reason (and logged, once).
+
+    ``empty_documents`` (default: ``chunks.empty_documents`` of a `CorpusChunks`) are documents
+    of the run without chunks: the sync removes their old chunks.
 
     A chunk is refused when its text is not valid Unicode (:func:`check_text`), or when even at the
     highest ratio its latents would exceed the decoder's positions: no prompt could hold it.
@@ -726,6 +777,10 @@ def prepare_work(
             )
         plan.tokens = {k: ids for k, ids in zip(keys, token_lists) if k not in too_long}
     plan.invalid = invalid
+    if empty_documents is None:
+        empty_documents = getattr(chunks, "empty_documents", ())
+    named = {c.doc_id for c in chunks}
+    plan.empty_documents = sorted(set(empty_documents) - named)
     for error in invalid[:MAX_SHOWN_ERRORS]:
         logger.warning("skipped %s", error)
     if len(invalid) > MAX_SHOWN_ERRORS:
@@ -847,6 +902,7 @@ def precompress(
     embed: Embedder | None = None,
     store_dtype: str = "float16",
     input_errors: Sequence[RowError] = (),
+    empty_documents: Sequence[str] | None = None,
 ) -> PrecompressReport:
     """Compress every chunk the store lacks into it; sync its documents; optionally embed.
 
@@ -859,7 +915,10 @@ def precompress(
     ``store.vector_index()`` with the chunk ids in the same run; chunks already in the index with
     unchanged text are not embedded again. Inputs with errors (``input_errors`` from
     :func:`read_corpus`, chunks that are not valid text or too long for the decoder) are skipped
-    and listed in the report. Safe to kill at any point and rerun.
+    and listed in the report. ``empty_documents`` (default: those of a `CorpusChunks` from
+    :func:`load_chunks`) are documents of the run with no chunk, an emptied file say: their old
+    chunks are removed and the report counts them (``emptied_documents``). Safe to kill at any
+    point and rerun.
     """
     config = config or PrecompressConfig()
     if compressor.training:
@@ -868,7 +927,7 @@ def precompress(
     store, owned = open_store(store, compressor, store_dtype)
     try:
         with exclusive_writer(store):
-            plan = prepare_work(compressor, chunks, store, config, input_errors)
+            plan = prepare_work(compressor, chunks, store, config, input_errors, empty_documents)
             logger.info(
                 "%d chunks, %d distinct texts, %d already stored, %d to compress",
                 len(plan.keys), plan.unique, plan.skipped, len(plan.todo),
@@ -967,11 +1026,19 @@ def finish_run(
             f"refusing to prune {store.path}: the run has no valid chunk, so every stored "
             "document would be deleted"
         )
-    changes = store.plan_sync(list(rows.values()), prune=config.prune, dry_run=True)
+    empty = plan.empty_documents
+    plan.emptied = sorted({r.doc_id for r in store.manifest(empty)}) if empty else []
+    sync_args = {"prune": config.prune, "documents": empty}
+    changes = store.plan_sync(list(rows.values()), dry_run=True, **sync_args)
     embedded, unembedded = embed_chunks(
         store, plan.chunks, embed, config, stale=[*changes.removed_ids, *changes.changed_ids]
     )
-    sync = store.plan_sync(list(rows.values()), prune=config.prune, dry_run=False)
+    sync = store.plan_sync(list(rows.values()), dry_run=False, **sync_args)
+    if plan.emptied:
+        logger.info(
+            "%d document(s) have no text any more; their old chunks were removed: %s",
+            len(plan.emptied), ", ".join(plan.emptied[:MAX_SHOWN_ERRORS]),
+        )  # fmt: skip
     return sync, embedded, unembedded
 
 
@@ -1039,13 +1106,15 @@ def precompress_corpus(
     *,
     splitter: Splitter | None = None,
     embed: Embedder | None = None,
+    root: str | Path | None = None,
 ) -> tuple[list[Chunk], PrecompressReport]:
     """Read, chunk and precompress corpus files in one call; returns the chunks and the report.
 
-    Rows of the corpus files with errors are skipped and listed in the report."""
+    Rows of the corpus files with errors are skipped and listed in the report; documents with no
+    text any more lose their old chunks. ``root``: file document ids (see :func:`read_corpus`)."""
     config = config or PrecompressConfig()
     skipped: list[RowError] = []
-    chunks = load_chunks(paths, config, compressor.tokenizer, splitter, skipped=skipped)
+    chunks = load_chunks(paths, config, compressor.tokenizer, splitter, skipped=skipped, root=root)
     report = precompress(compressor, chunks, store, config, embed=embed, input_errors=skipped)
     return chunks, report
 
@@ -1058,14 +1127,23 @@ def load_chunks(
     *,
     skipped: list[RowError] | None = None,
     text_fields: Sequence[str] = TEXT_FIELDS,
-) -> list[Chunk]:
+    root: str | Path | None = None,
+) -> CorpusChunks:
     """Every corpus path read and chunked; chunk ids must be unique across the corpus.
 
     With a ``skipped`` list, rows with errors are collected there instead of raising
     :class:`CorpusRowError`; a corpus where every row failed raises :class:`CorpusError`.
+    The result also names the documents that have no chunk (``empty_documents``: emptied files,
+    blank rows with an id), which :func:`precompress` removes from the store. ``root``: see
+    :func:`read_corpus`.
     """
+    empty: list[str] = []
     documents = [
-        doc for path in paths for doc in read_corpus(path, skipped=skipped, text_fields=text_fields)
+        doc
+        for path in paths
+        for doc in read_corpus(
+            path, skipped=skipped, text_fields=text_fields, empty=empty, root=root
+        )
     ]
     if not documents and skipped:
         shown = "; ".join(str(e) for e in skipped[:3])
@@ -1081,5 +1159,7 @@ def load_chunks(
     for chunk in chunks:
         if seen.setdefault(chunk.id, chunk.text) != chunk.text:
             raise ValueError(f"chunk id {chunk.id} names two different texts: document ids repeat")
+    named = {c.doc_id for c in chunks}
+    empty += [d.id for d in documents if d.id not in named]  # text, but no chunk of it
     logger.info("%d documents -> %d chunks", len(documents), len(chunks))
-    return chunks
+    return CorpusChunks(chunks, empty_documents=sorted(set(empty) - named))

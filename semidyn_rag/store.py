@@ -782,7 +782,12 @@ class LatentStore:
         return rows
 
     def plan_sync(
-        self, rows: Sequence[ManifestRow], *, prune: bool = False, dry_run: bool = True
+        self,
+        rows: Sequence[ManifestRow],
+        *,
+        prune: bool = False,
+        dry_run: bool = True,
+        documents: Iterable[str] = (),
     ) -> SyncPlan:
         """Replace the manifest of the documents in ``rows`` by ``rows`` (one policy's chunks).
 
@@ -792,10 +797,13 @@ class LatentStore:
         the whole corpus). Entries no remaining row references, among those the removed rows
         referenced, are deleted: the latents of edited and removed text do not linger.
 
+        ``documents`` names more documents of the run that have no row (emptied): all their
+        chunks are removed.
+
         With ``dry_run`` nothing is written: the plan says what would change (the vector index is
         updated from it before the manifest commits, so a crash in between repeats the same plan).
         """
-        docs = {r.doc_id for r in rows}
+        docs = {r.doc_id for r in rows} | set(documents)
         policies = {r.policy for r in rows}
         if len(policies) > 1:
             raise ValueError(f"one sync covers one policy, got {sorted(policies)}")

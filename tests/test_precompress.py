@@ -395,6 +395,54 @@ def test_edited_shortened_and_removed_documents_leave_no_stale_data(tmp_path, mo
     assert main(["store", "prune", str(store_dir), "--dry-run"]) == 0
 
 
+def test_emptied_document_loses_its_old_chunks_and_is_reported(tmp_path, model, corpus):
+    store_dir = tmp_path / "store"
+    chunks, _ = precompress_corpus(model, [corpus], store_dir, CONFIG, embed=embed)
+    old = [c for c in chunks if c.doc_id == "doc1.txt"]
+    (corpus / "doc1.txt").write_text("  \n")  # emptied, still in the corpus
+    edited, report = precompress_corpus(model, [corpus], store_dir, CONFIG, embed=embed)
+    assert edited.empty_documents == ["doc1.txt"]
+    assert report.emptied_documents == 1 and report.removed_chunks == len(old)
+    assert "documents emptied (old chunks removed) | 1" in report.markdown()
+    with LatentStore(store_dir, model.fingerprint) as store:
+        assert not any(r.doc_id == "doc1.txt" for r in store.manifest())
+        assert not any(c.id in store.vector_index(embed=embed) for c in old)
+        assert set(store.keys()) == set(expected_entries(model, edited))  # no stale latents
+    again = precompress_corpus(model, [corpus], store_dir, CONFIG, embed=embed)[1]
+    assert again.emptied_documents == 0 and again.removed_chunks == 0  # reported once
+
+
+def test_blank_jsonl_row_with_an_id_empties_that_document(tmp_path, model):
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"id": "a", "text": "Paris is the capital of France."}\n')
+    precompress_corpus(model, [jsonl], tmp_path / "store", CONFIG)
+    jsonl.write_text('{"id": "a", "text": " "}\n{"id": "b", "text": "Oslo is in Norway."}\n')
+    _, report = precompress_corpus(model, [jsonl], tmp_path / "store", CONFIG)
+    assert report.emptied_documents == 1
+    with LatentStore(tmp_path / "store", model.fingerprint) as store:
+        assert {r.doc_id for r in store.manifest()} == {"b"}
+
+
+def test_a_file_keeps_its_document_id_alone_or_in_its_directory(tmp_path, corpus):
+    (corpus / "sub" / "a.txt").write_text("Lyon lies on the Rhone.")
+    by_dir = {d.id for d in read_corpus(corpus)}
+    alone = [d.id for d in read_corpus(corpus / "sub" / "a.txt", root=corpus)]
+    assert alone == ["sub/a.txt"] and "sub/a.txt" in by_dir
+    assert {d.id for d in read_corpus(corpus, root=corpus)} == by_dir
+    assert [d.id for d in read_corpus(corpus / "sub" / "a.txt")] == ["a.txt"]  # the default
+    with pytest.raises(CorpusError, match="not under the corpus root"):
+        list(read_corpus(corpus / "sub" / "a.txt", root=tmp_path / "elsewhere"))
+
+
+def test_each_skipped_row_is_logged_once(tmp_path, model, caplog):
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"id": "a", "text": "Paris."}\n{"id": "b", "text": "broken\n')
+    with caplog.at_level("DEBUG", logger="semidyn_rag.precompress"):
+        precompress_corpus(model, [jsonl], tmp_path / "store", CONFIG)
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "c.jsonl:2" in r.message]
+    assert len(warned) == 1
+
+
 # --- inputs with errors: named, counted, skipped ---------------------------------------------------
 
 
