@@ -246,7 +246,11 @@ class SemiDynamicCompressor(nn.Module):
         d_dec = decoder.get_base_model().config.hidden_size
         self.ratio_head = nn.Linear(d_enc, 1)
         self.converter = Converter(
-            d_enc, d_dec, config.converter_hidden, config.converter_gated, config.converter_gate_input
+            d_enc,
+            d_dec,
+            config.converter_hidden,
+            config.converter_gated,
+            config.converter_gate_input,
         )
         self.memory = (
             nn.Parameter(torch.randn(config.memory_tokens, d_enc) * 0.02)
@@ -493,9 +497,7 @@ class SemiDynamicCompressor(nn.Module):
                     y, scale, cfg.ratios, cfg.quantize, cfg.compare_space, self.dtype
                 )
             else:
-                ratio = selector.select_ratio(
-                    y, scale, cfg.ratios, cfg.quantize, cfg.compare_space
-                )
+                ratio = selector.select_ratio(y, scale, cfg.ratios, cfg.quantize, cfg.compare_space)
         if ratio is None and cfg.mode == "fully_dynamic":
             if not math.isfinite(y):  # max(1.0, nan) would be 1.0: every token kept, silently
                 raise ValueError(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from semidyn_rag.modeling import PLACEHOLDER, LatentPrompt
 from semidyn_rag import service as service_module
+from semidyn_rag.modeling import PLACEHOLDER, LatentPrompt
 from semidyn_rag.service import (
     IncompleteContextError,
     LatentDeliveryError,
