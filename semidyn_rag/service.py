@@ -14,7 +14,9 @@ markers our compressor issued for the call at hand carry latents; anything else 
 a marker is text to the decoder: a document or question holding ``[[latent:...]]``, a marker of
 another process, a cache key copied from metadata, and a marker copied from an earlier
 response's source nodes or documents into a question, a chat history or a document. In a
-LlamaIndex query (`expect_delivery`) a marker issued for another query is text as well.
+LlamaIndex query (`expect_delivery`) a marker issued for another query is text as well; a
+LangChain model call reads only the markers delivered to it (``delivered``) or, by default, those
+of the newest compression call in its prompt (``newest_only``, see `LatentService.prepare`).
 A marker issued here but evicted before any call read it, or a live marker cut in pieces, is an
 error (`LatentDeliveryError`): a chunk's latents never vanish silently.
 """
@@ -32,7 +34,7 @@ import re
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -317,20 +319,39 @@ def expect_delivery(slots: Sequence[Slot], query: str, texts: Sequence[str] = ()
     _PENDING.set((query, tuple(slots), texts) if query.strip() else None)
 
 
+def _as_text(parts: list[str | Slot], keep: Callable[[Slot], bool]) -> list[str | Slot]:
+    """``parts`` with every slot that ``keep`` rejects turned back into its marker text."""
+    out: list[str | Slot] = []
+    for part in parts:
+        part = part.marker if isinstance(part, Slot) and not keep(part) else part
+        if isinstance(part, str) and out and isinstance(out[-1], str):
+            out[-1] += part
+        else:
+            out.append(part)
+    return out
+
+
 def _scoped_to_pending(prompt: str, parts: list[str | Slot]) -> list[str | Slot]:
     """``parts`` with every slot not issued for the pending query turned back into its text."""
     state = _PENDING.get()
     if state is None or state[0] not in prompt:
         return parts
     ours = {s.id for s in state[1]}
-    out: list[str | Slot] = []
-    for part in parts:
-        part = part.marker if isinstance(part, Slot) and part.id not in ours else part
-        if isinstance(part, str) and out and isinstance(out[-1], str):
-            out[-1] += part
-        else:
-            out.append(part)
-    return out
+    return _as_text(parts, lambda s: s.id in ours)
+
+
+def _compression_call(slot: Slot) -> str:
+    """Slots issued by one `LatentService.compress` call share a group; a lone one is its own."""
+    return slot.group if slot.group is not None else slot.id
+
+
+def _newest_call_only(parts: list[str | Slot]) -> list[str | Slot]:
+    """``parts`` keeping only the slots of the most recently issued compression call among them."""
+    slots = [p for p in parts if isinstance(p, Slot)]
+    if not slots:
+        return parts
+    newest = _compression_call(max(slots, key=lambda s: int(s.id[:10], 16)))
+    return _as_text(parts, lambda s: _compression_call(s) == newest)
 
 
 def _squeeze(text: str) -> str:
@@ -376,6 +397,9 @@ class ResolvedPrompt:
     """The slots expanded, in prompt order."""
     contexts: tuple[CompressedContext, ...]
     """Each slot's latents and ratio, in the same order."""
+    as_text: tuple[Slot, ...] = ()
+    """Live slots whose markers the prompt holds but this call reads as text (not issued for
+    it: see `LatentService.prepare`'s ``delivered`` and ``newest_only``); not used."""
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -633,25 +657,50 @@ class LatentService:
         """The live slots of the markers in ``prompt``, in order (as `parse_prompt`; uses none)."""
         return [p for p in parse_prompt(prompt) if isinstance(p, Slot)]
 
-    def prepare(self, prompt: str, *, whole_groups: bool = False) -> ResolvedPrompt:
+    def prepare(
+        self,
+        prompt: str,
+        *,
+        whole_groups: bool = False,
+        delivered: Collection[str] | None = None,
+        newest_only: bool = False,
+    ) -> ResolvedPrompt:
         """Resolve ``prompt`` for one LLM call without using its slots yet (see `resolve`).
 
         Checks everything `resolve` checks and looks the latents up; the caller then runs its
         own checks (a context window, say) and hands the result to `complete` or `stream`, which
         use the slots, or to `use`.
+
+        Which live markers this call reads (the others are text, listed in ``as_text``):
+        ``delivered`` (slot ids) names them exactly; otherwise ``newest_only`` keeps only those
+        of the most recently issued compression call among them (one `compress` call; a marker
+        of an earlier call, pasted into a question or chat history, is text).
+
+        Missing chunks (``whole_groups``) are checked before cut marker pieces: a prompt that
+        lost some of its query's chunks is an `IncompleteContextError` wherever a re-split cut.
         """
-        parts = parse_prompt(prompt)
+        parts = parse_prompt(prompt, check_fragments=False)
+        live = [p for p in parts if isinstance(p, Slot)]
+        if delivered is not None:
+            parts = _as_text(parts, lambda s: s.id in delivered)
+        elif newest_only:
+            parts = _newest_call_only(parts)
         if whole_groups:
             parts = _scoped_to_pending(prompt, parts)
         slots = tuple(p for p in parts if isinstance(p, Slot))
         if whole_groups:
             _check_pending(prompt, slots)
             check_whole_groups(slots)
+        for part in parts:
+            if isinstance(part, str):
+                _check_fragments(part)
+        kept = {s.id for s in slots}
+        as_text = tuple({s.id: s for s in live if s.id not in kept}.values())
         found = self.lookup([s.key for s in slots]) if slots else {}
         resolved = LatentPrompt.from_parts(
             p if isinstance(p, str) else found[p.key].latents for p in parts
         )
-        return ResolvedPrompt(resolved, slots, tuple(found[s.key] for s in slots))
+        return ResolvedPrompt(resolved, slots, tuple(found[s.key] for s in slots), as_text)
 
     def use(self, *prepared: ResolvedPrompt) -> None:
         """Use the slots of ``prepared`` for the one LLM call about to decode them.

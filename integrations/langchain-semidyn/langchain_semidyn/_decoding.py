@@ -1,7 +1,8 @@
 """The decoding path shared by `SemiDynamicLLM` and `ChatSemiDynamic`.
 
 Both models receive a prompt string whose ``[[latent:<slot>]]`` markers stand for compressed chunks
-(only markers this process issued do; any other text, marker-like or not, is text).
+(only live markers this process issued for the call do: those of the call's ``latent_documents``,
+else of the newest compression call in the prompt; any other text, marker-like or not, is text).
 Generation itself is `LatentService`'s (it resolves markers into latent spans); this module adds
 what LangChain expects around it: stop sequences, usage accounting and the chosen ratios.
 """
@@ -10,20 +11,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from langchain_core.documents import Document
 from langchain_core.language_models.base import LangSmithParams
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from semidyn_rag.modeling import LatentPrompt
 from semidyn_rag.precompress import decoder_positions
-from semidyn_rag.service import ContextWindowError, LatentService, ResolvedPrompt
+from semidyn_rag.service import (
+    ContextWindowError,
+    IncompleteContextError,
+    LatentService,
+    ResolvedPrompt,
+    is_marker,
+)
 from semidyn_rag.types import CompressedContext
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ._stops import StopCutter
+
+logger = logging.getLogger(__name__)
+
+PREFIX_EXPANDED = "semidyn_expanded"
 
 
 class TokenCounter(StoppingCriteria):
@@ -72,12 +85,62 @@ class PromptAccount:
         return sum(c.num_latents for c in self.contexts)
 
 
-def account_prompt(service: LatentService, prompt: str) -> PromptAccount:
+LATENT_DOCUMENTS = "latent_documents"
+"""The call argument that delivers a call's compressed documents (see `delivered_slots`)."""
+
+
+def delivered_slots(
+    service: LatentService, documents: Sequence[Document | str] | None
+) -> frozenset[str] | None:
+    """The slot ids that ``documents`` deliver to one model call; ``None`` when not given.
+
+    A compressed document (its ``page_content`` exactly one live marker) delivers its slot; an
+    expanded document (``semidyn_expanded``), plain text and a marker already read deliver
+    nothing. A string is read as a document's ``page_content``.
+    """
+    if documents is None:
+        return None
+    if isinstance(documents, (str, Document)):
+        documents = [documents]
+    ids: set[str] = set()
+    for doc in documents:
+        if isinstance(doc, Document):
+            if doc.metadata.get(PREFIX_EXPANDED) is True:
+                continue
+            text = doc.page_content
+        elif isinstance(doc, str):
+            text = doc
+        else:
+            raise TypeError(
+                f"{LATENT_DOCUMENTS} takes the compressed Documents (or their page_content), "
+                f"got a {type(doc).__name__}"
+            )
+        if is_marker(text):
+            ids.update(s.id for s in service.slots(text))
+    return frozenset(ids)
+
+
+def account_prompt(
+    service: LatentService, prompt: str, delivered: frozenset[str] | None = None
+) -> PromptAccount:
     """Resolve ``prompt`` (unknown markers raise here, before any decoding) and count positions.
 
-    Uses no slot: the call that decodes the prompt does (`LatentService.complete`/`stream`).
+    Only the slots ``delivered`` to the call expand; without that, those of the newest
+    compression call in the prompt (`LatentService.prepare`); other live markers are text. Uses
+    no slot: the call that decodes the prompt does (`LatentService.complete`/`stream`).
     """
-    prepared = service.prepare(prompt)
+    prepared = service.prepare(prompt, delivered=delivered, newest_only=delivered is None)
+    if prepared.as_text:
+        logger.warning(
+            "%d latent marker(s) in the prompt were not issued for this call (from %s) and are "
+            "read as text; if they are this call's context, compress all of it in one call or "
+            "pass the compressed documents as %s=",
+            len(prepared.as_text),
+            "another compression than the call's documents"
+            if delivered is not None
+            else "an earlier compression than the newest one in the prompt",
+            LATENT_DOCUMENTS,
+        )
     return PromptAccount(service.compressor.prompt_positions(prepared.prompt), prepared)
 
 
@@ -333,13 +396,27 @@ class LatentDecoding(BaseModel):
     def _accounts(
         self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> list[tuple[PromptAccount, dict[str, Any], TokenCounter, list[str]]]:
-        """Every prompt of one call resolved and checked, before any decoding or slot use."""
+        """Every prompt of one call resolved and checked, before any decoding or slot use.
+
+        ``kwargs[LATENT_DOCUMENTS]`` (taken out here) delivers the call's compressed documents:
+        only their slots expand, and each must reach one of the prompts.
+        """
+        kwargs = dict(kwargs)
+        delivered = delivered_slots(self.service, kwargs.pop(LATENT_DOCUMENTS, None))
         out = []
         for prompt in prompts:
             gen, counter, stops = self._generate_kwargs(stop, kwargs)
-            account = account_prompt(self.service, prompt)
+            account = account_prompt(self.service, prompt, delivered)
             self._check_window(account, gen)
             out.append((account, gen, counter, stops))
+        if delivered:
+            read = {s.id for account, *_ in out for s in account.prepared.slots}
+            if lost := len(delivered - read):
+                raise IncompleteContextError(
+                    f"{lost} of the {len(delivered)} compressed documents given as "
+                    f"{LATENT_DOCUMENTS} are not in the prompt; put every one in it (a prompt "
+                    "template's {context}, filled with format_docs)"
+                )
         return out
 
     def _decode_many(

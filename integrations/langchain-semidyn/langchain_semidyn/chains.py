@@ -21,6 +21,7 @@ from langchain_core.runnables import (
     RunnablePassthrough,
 )
 
+from ._decoding import LATENT_DOCUMENTS
 from .document_compressors import SemiDynamicDocumentCompressor
 from .prompts import format_docs, qa_prompt
 
@@ -64,12 +65,20 @@ def create_semidyn_rag_chain(
 
     ``documents`` are the compressed (marker) documents, whose metadata keeps the original text for
     citations; ``prompt`` defaults to the compressor's training prompt (`qa_prompt`).
+
+    The model reads the latents of this run's compressed documents only: they are handed to it
+    as ``latent_documents``, so any other marker in the prompt (one pasted into the question) is
+    text, and a document the prompt leaves out is an `IncompleteContextError`.
     """
     prompt = prompt or qa_prompt(compressor.service)
-    answer = prompt | model | StrOutputParser()
+
+    def answer(inputs: dict[str, Any]) -> Runnable[dict[str, Any], str]:
+        delivered = model.bind(**{LATENT_DOCUMENTS: list(inputs["documents"])})
+        return prompt | delivered | StrOutputParser()
+
     return (
         RunnableParallel(question=RunnablePassthrough(), documents=retriever)
         | RunnablePassthrough.assign(documents=compression_step(compressor))
         | RunnablePassthrough.assign(context=lambda x: format_docs(x["documents"]))
-        | RunnablePassthrough.assign(answer=answer)
+        | RunnablePassthrough.assign(answer=RunnableLambda(answer, name="SemiDynamicAnswer"))
     )

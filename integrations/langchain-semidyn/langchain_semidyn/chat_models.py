@@ -4,7 +4,10 @@ The decoder was trained on single-turn prompts: one user message, ``Context: <la
 ...``, rendered with its chat template. So the chat model renders a conversation into **one user
 message**: the text of the system and human messages, in order, joined by blank lines. Assistant,
 tool and function messages are left out (the decoder never saw multi-turn histories, and an
-earlier answer is not evidence). Markers may appear in any system or human message.
+earlier answer is not evidence). Markers may appear in any system or human message; which of
+them carry latents is decided on the rendered prompt, as for `SemiDynamicLLM`
+(``latent_documents``, else the newest compression call): a marker pasted into the chat
+history from an earlier compression is text.
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 LangChain hands an LLM only strings, so a compressed document travels as a short marker
 (``[[latent:<slot>]]``, a slot issued for this call) in ``page_content``; `SemiDynamicLLM` /
 `ChatSemiDynamic` turn it back into the chunk's latents, once: the LLM call that reads a slot uses
-it up, and its marker is plain text afterwards. Compression is query-independent (the encoder reads the chunk alone), which is
-what lets a corpus be compressed once, offline, into a store shared with the LlamaIndex integration.
+it up, and its marker is plain text afterwards. The documents of one call form one group: a model
+call reads the newest group in its prompt (or the documents handed to it as ``latent_documents``).
+Compression is query-independent (the encoder reads the chunk alone), which is what lets a corpus
+be compressed once, offline, into a store shared with the LlamaIndex integration.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
             "policy": self.expansion_policy,
             "scale": scale,
             "ratio": ratio,
+            "group": True,  # one compression call: what a model call reads by default
         }
 
     def _settings(self, scale: float | None, ratio: float | None) -> tuple[float, float | None]:

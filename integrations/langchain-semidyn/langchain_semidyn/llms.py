@@ -39,7 +39,13 @@ class SemiDynamicLLM(LatentDecoding, LLM):
 
             service = LatentService(compressor, store)
             llm = SemiDynamicLLM(service=service, max_new_tokens=64)
-            llm.invoke(service.qa_template(marker, "Who founded Lyon?"))
+            docs = SemiDynamicDocumentCompressor(service=service).compress_documents(found, q)
+            llm.invoke(qa_prompt(service).format(context=format_docs(docs), question=q))
+
+    A call reads the markers of ``latent_documents=docs`` when given (the other markers are
+    text; one of ``docs`` missing from the prompt is an `IncompleteContextError`), otherwise
+    those of the newest compression call in the prompt: a marker pasted into the question from
+    an earlier compression is text.
 
     Each generation's ``generation_info`` carries ``prompt_tokens`` (decoder positions, latent
     positions included), ``completion_tokens``, ``finish_reason`` and ``latent_ratios``;

@@ -137,8 +137,11 @@ def test_packing_modes_answer_from_all_chunks_with_our_prompt_helper(
 
 @pytest.mark.parametrize("mode", [ResponseMode.REFINE, ResponseMode.ACCUMULATE])
 def test_one_chunk_per_call_modes_fail_loudly(index, service, decoder_inputs, mode):
+    """The first call's prompt holds the first chunk, or a piece of its marker where the mode's
+    text count cut it (random slot ids tokenize to varying lengths): either way the verdict is
+    the query's missing chunks, checked before cut pieces."""
     llm = SemiDynamicLLM(service, max_new_tokens=6, context_window=600)
-    with pytest.raises(IncompleteContextError, match="1 of the 5 chunks"):
+    with pytest.raises(IncompleteContextError, match=r"holds [01] of the 5 chunks"):
         _stock_engine(index, service, llm, mode).query(QUESTION)
     assert decoder_inputs.prompts == []  # refused before any decoding
 
