@@ -441,11 +441,13 @@ class Evaluator:
         ratios: list[list[float]] = [[] for _ in batch]
         if setting.family == "baseline":
             full = setting.kind == "full_context"
-            prompts = [
-                LatentPrompt(
-                    template.format(context="\n".join(s.contexts), question=s.question)
-                    if full
-                    else s.question
+            prompts = [  # from_parts: a U+E000 in the data is text, not a latent slot
+                LatentPrompt.from_parts(
+                    [
+                        template.format(context="\n".join(s.contexts), question=s.question)
+                        if full
+                        else s.question
+                    ]
                 )
                 for s in batch
             ]
@@ -455,7 +457,7 @@ class Evaluator:
         elif setting.family == "hard":
             hard = [self._hard(setting, s) for s in batch]
             prompts = [
-                LatentPrompt(template.format(context=h.text, question=s.question))
+                LatentPrompt.from_parts([template.format(context=h.text, question=s.question)])
                 for s, h in zip(batch, hard, strict=True)
             ]
             outputs = model.complete(prompts, adapter=False, **gen)

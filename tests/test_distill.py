@@ -134,3 +134,11 @@ def test_training_loss_adds_the_weighted_distillation_term(compressor):
     with_kd = compressor.training_loss(examples, ratio=2, kd_weight=0.5)
     assert plain.kd_loss is None and with_kd.kd_loss is not None and with_kd.kd_loss > 0
     torch.testing.assert_close(with_kd.loss, plain.loss + 0.5 * with_kd.kd_loss)
+
+
+def test_a_private_use_character_in_the_data_is_text(compressor):
+    odd = TrainSample(
+        contexts=["Paris \ue000 is the capital."], question="Capital \ue000?", answer="x"
+    )
+    [out] = teacher_answers(compressor, [odd], max_new_tokens=3, progress=False)
+    assert out.teacher is not None and len(out.teacher.answer_ids) == 3

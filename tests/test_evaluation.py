@@ -337,3 +337,20 @@ def test_resume_with_every_answer_recorded_loads_no_model(compressor, tmp_path, 
     with pytest.raises(ValueError, match="holds answers written by compressor"):
         changed.run(settings)
     assert changed.loaded
+
+
+@pytest.mark.parametrize("setting", ["full_context", "no_context", "truncation_2"])
+def test_a_private_use_character_in_the_data_is_text(compressor, tmp_path, setting):
+    odd = [
+        QASample(
+            id="odd",
+            question="Where \ue000 is the fox?",
+            contexts=["The quick \ue000 brown fox jumps over the lazy dog near the river bank."],
+            answers=["river bank"],
+            source="test",
+        )
+    ]
+    result = Evaluator(compressor, odd, tmp_path, max_new_tokens=2).run_setting(
+        parse_setting(setting)
+    )
+    assert result.summary.n == 1

@@ -58,7 +58,9 @@ def teacher_answers(
     starts = range(0, len(samples), batch_size)
     for start in tqdm(starts, desc="teacher", disable=not progress, unit="batch"):
         batch = samples[start : start + batch_size]
-        prompts = [LatentPrompt(plain_prompt(model, s.question, s.contexts)) for s in batch]
+        prompts = [  # from_parts: a U+E000 in the data is text, not a latent slot
+            LatentPrompt.from_parts([plain_prompt(model, s.question, s.contexts)]) for s in batch
+        ]
         embeds, mask, _ = model.embed_prompts(prompts)
         with model.decoder.disable_adapter():
             gen = model.decoder.generate(
