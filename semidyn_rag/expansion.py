@@ -177,22 +177,8 @@ def mixed_prompt(
 ) -> LatentPrompt:
     """The training prompt around ``contexts`` in order, each plain text or a latent span.
 
-    The layout the frameworks produce: contexts one per line in the template's context slot, a
-    text context read as text, a ``[n, decoder_hidden]`` tensor as its latent positions. No text is
-    parsed for slots (a context may hold any character). No contexts: the question alone.
+    `SemiDynamicCompressor.latent_prompt`: the layout the frameworks produce, contexts one per
+    line in the template's context slot, a text context read as text, a ``[n, decoder_hidden]``
+    tensor as its latent positions. No contexts: the question alone.
     """
-    from .modeling import LatentPrompt, _fresh_slot
-
-    if not contexts:
-        return LatentPrompt.from_parts([question])
-    texts = [c for c in contexts if isinstance(c, str)]
-    template = compressor.config.prompt_template
-    slot = _fresh_slot([question, template, *texts])
-    text = template.format(context="\n".join([slot] * len(contexts)), question=question)
-    first, *rest = text.split(slot)
-    if len(rest) != len(contexts):
-        raise RuntimeError("the prompt template dropped or repeated a context slot")
-    parts: list[str | torch.Tensor] = [first]
-    for context, piece in zip(contexts, rest, strict=True):
-        parts += [context, piece]
-    return LatentPrompt.from_parts(parts)
+    return compressor.latent_prompt(question, contexts)

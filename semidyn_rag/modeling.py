@@ -660,18 +660,23 @@ class SemiDynamicCompressor(nn.Module):
         slots = "\n".join([PLACEHOLDER] * num_contexts)
         return self.config.prompt_template.format(context=slots, question=question)
 
-    def latent_prompt(self, question: str, latents: Sequence[torch.Tensor]) -> LatentPrompt:
-        """The training prompt for ``question`` around ``latents`` (one ``[n, d]`` span each).
+    def latent_prompt(self, question: str, latents: Sequence[torch.Tensor | str]) -> LatentPrompt:
+        """The training prompt for ``question`` around ``latents``, one context per line.
 
-        No text is parsed for slots: the question reaches the decoder exactly as given.
+        Each context is a ``[n, decoder_hidden]`` latent span or plain text (read as text, as
+        selective expansion sends it). No text is parsed for slots: the question and text
+        contexts reach the decoder exactly as given, whatever characters they hold.
         """
         if not latents:
             return LatentPrompt.from_parts([question])
-        slot = _fresh_slot([question, self.config.prompt_template])
+        texts = [c for c in latents if isinstance(c, str)]
+        slot = _fresh_slot([question, self.config.prompt_template, *texts])
         text = self.config.prompt_template.format(
             context="\n".join([slot] * len(latents)), question=question
         )
         first, *rest = text.split(slot)
+        if len(rest) != len(latents):
+            raise RuntimeError("the prompt template dropped or repeated a context slot")
         parts: list[str | torch.Tensor] = [first]
         for latent, piece in zip(latents, rest, strict=True):
             parts += [latent, piece]
