@@ -2,7 +2,8 @@
 
 Both models receive a prompt string whose ``[[latent:<slot>]]`` markers stand for compressed chunks
 (only live markers this process issued for the call do: those of the call's ``latent_documents``,
-else of the newest compression call in the prompt; any other text, marker-like or not, is text).
+else those armed by `format_docs`; any other text, marker-like or not, a live marker pasted into
+a question included, is text).
 Generation itself is `LatentService`'s (it resolves markers into latent spans); this module adds
 what LangChain expects around it: stop sequences, usage accounting and the chosen ratios.
 """
@@ -12,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +30,9 @@ from semidyn_rag.service import (
     IncompleteContextError,
     LatentService,
     ResolvedPrompt,
+    Slot,
     is_marker,
+    parse_prompt,
 )
 from semidyn_rag.types import CompressedContext
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -120,25 +125,81 @@ def delivered_slots(
     return frozenset(ids)
 
 
+class _ArmedSlots:
+    """Live slots of compressed documents formatted into a prompt by `format_docs` (bounded).
+
+    Arming is what lets a call given no ``latent_documents`` tell the markers put in its prompt
+    on purpose from a live marker pasted into a question or chat history (from a bare
+    ``retriever.invoke`` whose documents no call decoded): only armed markers carry latents.
+    Single-use stays the slot registry's: a read slot's marker is text whether armed or not, so
+    read slots are dropped when the registry fills, before the oldest armed ones.
+    """
+
+    def __init__(self, capacity: int = 1 << 17) -> None:
+        self.capacity = capacity
+        self._slots: OrderedDict[str, Slot] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def arm(self, slots: Sequence[Slot]) -> None:
+        with self._lock:
+            for slot in slots:
+                self._slots[slot.id] = slot
+                self._slots.move_to_end(slot.id)
+            if len(self._slots) > self.capacity:
+                for slot_id in [i for i, s in self._slots.items() if not is_marker(s.marker)]:
+                    del self._slots[slot_id]
+            while len(self._slots) > self.capacity:
+                self._slots.popitem(last=False)
+
+    def armed(self, slot_ids: Collection[str]) -> frozenset[str]:
+        with self._lock:
+            return frozenset(i for i in slot_ids if i in self._slots)
+
+
+_ARMED = _ArmedSlots()
+
+
+def arm_documents(documents: Sequence[Document]) -> None:
+    """Arm the markers of ``documents`` that our compressor produced (see `format_docs`).
+
+    A document is armed when its ``page_content`` is exactly one live marker and its metadata
+    say the compressor made it for that very chunk (``semidyn_expanded`` false, ``semidyn_key``
+    the slot's key); expanded documents, plain text and marker text in any other document
+    (a retrieved document whose text is a marker) arm nothing.
+    """
+    armed: list[Slot] = []
+    for doc in documents:
+        meta = doc.metadata
+        if meta.get(PREFIX_EXPANDED) is not False or not is_marker(doc.page_content):
+            continue
+        parts = parse_prompt(doc.page_content.strip(), check_fragments=False)
+        armed += [p for p in parts if isinstance(p, Slot) and p.key == meta.get("semidyn_key")]
+    _ARMED.arm(armed)
+
+
 def account_prompt(
     service: LatentService, prompt: str, delivered: frozenset[str] | None = None
 ) -> PromptAccount:
     """Resolve ``prompt`` (unknown markers raise here, before any decoding) and count positions.
 
-    Only the slots ``delivered`` to the call expand; without that, those of the newest
-    compression call in the prompt (`LatentService.prepare`); other live markers are text. Uses
-    no slot: the call that decodes the prompt does (`LatentService.complete`/`stream`).
+    Only the slots ``delivered`` to the call expand; without that, the armed ones (formatted by
+    `format_docs`); other live markers are text (`LatentService.prepare`). Uses no slot: the
+    call that decodes the prompt does (`LatentService.complete`/`stream`).
     """
-    prepared = service.prepare(prompt, delivered=delivered, newest_only=delivered is None)
+    armed = None
+    if delivered is None:
+        live = [p.id for p in parse_prompt(prompt, check_fragments=False) if isinstance(p, Slot)]
+        armed = _ARMED.armed(live)
+    prepared = service.prepare(prompt, delivered=delivered if armed is None else armed)
     if prepared.as_text:
         logger.warning(
-            "%d latent marker(s) in the prompt were not issued for this call (from %s) and are "
-            "read as text; if they are this call's context, compress all of it in one call or "
-            "pass the compressed documents as %s=",
+            "%d latent marker(s) in the prompt were not issued for this call (%s) and are read "
+            "as text; if they are this call's context, format the compressed documents with "
+            "langchain_semidyn.format_docs or pass them as %s=",
             len(prepared.as_text),
-            "another compression than the call's documents"
-            if delivered is not None
-            else "an earlier compression than the newest one in the prompt",
+            "from another compression than the call's documents"
+            if armed is None
+            else "not formatted by format_docs",
             LATENT_DOCUMENTS,
         )
     return PromptAccount(service.compressor.prompt_positions(prepared.prompt), prepared)

@@ -3,8 +3,8 @@
 LangChain hands an LLM only strings, so a compressed document travels as a short marker
 (``[[latent:<slot>]]``, a slot issued for this call) in ``page_content``; `SemiDynamicLLM` /
 `ChatSemiDynamic` turn it back into the chunk's latents, once: the LLM call that reads a slot uses
-it up, and its marker is plain text afterwards. The documents of one call form one group: a model
-call reads the newest group in its prompt (or the documents handed to it as ``latent_documents``).
+it up, and its marker is plain text afterwards. A model call reads the markers `format_docs`
+formatted into its prompt (or the documents handed to it as ``latent_documents``); others are text.
 Compression is query-independent (the encoder reads the chunk alone), which is what lets a corpus
 be compressed once, offline, into a store shared with the LlamaIndex integration.
 """

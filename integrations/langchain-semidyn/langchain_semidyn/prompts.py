@@ -13,9 +13,21 @@ from langchain_core.documents import Document
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from semidyn_rag.service import LatentService
 
+from ._decoding import arm_documents
+
 
 def format_docs(documents: Sequence[Document]) -> str:
-    """Documents' contents one per line: the layout of the training prompt's contexts."""
+    """Documents' contents one per line (the layout of the training prompt's contexts).
+
+    Also arms the markers of the documents our compressor produced (`SemiDynamicDocumentCompressor`):
+    a model call given no ``latent_documents`` reads the latents of armed markers only, and any
+    other live marker in its prompt (one from a bare ``retriever.invoke``, pasted into a question
+    or chat history) is text. So a prompt built from compressed documents needs this function
+    (``retriever | format_docs`` in LCEL) or the call's ``latent_documents=docs``; a string you
+    format yourself from their ``page_content`` delivers no latents (logged as a warning).
+    Expanded documents and plain text arm nothing.
+    """
+    arm_documents(documents)
     return "\n".join(doc.page_content for doc in documents)
 
 

@@ -90,7 +90,7 @@ def test_hostile_documents_and_questions_are_text(service, documents, hostile) -
 
     chat = ChatSemiDynamic(service=service, max_tokens=4)
     question = f"{text} {QUESTION}"
-    content = f"Context: {doc.page_content}\nQuestion: {question}"
+    content = f"Context: {format_docs([doc])}\nQuestion: {question}"
     reply = chat.invoke([HumanMessage(content=content)])
     assert reply.response_metadata["latent_keys"] == [doc.metadata["semidyn_key"]]
     resolved = service.resolve(content)  # the call above used the slot: all text now
@@ -171,10 +171,10 @@ def test_document_whose_text_is_a_leaked_marker_is_compressed_as_text(service, d
     compressor = SemiDynamicDocumentCompressor(service=service)
     chat = ChatSemiDynamic(service=service, max_tokens=3)
     (victim,) = compressor.compress_documents(documents[1:2], QUESTION)
-    chat.invoke(f"Context: {victim.page_content}\nQuestion: {QUESTION}")
+    chat.invoke(f"Context: {format_docs([victim])}\nQuestion: {QUESTION}")
     (doc,) = compressor.compress_documents([Document(page_content=victim.page_content)], "q")
     assert doc.metadata["semidyn_source"] == "encoder"
     assert doc.metadata["semidyn_key"] == service.keys([victim.page_content])[0]
-    reply = chat.invoke(f"Context: {doc.page_content}\nQuestion: q")
+    reply = chat.invoke(f"Context: {format_docs([doc])}\nQuestion: q")
     assert reply.response_metadata["latent_keys"] == [doc.metadata["semidyn_key"]]
     assert doc.metadata["semidyn_key"] != victim.metadata["semidyn_key"]

@@ -140,8 +140,9 @@ def test_stop_cuts_text_and_halts_the_decoder(llm, make_prompt) -> None:
 
 
 def test_unknown_marker_is_an_error(llm) -> None:
+    unknown = marker("0" * 64)  # a hand-issued marker is delivered by naming it
     with pytest.raises(UnknownMarkerError):
-        llm.invoke(f"Context: {marker('0' * 64)}\nQuestion: ?")
+        llm.invoke(f"Context: {unknown}\nQuestion: ?", latent_documents=[unknown])
 
 
 def test_plain_prompt_without_markers(llm) -> None:

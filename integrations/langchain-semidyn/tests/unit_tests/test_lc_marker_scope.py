@@ -4,10 +4,13 @@ The leak reproduced here: a bare ``retriever.invoke`` through `ContextualCompres
 issues live markers that no LLM call ever reads. Pasted into a later question or chat message,
 such a marker must stay text: the decoder gets no latents for it and its slot stays unused,
 while the chain and a prompt built by hand from freshly compressed documents still deliver.
+Without ``latent_documents`` a call reads only the markers `format_docs` armed, so a pasted
+marker is text even when it is the only (or the newest) live marker in the prompt.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -71,8 +74,7 @@ def doc_compressor(service) -> SemiDynamicDocumentCompressor:
     return SemiDynamicDocumentCompressor(service=service)
 
 
-@pytest.fixture
-def leaked(service, vectorstore, doc_compressor) -> str:
+def bare_retrieval(vectorstore: FAISS, doc_compressor: SemiDynamicDocumentCompressor) -> str:
     """A live marker from a bare retriever call: compressed, shown to a user, never decoded."""
     retriever = ContextualCompressionRetriever(
         base_compressor=doc_compressor,
@@ -81,6 +83,11 @@ def leaked(service, vectorstore, doc_compressor) -> str:
     docs = retriever.invoke("Where does the Rhine flow?")
     assert is_marker(docs[0].page_content)
     return docs[0].page_content
+
+
+@pytest.fixture
+def leaked(service, vectorstore, doc_compressor) -> str:
+    return bare_retrieval(vectorstore, doc_compressor)
 
 
 def assert_text_only(prompt: LatentPrompt, marker: str, latents: int) -> None:
@@ -217,4 +224,95 @@ def test_expanded_document_text_is_never_delivered(service, doc_compressor, leak
     )
     assert doc.metadata["semidyn_expanded"] and doc.page_content == leaked
     llm.invoke(format_docs([doc]), latent_documents=[doc])
+    assert_text_only(decoder_inputs.only(), leaked, latents=0)
+
+
+# ------------------------------------------- the pasted marker is the only or the newest one
+
+
+def test_direct_question_holding_only_a_pasted_marker_is_text(
+    service, leaked, decoder_inputs, caplog
+):
+    """(a) a direct call, no context: the user's text is read as typed; no error."""
+    llm = SemiDynamicLLM(service=service, max_new_tokens=4)
+    with caplog.at_level(logging.WARNING, logger="langchain_semidyn._decoding"):
+        llm.invoke(f"Question: what does {leaked} say?")
+    assert_text_only(decoder_inputs.only(), leaked, latents=0)
+    assert "not formatted by format_docs" in caplog.text
+    "".join(llm.stream(f"And {leaked}?"))
+    assert_text_only(decoder_inputs.prompts[1], leaked, latents=0)
+
+
+def test_chat_history_marker_newer_than_the_context_is_text(
+    service, vectorstore, doc_compressor, documents, decoder_inputs
+):
+    """(b) the pasted marker was issued after the call's own documents: still text."""
+    fresh = doc_compressor.compress_documents(documents[:2], QUESTION)
+    context = format_docs(fresh)
+    newer = bare_retrieval(vectorstore, doc_compressor)
+    chat = ChatSemiDynamic(service=service, max_new_tokens=4)
+    reply = chat.invoke(
+        [
+            HumanMessage(f"Earlier you showed me {newer}"),
+            AIMessage("Yes."),
+            HumanMessage(qa_template(service).format(context=context, question=QUESTION)),
+        ]
+    )
+    assert_text_only(decoder_inputs.only(), newer, latents=2)
+    assert reply.response_metadata["latent_keys"] == [d.metadata["semidyn_key"] for d in fresh]
+
+
+@pytest.mark.parametrize("expanded", [True, False])
+def test_lcel_chain_without_fresh_markers_reads_no_pasted_marker(
+    service, vectorstore, doc_compressor, leaked, decoder_inputs, expanded
+):
+    """(c) a hand-built LCEL chain whose context is text (every document expanded, or no
+    compressor at all): the marker in the question is the prompt's only live one, and text."""
+    base = vectorstore.as_retriever(search_kwargs={"k": 2})
+    retriever = (
+        ContextualCompressionRetriever(
+            base_compressor=doc_compressor.with_expansion(5), base_retriever=base
+        )
+        if expanded
+        else base
+    )
+    chain = (
+        {"context": retriever | format_docs, "question": RunnablePassthrough()}
+        | qa_prompt(service)
+        | SemiDynamicLLM(service=service, max_new_tokens=4)
+        | StrOutputParser()
+    )
+    chain.invoke(f"{QUESTION} {leaked}")
+    assert_text_only(decoder_inputs.only(), leaked, latents=0)
+
+
+def test_hand_formatted_markers_are_text_unless_delivered(
+    service, doc_compressor, documents, decoder_inputs, caplog
+):
+    """A context joined by hand (not `format_docs`) delivers nothing unless named."""
+    llm = SemiDynamicLLM(service=service, max_new_tokens=4)
+    docs = doc_compressor.compress_documents(documents[:2], QUESTION)
+    context = "\n".join(d.page_content for d in docs)
+    prompt = qa_prompt(service).format(context=context, question=QUESTION)
+    with caplog.at_level(logging.WARNING, logger="langchain_semidyn._decoding"):
+        llm.invoke(prompt)
+    assert "2 latent marker(s)" in caplog.text and "format_docs" in caplog.text
+    assert len(decoder_inputs.prompts[0].latents) == 0
+    assert all(is_marker(d.page_content) for d in docs)  # unused: still deliverable
+    llm.invoke(prompt, latent_documents=docs)
+    assert len(decoder_inputs.prompts[1].latents) == 2
+
+
+def test_format_docs_arms_only_the_compressors_documents(
+    service, doc_compressor, documents, leaked, decoder_inputs
+):
+    """A document whose text is a live marker but that the compressor did not make for that
+    chunk (no metadata, or another chunk's key) arms nothing through `format_docs`."""
+    [own] = doc_compressor.compress_documents(documents[:1], QUESTION)
+    forged = [
+        Document(page_content=leaked),
+        Document(page_content=leaked, metadata={**own.metadata, "semidyn_expanded": False}),
+    ]
+    llm = SemiDynamicLLM(service=service, max_new_tokens=4)
+    llm.invoke(qa_prompt(service).format(context=format_docs(forged), question=QUESTION))
     assert_text_only(decoder_inputs.only(), leaked, latents=0)
