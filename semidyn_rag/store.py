@@ -385,12 +385,7 @@ class LatentStore:
             try:
                 self._conn = self._open(db, timeout)
             except _Retry:
-                if time.monotonic() >= deadline:
-                    raise StoreNotReadyError(
-                        f"{db} stayed locked by another process for {_NOT_READY_WAIT_S} s while "
-                        "being opened; retry when its creation or migration finishes"
-                    ) from None
-                time.sleep(0.05)
+                _wait_while_locked(db, deadline)
                 continue
             try:
                 meta = self._read_meta()
@@ -411,12 +406,7 @@ class LatentStore:
                 self.fingerprint, self.dtype_name = self._check_meta(meta, fingerprint, dtype)
             except _Retry:
                 self._conn.close()
-                if time.monotonic() >= deadline:
-                    raise StoreNotReadyError(
-                        f"{db} stayed locked by another process for {_NOT_READY_WAIT_S} s while "
-                        "being opened; retry when its creation or migration finishes"
-                    ) from None
-                time.sleep(0.05)
+                _wait_while_locked(db, deadline)
                 continue
             except BaseException:
                 self._conn.close()
@@ -1417,3 +1407,14 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def _wait_while_locked(db: Path, deadline: float) -> None:
+    """Sleep a moment before retrying an open another process holds locked; past ``deadline``,
+    raise `StoreNotReadyError`."""
+    if time.monotonic() >= deadline:
+        raise StoreNotReadyError(
+            f"{db} stayed locked by another process for {_NOT_READY_WAIT_S} s while "
+            "being opened; retry when its creation or migration finishes"
+        ) from None
+    time.sleep(0.05)
