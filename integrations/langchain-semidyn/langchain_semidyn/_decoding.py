@@ -37,6 +37,7 @@ from semidyn_rag.service import (
 from semidyn_rag.types import CompressedContext
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ._issued import issued
 from ._stops import StopCutter
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,8 @@ _ARMED = _ArmedSlots()
 def arm_documents(documents: Sequence[Document]) -> None:
     """Arm the markers of ``documents`` that our compressor produced (see `format_docs`).
 
-    A document is armed when its ``page_content`` is exactly one live marker and its metadata
+    A document is armed when it is the very object our compressor returned (`_issued`; a copy
+    with the same metadata is not), its ``page_content`` is exactly one live marker and its metadata
     say the compressor made it for that very chunk (``semidyn_expanded`` false, ``semidyn_key``
     the slot's key); expanded documents, plain text and marker text in any other document
     (a retrieved document whose text is a marker) arm nothing.
@@ -170,7 +172,9 @@ def arm_documents(documents: Sequence[Document]) -> None:
     armed: list[Slot] = []
     for doc in documents:
         meta = doc.metadata
-        if meta.get(PREFIX_EXPANDED) is not False or not is_marker(doc.page_content):
+        if not issued(doc) or meta.get(PREFIX_EXPANDED) is not False:
+            continue  # forged metadata on a copy arms nothing
+        if not is_marker(doc.page_content):
             continue
         parts = parse_prompt(doc.page_content.strip(), check_fragments=False)
         armed += [p for p in parts if isinstance(p, Slot) and p.key == meta.get("semidyn_key")]

@@ -22,6 +22,8 @@ from pydantic import ConfigDict, Field
 from semidyn_rag.expansion import ExpansionPolicy, TopScorePolicy
 from semidyn_rag.service import ChunkLatents, LatentService, SelectiveCompression
 
+from ._issued import register
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "semidyn_"
@@ -221,4 +223,6 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
         if self.keep_original_text:
             extra["original_text"] = doc.page_content
         metadata = {**doc.metadata, **{PREFIX + k: v for k, v in extra.items()}}
-        return Document(page_content=chunk.marker, metadata=metadata, id=doc.id)
+        compressed = Document(page_content=chunk.marker, metadata=metadata, id=doc.id)
+        register([compressed])  # what `format_docs` may arm: this object, not a copy of it
+        return compressed

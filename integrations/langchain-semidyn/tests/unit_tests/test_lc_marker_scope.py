@@ -316,3 +316,20 @@ def test_format_docs_arms_only_the_compressors_documents(
     llm = SemiDynamicLLM(service=service, max_new_tokens=4)
     llm.invoke(qa_prompt(service).format(context=format_docs(forged), question=QUESTION))
     assert_text_only(decoder_inputs.only(), leaked, latents=0)
+
+
+def test_a_copy_of_a_leaked_document_with_its_own_metadata_arms_nothing(
+    service, vectorstore, doc_compressor, decoder_inputs
+):
+    """The metadata of a retrieved document (``semidyn_key``, ``semidyn_expanded``) is visible to
+    users: a new Document carrying the leaked marker *and* its exact metadata is still not the
+    object our compressor returned, so `format_docs` does not arm it."""
+    retriever = ContextualCompressionRetriever(
+        base_compressor=doc_compressor,
+        base_retriever=vectorstore.as_retriever(search_kwargs={"k": 2}),
+    )
+    leaked_doc = retriever.invoke("Where does the Rhine flow?")[0]
+    forged = Document(page_content=leaked_doc.page_content, metadata=dict(leaked_doc.metadata))
+    llm = SemiDynamicLLM(service=service, max_new_tokens=4)
+    llm.invoke(qa_prompt(service).format(context=format_docs([forged]), question=QUESTION))
+    assert_text_only(decoder_inputs.only(), leaked_doc.page_content, latents=0)
