@@ -5,6 +5,8 @@
     python recipes/default.py teach     # the base decoder answers training questions on full text
     python recipes/default.py density   # surprisal labels on a mix of text kinds, head on layer 2
     python recipes/default.py distill   # fourth phase: distil the teacher's answers (resumable)
+    python recipes/default.py teach-mixed  # teacher answers on retrieved HotpotQA top-5 paragraphs
+    python recipes/default.py mix       # fifth phase: prompts mixing text and latents (resumable)
     python recipes/default.py ship      # fp16 copy of the distilled checkpoint + fitted head
     python recipes/default.py eval      # held-out SQuAD articles: table, peers, Pareto plot
 
@@ -119,6 +121,13 @@ DISTILL = TrainConfig.model_validate(
 (``teach``) at ratios 4 and 8, with a quarter as many reconstruction samples mixed in. It starts
 from the third phase's last checkpoint (``--init default``: from the bundled default, which is that
 checkpoint in fp16) with a fresh optimizer, in its own directory."""
+MIX = TrainConfig.model_validate(
+    {**DISTILL.model_dump(), "steps": 150, "output_dir": str(RUN / "mix")}
+)
+"""Fifth phase: the fourth one's settings on retrieved multi-paragraph prompts in which the
+retriever's best 0-2 paragraphs are plain text and the rest latents (selective expansion), mixed
+with as many single-paragraph distilled samples and a third as many reconstructions. It starts
+from the bundled default (the fourth phase shipped) with a fresh optimizer."""
 RECONSTRUCTION_WORDS = 48
 """Piece length of the later phases' reconstruction samples (~64 tokens, 16 latents at r=4)."""
 MONITOR = 16
@@ -289,6 +298,55 @@ def teach(limit: int | None = None) -> None:
         logger.info("teacher: %d/%d", min(start + TEACH_CHUNK, len(todo)), len(todo))
 
 
+MIXED_TEACHER = RUN / "teacher_mixed.jsonl"
+"""The base decoder's answers on the retrieved top paragraphs of HotpotQA training rows."""
+RETRIEVED = 5
+"""Paragraphs retrieved per HotpotQA question (of its ten: two gold, eight distractors)."""
+MAX_EXPANDED = 2
+"""Each mixed sample expands the retriever's best ``k`` paragraphs, ``k`` uniform in 0..2."""
+
+
+def retrieved_hotpot() -> list[TrainSample]:
+    """HotpotQA training rows (minus the monitor rows) with their ``RETRIEVED`` paragraphs most
+    similar to the question under all-MiniLM-L6-v2, best first, as `expand_top_k` would see them;
+    the first ``k`` are flagged ``expanded`` with ``k`` drawn per row (seeded)."""
+    from semidyn_rag.embeddings import encode, load_sentence_model
+
+    rows = from_qa_samples(load_hotpotqa(DATA / "hotpotqa" / "train.jsonl", distractors=True))
+    rows = rows[:-MONITOR]
+    embedder = load_sentence_model(None)
+    rng = random.Random(SEED)
+    out = []
+    for row in rows:
+        q, *ps = encode(embedder, [row.question, *row.contexts], batch_size=16, normalize=True)
+        scores = [sum(a * b for a, b in zip(q, p, strict=True)) for p in ps]
+        order = sorted(range(len(ps)), key=lambda i: (-scores[i], i))[:RETRIEVED]
+        k = rng.randint(0, MAX_EXPANDED)
+        out.append(
+            row.model_copy(
+                update={
+                    "contexts": [row.contexts[i] for i in order],
+                    "expanded": [rank < k for rank in range(len(order))],
+                    "provenance": {**row.provenance, "kind": "retrieved", "expanded": k},
+                }
+            )
+        )
+    return out
+
+
+def teach_mixed() -> None:
+    """Teacher answers (full text of every retrieved paragraph) for `retrieved_hotpot`; resumable."""
+    model = SemiDynamicCompressor.from_pretrained(None).eval()
+    samples = retrieved_hotpot()
+    done = {s.id for s in read_jsonl(MIXED_TEACHER)} if MIXED_TEACHER.exists() else set()
+    todo = [s for s in samples if s.id not in done]
+    logger.info("mixed teacher: %d of %d samples left", len(todo), len(samples))
+    for start in range(0, len(todo), TEACH_CHUNK):
+        chunk = teacher_answers(model, todo[start : start + TEACH_CHUNK], progress=False)
+        write_jsonl(chunk, MIXED_TEACHER, append=True)
+        logger.info("mixed teacher: %d/%d", min(start + TEACH_CHUNK, len(todo)), len(todo))
+
+
 HEAD_LAYER = 2
 """The ratio head reads layer 2's ``<eos>`` state, the layer pooling reads: encoding stops there."""
 DENSITY = ROOT / "benchmarks" / "results" / "density"
@@ -445,12 +503,35 @@ def distill(init: str) -> None:
     Trainer(model, [*taught, *recon], DISTILL, eval_samples=monitor).train()
 
 
+def mix() -> None:
+    """The fifth phase (``MIX``) from the bundled default; resumes its own last checkpoint."""
+    torch.manual_seed(SEED)
+    model = SemiDynamicCompressor.from_pretrained(None, dtype=torch.float32, head_layer=HEAD_LAYER)
+    count = _count_tokens(model.tokenizer)
+    mixed = _labelled(read_jsonl(MIXED_TEACHER), count)
+    rng = random.Random(SEED)
+    single = rng.sample(_labelled(read_jsonl(TEACHER), count), len(mixed))
+    _, monitor = training_samples(count)
+    train, _ = squad_split()
+    recon = _labelled(
+        reconstruction_samples(
+            [c for s in from_qa_samples(train) for c in s.contexts], RECONSTRUCTION_WORDS
+        ),
+        count,
+    )
+    recon = rng.sample(recon, len(mixed) // 3)
+    logger.info("mix: %d mixed, %d single, %d reconstruction", len(mixed), len(single), len(recon))
+    Trainer(model, [*mixed, *single, *recon], MIX, eval_samples=monitor).train()
+
+
 def ship() -> None:
     """Copy the distilled checkpoint's compressor files into the package, tensors cast to fp16,
     with the ratio head fitted by ``density`` on layer ``HEAD_LAYER`` (so encoding stops there)."""
-    found = list_checkpoints(DISTILL.output_dir)
+    found = list_checkpoints(MIX.output_dir) or list_checkpoints(DISTILL.output_dir)
     if not found or not HEAD_FILE.exists():
-        raise SystemExit(f"ship needs a checkpoint in {DISTILL.output_dir} and {HEAD_FILE}")
+        raise SystemExit(
+            f"ship needs a checkpoint in {MIX.output_dir} or {DISTILL.output_dir}, and {HEAD_FILE}"
+        )
     last = found[-1]
     if DEFAULT_CHECKPOINT.exists():
         shutil.rmtree(DEFAULT_CHECKPOINT)
@@ -514,7 +595,18 @@ def main() -> None:
     torch.set_num_threads(2)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "step", choices=["synth", "teach", "density", "train", "distill", "ship", "eval"]
+        "step",
+        choices=[
+            "synth",
+            "teach",
+            "density",
+            "train",
+            "distill",
+            "teach-mixed",
+            "mix",
+            "ship",
+            "eval",
+        ],
     )
     parser.add_argument("--init", choices=["third-phase", "default"], default="third-phase")
     parser.add_argument("--teach-limit", type=int, default=TEACH_LIMIT)
@@ -534,6 +626,10 @@ def main() -> None:
         teach(args.teach_limit)
     elif args.step == "train":
         train()
+    elif args.step == "teach-mixed":
+        teach_mixed()
+    elif args.step == "mix":
+        mix()
     elif args.step == "ship":
         ship()
     else:

@@ -130,6 +130,24 @@ class TrainExample:
     (token-level distillation; ``None``: none)."""
     teacher_logprobs: list[list[float]] | None = None
     """Their log-probabilities under the teacher, same shape as ``teacher_ids``."""
+    as_text: list[str | None] | None = None
+    """Per context, the plain text the decoder reads in place of its latents (selective
+    expansion, as ``expand_top_k`` sends the retriever's best chunks); ``None`` entries, or no
+    list, are compressed. An expanded context is not encoded and adds no MSE term."""
+
+    def __post_init__(self) -> None:
+        if len(self.y) != len(self.contexts):
+            raise ValueError(f"{len(self.y)} labels for {len(self.contexts)} contexts")
+        if self.as_text is not None and len(self.as_text) != len(self.contexts):
+            raise ValueError(
+                f"{len(self.as_text)} as_text entries for {len(self.contexts)} contexts"
+            )
+
+    def compressed(self) -> list[int]:
+        """Indices of the contexts that go to the decoder as latents."""
+        if self.as_text is None:
+            return list(range(len(self.contexts)))
+        return [i for i, text in enumerate(self.as_text) if text is None]
 
 
 @dataclass
@@ -898,28 +916,31 @@ class SemiDynamicCompressor(nn.Module):
         ``None`` lets the mode decide, with the label ``y`` standing in for the prediction so that
         the fully dynamic baseline trains on the ratios its labels imply. ``encoder_grad=False``
         builds the latents without a graph (encoder and converter held fixed): the backward pass
-        then costs the decoder and the ratio head only.
+        then costs the decoder and the ratio head only. Contexts an example marks ``as_text`` are
+        read as plain text in the same prompt (selective expansion), without latents or MSE term.
         """
-        contexts = [c for ex in examples for c in ex.contexts]
-        labels = torch.tensor([y for ex in examples for y in ex.y], device=self.device)
-        held = contextlib.nullcontext() if encoder_grad else torch.no_grad()
-        with held:
-            hidden, head_states = self._encoder_states(contexts)
-        y_hat = self._predict_y(head_states, [len(c) for c in contexts])  # learns either way
-        with held:
-            pooled = []
-            for row, (ctx, label) in enumerate(zip(contexts, labels.tolist(), strict=True)):
-                guide = label if math.isfinite(label) else float(y_hat[row].detach())
-                structure = self.structure(guide, len(ctx), 0.0, ratio)
-                pooled.append(self.extract(hidden[row], len(ctx), structure, ratio))
-            latents = iter(self.converter(torch.cat(pooled)).split([p.shape[0] for p in pooled]))
-        prompts = [
-            LatentPrompt(
-                self.format_prompt(ex.question, len(ex.contexts)),
-                [next(latents) for _ in ex.contexts],
-            )
-            for ex in examples
-        ]
+        picked = [(ex, i) for ex in examples for i in ex.compressed()]
+        contexts = [ex.contexts[i] for ex, i in picked]
+        labels = torch.tensor([ex.y[i] for ex, i in picked], device=self.device)
+        y_hat = labels.new_zeros(0)
+        spans: Iterator[torch.Tensor] = iter(())
+        if contexts:  # a batch of fully expanded prompts has nothing to encode
+            held = contextlib.nullcontext() if encoder_grad else torch.no_grad()
+            with held:
+                hidden, head_states = self._encoder_states(contexts)
+            y_hat = self._predict_y(head_states, [len(c) for c in contexts])  # learns either way
+            with held:
+                pooled = []
+                for row, (ctx, label) in enumerate(zip(contexts, labels.tolist(), strict=True)):
+                    guide = label if math.isfinite(label) else float(y_hat[row].detach())
+                    structure = self.structure(guide, len(ctx), 0.0, ratio)
+                    pooled.append(self.extract(hidden[row], len(ctx), structure, ratio))
+                spans = iter(self.converter(torch.cat(pooled)).split([p.shape[0] for p in pooled]))
+        prompts = []
+        for ex in examples:
+            texts = ex.as_text or [None] * len(ex.contexts)
+            parts = [next(spans) if text is None else text for text in texts]
+            prompts.append(self.latent_prompt(ex.question, parts))
         embeds, mask, targets = self.embed_prompts(prompts, [ex.answer for ex in examples])
         with self._adapter("decoder") as model:
             logits = model(inputs_embeds=embeds, attention_mask=mask).logits

@@ -65,6 +65,9 @@ class TrainSample(BaseModel):
     provenance: dict[str, str | int | float | None] = Field(default_factory=dict)
     teacher: TeacherTargets | None = None
     """Set by distillation: ``answer`` is then the teacher's, trained on its exact token ids."""
+    expanded: list[bool] | None = None
+    """Per context, ``True`` where the decoder reads it as plain text instead of latents
+    (selective expansion: the retriever's best chunks); ``None``: all compressed."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainSample:
@@ -75,6 +78,10 @@ class TrainSample(BaseModel):
                 raise ValueError(f"{len(self.y)} labels for {len(self.contexts)} contexts")
             if any(v is not None and not math.isfinite(v) for v in self.y):
                 raise ValueError(f"labels must be finite or null, got {self.y}")
+        if self.expanded is not None and len(self.expanded) != len(self.contexts):
+            raise ValueError(
+                f"{len(self.expanded)} expanded flags for {len(self.contexts)} contexts"
+            )
         return self
 
     def labels(self) -> list[float]:
@@ -164,6 +171,7 @@ def to_examples(
             truncated += len(ids) > max_context_tokens
             contexts.append(ids[:max_context_tokens])
         teacher = sample.teacher
+        flags = sample.expanded
         examples.append(
             TrainExample(
                 contexts=contexts,
@@ -172,6 +180,9 @@ def to_examples(
                 y=sample.labels(),
                 teacher_ids=teacher.top_ids if teacher else None,
                 teacher_logprobs=teacher.top_logprobs if teacher else None,
+                as_text=None
+                if flags is None
+                else [c if f else None for c, f in zip(sample.contexts, flags, strict=True)],
             )
         )
     if truncated:
