@@ -66,8 +66,8 @@ def truncate_texts(
     out = []
     for text in texts:
         ids = encode(text)
-        keep = token_budget(len(ids), ratio)
-        kept = decode(ids[:keep])
+        head = truncate_ids(ids, ratio)
+        keep, kept = len(head), decode(head)
         while keep and kept.endswith(_REPLACEMENT) and not text.startswith(kept):
             keep -= 1
             kept = decode(ids[:keep])
