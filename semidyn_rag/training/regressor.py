@@ -25,6 +25,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .. import selector
+from ..checkpoint import attach_adapter
 from ..config import LoraSettings
 from ..loading import load_base, load_tokenizer
 from ..modeling import LossOutput, SemiDynamicCompressor, TrainExample, _inner, _lora
@@ -85,13 +86,16 @@ class RatioRegressor(nn.Module):
         trust_remote_code: bool = False,
     ) -> RatioRegressor:
         """Load a saved regressor; code shipped with its base runs only with
-        ``trust_remote_code=True`` given here (the flag in the saved config is ignored)."""
+        ``trust_remote_code=True`` given here (the flag in the saved config is ignored).
+
+        The adapter goes through `semidyn_rag.checkpoint.attach_adapter`, as the compressor's
+        do: a missing or mismatched LoRA tensor is a `CheckpointError` naming the file."""
         directory = Path(directory)
         raw = json.loads((directory / CONFIG_NAME).read_text())
         raw["trust_remote_code"] = trust_remote_code
         config = RatioRegressorConfig.model_validate(raw)
         base, tok = cls._base(config, dtype)
-        encoder = PeftModel.from_pretrained(base, directory / ADAPTER, adapter_name=ADAPTER)
+        encoder = attach_adapter(base, directory / ADAPTER, ADAPTER)
         model = cls(config, encoder, tok)
         model.head.load_state_dict(load_file(directory / HEAD_NAME))
         return model.eval()
