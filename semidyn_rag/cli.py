@@ -673,35 +673,6 @@ def check_corpus(paths: list[str], text_fields: tuple[str, ...]) -> None:
             )
 
 
-def _fingerprint_file(source_key: str) -> Path:
-    from .loading import cache_dir
-
-    return cache_dir() / "fingerprints" / source_key
-
-
-def known_fingerprint(source_key: str | None) -> str | None:
-    """The fingerprint a checkpoint had when last loaded here (keyed by its files), or None."""
-    if source_key is None:
-        return None
-    try:
-        return _fingerprint_file(source_key).read_text().strip() or None
-    except OSError:
-        return None
-
-
-def remember_fingerprint(source_key: str | None, fingerprint: str) -> None:
-    if source_key is None:
-        return
-    path = _fingerprint_file(source_key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(fingerprint)
-        os.replace(tmp, path)
-    except OSError as exc:  # only a later rerun gets slower
-        logger.debug("cannot remember fingerprint in %s: %s", path, exc)
-
-
 def _up_to_date(args: argparse.Namespace, config: Any, text_fields: tuple[str, ...]) -> Any:
     """The report of a run with nothing to do, found without loading the model; else None.
 
@@ -716,6 +687,7 @@ def _up_to_date(args: argparse.Namespace, config: Any, text_fields: tuple[str, .
     import time
 
     from .evaluation import CheckpointRef
+    from .store import known_fingerprint
 
     start = time.perf_counter()
     ref = CheckpointRef(args.compressor)
@@ -790,7 +762,7 @@ def _precompress_with_model(
     from .evaluation import CheckpointRef
     from .modeling import SemiDynamicCompressor
     from .precompress import RowError, load_chunks, precompress, save_chunks
-    from .store import entry_key
+    from .store import entry_key, remember_fingerprint
 
     _configure_hf_output(args)
     device = "cpu" if args.ray else args.device

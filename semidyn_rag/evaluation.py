@@ -37,6 +37,7 @@ from .config import CompressorConfig
 from .data import QASample
 from .metrics import EvalRecord, EvalSummary, summarize
 from .peers import PEER_KINDS, HardCompression, truncate_texts
+from .store import known_fingerprint, remember_fingerprint
 
 if TYPE_CHECKING:
     from .lingua import LinguaPeer
@@ -363,34 +364,21 @@ class Evaluator:
     def model(self) -> SemiDynamicCompressor:
         if isinstance(self._model, CheckpointRef):
             ref, self._model = self._model, self._model.load()
-            key = ref.source_key
-            if key is not None:
-                self._remember(key, self._model.fingerprint)
+            remember_fingerprint(ref.source_key, self._model.fingerprint, self._fingerprints_dir())
         return self._model
 
     @property
     def config(self) -> CompressorConfig:
         return self._model.config
 
-    def _sources_path(self) -> Path:
-        return self.out_dir / "records" / "sources.json"
-
-    def _sources(self) -> dict[str, str]:
-        path = self._sources_path()
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    def _remember(self, key: str, fingerprint: str) -> None:
-        sources = self._sources()
-        if sources.get(key) != fingerprint:
-            sources[key] = fingerprint
-            self._sources_path().parent.mkdir(parents=True, exist_ok=True)
-            self._sources_path().write_text(json.dumps(sources, indent=1) + "\n")
+    def _fingerprints_dir(self) -> Path:
+        """Fingerprints of the checkpoints these records were computed with, by source key."""
+        return self.out_dir / "records" / "fingerprints"
 
     def _fingerprint(self) -> str:
         """The compressor's fingerprint; from an earlier load of the same files when known."""
         if isinstance(self._model, CheckpointRef):
-            key = self._model.source_key
-            known = self._sources().get(key) if key else None
+            known = known_fingerprint(self._model.source_key, self._fingerprints_dir())
             if known:
                 return known
         return self.model.fingerprint

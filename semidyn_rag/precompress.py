@@ -40,7 +40,6 @@ from .store import (
     LatentStore,
     ManifestRow,
     Metric,
-    StoreMismatchError,
     SyncPlan,
     atomic_write,
     policy_key,
@@ -836,20 +835,12 @@ def segment_count(num_tokens: int, segment_tokens: int) -> int:
     return max(1, math.ceil(num_tokens / segment_tokens))
 
 
-def check_fingerprint(store: LatentStore, compressor: SemiDynamicCompressor) -> None:
-    """Refuse to write one compressor's latents into another compressor's store."""
-    if store.fingerprint != compressor.fingerprint:
-        raise StoreMismatchError(
-            f"{store.path} belongs to compressor {store.fingerprint}, not {compressor.fingerprint}"
-        )
-
-
 def open_store(
     store: LatentStore | str | Path, compressor: SemiDynamicCompressor, dtype: str = "float16"
 ) -> tuple[LatentStore, bool]:
     """The store to write (opened for ``compressor`` when given as a path) and whether we own it."""
     if isinstance(store, LatentStore):
-        check_fingerprint(store, compressor)
+        store.require_fingerprint(compressor.fingerprint)
         return store, False
     if dtype not in DTYPE_SIZES:
         raise ValueError(f"store dtype must be one of {sorted(DTYPE_SIZES)}, got {dtype!r}")

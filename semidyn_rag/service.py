@@ -46,7 +46,7 @@ from .expansion import (
     choose_expanded,
 )
 from .modeling import LatentPrompt, SemiDynamicCompressor
-from .store import LatentStore, StoreMismatchError, entry_key, policy_key, text_hash
+from .store import LatentStore, entry_key, policy_key, text_hash
 from .types import CompressedContext
 
 MARKER_PATTERN = re.compile(r"\[\[latent:([0-9a-f]{32})\]\]")
@@ -452,12 +452,8 @@ class LatentService:
         ratio: float | None = None,
         memory_entries: int = 4096,
     ) -> None:
-        if store is not None and store.fingerprint != compressor.fingerprint:
-            raise StoreMismatchError(
-                f"store {store.path} holds latents of compressor {store.fingerprint}, not of "
-                f"this one ({compressor.fingerprint}); open the store with this compressor's "
-                "fingerprint or use another path"
-            )
+        if store is not None:
+            store.require_fingerprint(compressor.fingerprint)
         self.compressor = compressor
         self.store = store
         self.scale = scale

@@ -558,16 +558,22 @@ class LatentStore:
             )
         stored = meta["fingerprint"]
         if fingerprint is not None and fingerprint != stored:
-            raise StoreMismatchError(
-                f"{self.path} holds latents of compressor {stored!r}, not of compressor "
-                f"{fingerprint!r}: use another store path, or delete this one to rebuild it"
-            )
+            raise _fingerprint_mismatch(self.path, stored, fingerprint)
         stored_dtype = meta["dtype"]
         if stored_dtype not in DTYPE_SIZES:
             raise StoreCorruptError(f"{self.path} has an unknown latent dtype {stored_dtype!r}")
         if dtype is not None and str(dtype).removeprefix("torch.") != stored_dtype:
             raise StoreMismatchError(f"{self.path} stores torch.{stored_dtype}, not {dtype}")
         return stored, stored_dtype
+
+    def require_fingerprint(self, fingerprint: str) -> None:
+        """Refuse any compressor but the store's own.
+
+        Raises :class:`StoreMismatchError` unless ``fingerprint`` is the one the store was created
+        with: latents of other weights are never served from it nor written into it.
+        """
+        if fingerprint != self.fingerprint:
+            raise _fingerprint_mismatch(self.path, self.fingerprint, fingerprint)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -1077,6 +1083,13 @@ class LatentStore:
         )
 
 
+def _fingerprint_mismatch(path: Path, stored: str, wanted: str) -> StoreMismatchError:
+    return StoreMismatchError(
+        f"{path} holds latents of compressor {stored!r}, not of compressor {wanted!r}: use "
+        "another store path, or delete this one to rebuild it"
+    )
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPE_SIZES:
@@ -1345,6 +1358,57 @@ class VectorIndex:
         index._ids = dict(zip(labels, ids))
         index._next_label = next_label
         return index
+
+
+# --- fingerprints known without loading a model ------------------------------------------------
+
+
+FINGERPRINTS_DIR = "fingerprints"
+"""Under `semidyn_rag.loading.cache_dir`: one file per checkpoint source key, holding its fingerprint."""
+
+
+def _fingerprints_dir(directory: str | Path | None) -> Path:
+    if directory is not None:
+        return Path(directory)
+    from .loading import cache_dir
+
+    return cache_dir() / FINGERPRINTS_DIR
+
+
+def known_fingerprint(source_key: str | None, directory: str | Path | None = None) -> str | None:
+    """The fingerprint the compressor with ``source_key`` had when last loaded, else ``None``.
+
+    ``source_key`` hashes the files a compressor is loaded from
+    (`semidyn_rag.evaluation.CheckpointRef.source_key`); knowing its fingerprint lets a rerun
+    check a store or its records without loading the model. ``directory`` holds one file per key
+    (default: ``fingerprints`` in the user's cache). ``None`` for a ``None`` key (a hub id) or
+    one never remembered (or unreadable: the caller then loads the model).
+    """
+    if source_key is None:
+        return None
+    try:
+        return (_fingerprints_dir(directory) / source_key).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def remember_fingerprint(
+    source_key: str | None, fingerprint: str, directory: str | Path | None = None
+) -> None:
+    """Record ``fingerprint`` for ``source_key`` (see :func:`known_fingerprint`), atomically.
+
+    A key of ``None`` records nothing. A write that fails (read-only cache, full disk) is logged
+    and not raised: it only makes a later rerun load the model again.
+    """
+    if source_key is None:
+        return
+    path = _fingerprints_dir(directory) / source_key
+    if known_fingerprint(source_key, directory) == fingerprint:
+        return
+    try:
+        atomic_write(path, lambda handle: handle.write(fingerprint.encode()))
+    except OSError as exc:
+        logger.info("cannot remember the compressor fingerprint in %s: %s", path, exc)
 
 
 # --- files written beside the store -------------------------------------------------------------

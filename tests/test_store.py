@@ -35,7 +35,9 @@ from semidyn_rag.store import (
     StoreWriteError,
     VectorIndex,
     entry_key,
+    known_fingerprint,
     policy_key,
+    remember_fingerprint,
     text_hash,
 )
 from semidyn_rag.types import CompressedContext
@@ -187,6 +189,26 @@ def test_other_compressor_or_dtype_is_refused(tmp_path):
         LatentStore(tmp_path, "fp-a", dtype=torch.bfloat16)
     with LatentStore(tmp_path) as store:  # no fingerprint: inspect whatever is there
         assert store.fingerprint == "fp-a" and store.dtype == torch.float16
+        store.require_fingerprint("fp-a")
+        with pytest.raises(StoreMismatchError, match=r"'fp-a'.*'fp-b'"):
+            store.require_fingerprint("fp-b")
+
+
+def test_fingerprints_are_remembered_by_source_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEMIDYN_CACHE", str(tmp_path / "cache"))
+    assert known_fingerprint("k") is None and known_fingerprint(None) is None
+    remember_fingerprint("k", "fp-a")
+    remember_fingerprint(None, "fp-b")  # a hub id: nothing to key it by
+    assert known_fingerprint("k") == "fp-a"
+    assert (tmp_path / "cache" / "fingerprints" / "k").read_text() == "fp-a"
+    remember_fingerprint("k", "fp-c", tmp_path / "records")  # another place, another memory
+    assert (known_fingerprint("k"), known_fingerprint("k", tmp_path / "records")) == (
+        "fp-a",
+        "fp-c",
+    )
+    (tmp_path / "file").write_text("")
+    remember_fingerprint("k", "fp-d", tmp_path / "file")  # cannot be written: only logged
+    assert known_fingerprint("k", tmp_path / "file") is None
 
 
 def test_missing_and_half_created_stores(tmp_path):
