@@ -31,16 +31,11 @@ from langchain_community.vectorstores import FAISS
 from langchain_core.documents import Document
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import RunnablePassthrough
-from langchain_semidyn import (
-    SemiDynamicDocumentCompressor,
-    SentenceTransformerEmbeddings,
-    create_semidyn_rag_chain,
-    format_docs,
-)
+from langchain_huggingface import HuggingFaceEmbeddings
+from langchain_semidyn import SemiDynamicDocumentCompressor, create_semidyn_rag_chain, format_docs
 from langchain_semidyn import SemiDynamicLLM as ChainLLM
 from langchain_semidyn import qa_prompt as chain_prompt
 from llama_index.core.schema import BaseNode
-from llama_index.embeddings.semidyn import SentenceTransformerEmbedding
 from llama_index.llms.semidyn import SemiDynamicLLM
 from llama_index.postprocessor.semidyn import (
     SOURCE,
@@ -50,11 +45,12 @@ from llama_index.postprocessor.semidyn import (
 )
 
 from semidyn_rag import SemiDynamicCompressor
+from semidyn_rag.embeddings import default_model_path
 from semidyn_rag.service import LatentService
 from semidyn_rag.store import LatentStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from _pipeline import CORPUS_DIR, build_index, load_nodes
+from _pipeline import CORPUS_DIR, build_index, embedding_model, load_nodes
 from rag_demo import read_questions
 
 Ask = Callable[[str], object]
@@ -113,9 +109,12 @@ def langchain_chains(
     scale: float,
 ) -> dict[str, Ask]:
     documents = [Document(page_content=n.get_content(), metadata=n.metadata) for n in nodes]
-    retriever = FAISS.from_documents(documents, SentenceTransformerEmbeddings()).as_retriever(
-        search_kwargs={"k": top_k}
+    embeddings = HuggingFaceEmbeddings(
+        model_name=default_model_path(),
+        model_kwargs={"device": "cpu"},
+        encode_kwargs={"normalize_embeddings": True},
     )
+    retriever = FAISS.from_documents(documents, embeddings).as_retriever(search_kwargs={"k": top_k})
 
     def compressed(service: LatentService) -> Ask:
         llm = ChainLLM(service=service, max_new_tokens=new_tokens)
@@ -173,7 +172,7 @@ def main() -> None:
     questions = [q.question for q in read_questions(CORPUS_DIR / "questions.jsonl")]
     questions = questions[: args.questions]
     nodes = load_nodes(CORPUS_DIR, chunk_size=args.chunk_size, extensions=[".md"])
-    index = build_index(nodes, SentenceTransformerEmbedding())
+    index = build_index(nodes, embedding_model())
 
     with tempfile.TemporaryDirectory() as tmp, LatentStore(Path(tmp), model.fingerprint) as store:
         offline = LatentService(model, store, scale=args.scale)
