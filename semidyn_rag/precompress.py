@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from .extras import require
+from .policy import CompressionPolicy
 from .store import (
     DTYPE_SIZES,
     Embedder,
@@ -42,7 +43,6 @@ from .store import (
     Metric,
     SyncPlan,
     atomic_write,
-    policy_key,
     text_hash,
     torch_dtypes,
 )
@@ -542,12 +542,18 @@ class PrecompressConfig(BaseModel):
     def _overlap_below_size(self) -> PrecompressConfig:
         if self.chunk_overlap >= self.chunk_tokens:
             raise ValueError("chunk_overlap must be below chunk_tokens")
+        CompressionPolicy(scale=self.scale, ratio=self.ratio)  # an unusable one raises here
         return self
+
+    @property
+    def compression(self) -> CompressionPolicy:
+        """``scale`` and ``ratio`` as the `CompressionPolicy` a `LatentService` would use."""
+        return CompressionPolicy(scale=self.scale, ratio=self.ratio)
 
     @property
     def policy(self) -> str:
         """The store policy key, as `LatentService` computes it for the same scale/ratio."""
-        return policy_key(None if self.ratio is not None else self.scale, self.ratio)
+        return self.compression.key
 
 
 class PrecompressReport(BaseModel):

@@ -46,7 +46,8 @@ from .expansion import (
     choose_expanded,
 )
 from .modeling import LatentPrompt, SemiDynamicCompressor
-from .store import LatentStore, entry_key, policy_key, text_hash
+from .policy import CompressionPolicy
+from .store import LatentStore, entry_key, text_hash
 from .types import CompressedContext
 
 MARKER_PATTERN = re.compile(r"\[\[latent:([0-9a-f]{32})\]\]")
@@ -440,7 +441,9 @@ class LatentService:
     """Compress chunks with a store-backed cache and resolve markers for the decoder.
 
     Latents computed in this process are also kept in a small in-memory LRU so that a query answered
-    right after compression never re-reads the store (and works without one).
+    right after compression never re-reads the store (and works without one). ``scale`` and
+    ``ratio`` are the default `CompressionPolicy` (an invalid one is a ``ValueError``); a store of
+    another compressor is a `StoreMismatchError`.
     """
 
     def __init__(
@@ -456,26 +459,38 @@ class LatentService:
             store.require_fingerprint(compressor.fingerprint)
         self.compressor = compressor
         self.store = store
-        self.scale = scale
-        self.ratio = ratio
+        self.policy = CompressionPolicy(scale=scale, ratio=ratio)
+        """The default ratio policy; a call's ``scale``/``ratio`` override it (see `policy_for`)."""
         self._memory: OrderedDict[str, CompressedContext] = OrderedDict()
         self._memory_entries = memory_entries
+
+    @property
+    def scale(self) -> float:
+        """The default policy's ``scale`` (shift of the predicted log2 ratio)."""
+        return self.policy.scale
+
+    @property
+    def ratio(self) -> float | None:
+        """The default policy's fixed ``ratio``, or ``None`` (the selector chooses)."""
+        return self.policy.ratio
+
+    def policy_for(
+        self, scale: float | None = None, ratio: float | None = None
+    ) -> CompressionPolicy:
+        """The policy of one call: ``scale``/``ratio`` given here replace the service's default
+        (``None`` keeps it); an invalid value is a ``ValueError`` naming it."""
+        return self.policy.override(scale=scale, ratio=ratio)
 
     # ------------------------------------------------------------------ compression
     def keys(
         self, texts: Sequence[str], scale: float | None = None, ratio: float | None = None
     ) -> list[str]:
         """Cache keys: chunk content, compressor fingerprint, and the ratio policy."""
-        policy = self._policy(scale, ratio)
+        return self._keys(texts, self.policy_for(scale, ratio))
+
+    def _keys(self, texts: Sequence[str], policy: CompressionPolicy) -> list[str]:
         fingerprint = self.compressor.fingerprint
-        return [entry_key(t, fingerprint, policy) for t in texts]
-
-    def _policy(self, scale: float | None, ratio: float | None) -> str:
-        ratio = self.ratio if ratio is None else ratio
-        return policy_key(None if ratio is not None else self._scale(scale), ratio)
-
-    def _scale(self, scale: float | None) -> float:
-        return self.scale if scale is None else scale
+        return [entry_key(t, fingerprint, policy.key) for t in texts]
 
     def compress(
         self,
@@ -493,7 +508,8 @@ class LatentService:
         """
         if not texts:
             return []
-        keys = self.keys(texts, scale, ratio)
+        policy = self.policy_for(scale, ratio)
+        keys = self._keys(texts, policy)
         found: dict[str, tuple[CompressedContext, str]] = {
             k: (self._memory[k], "memory") for k in keys if k in self._memory
         }
@@ -502,14 +518,12 @@ class LatentService:
             found.update({k: (c, "store") for k, c in self.store.get_many(wanted).items()})
         todo = {k: t for k, t in zip(keys, texts, strict=True) if k not in found}
         if todo:
-            fresh = self.compressor.compress(
-                list(todo.values()), self._scale(scale), self.ratio if ratio is None else ratio
-            )
+            fresh = self.compressor.compress(list(todo.values()), policy.scale, policy.ratio)
             if self.store is not None:
                 self.store.cache_many(
                     list(zip(todo, fresh, strict=True)),
                     text_hashes={k: text_hash(t) for k, t in todo.items()},
-                    policy=self._policy(scale, ratio),
+                    policy=policy.key,
                 )
                 # serve what the store serves: an answer must not depend on where latents came from
                 fresh = [self._as_stored(c) for c in fresh]

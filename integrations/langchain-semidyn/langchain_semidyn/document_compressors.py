@@ -114,10 +114,8 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
         }
 
     def _settings(self, scale: float | None, ratio: float | None) -> tuple[float, float | None]:
-        ratio = self.ratio if ratio is None else ratio
-        ratio = self.service.ratio if ratio is None else ratio
-        scale = self.scale if scale is None else scale
-        return (self.service.scale if scale is None else scale), ratio
+        policy = self.service.policy_for(self.scale, self.ratio).override(scale, ratio)
+        return policy.scale, policy.ratio
 
     def _split(self, documents: Sequence[Document]) -> tuple[list[Document], list[Document]]:
         """Documents to compress (every one with text) and the empty ones, set aside.

@@ -210,10 +210,8 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
 
     def _policy(self) -> tuple[float, float | None]:
         """The (scale, ratio) of this query: context override, then fields, then the service."""
-        ratio = self.ratio if self.ratio is not None else self._service.ratio
-        scale = _scale_override.get()
-        scale = self.scale if scale is None else scale
-        return (self._service.scale if scale is None else scale), ratio
+        policy = self._service.policy_for(self.scale, self.ratio).override(_scale_override.get())
+        return policy.scale, policy.ratio
 
     def _todo(self, nodes: Sequence[NodeWithScore]) -> tuple[list[int], list[str]]:
         """Positions and texts of the nodes to compress: every node with text (empty ones pass).
