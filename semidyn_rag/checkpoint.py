@@ -26,7 +26,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import zipfile
@@ -42,7 +41,6 @@ from transformers import PreTrainedModel
 from .config import CompressorConfig
 from .loading import load_base, portable_name
 from .modeling import SemiDynamicCompressor
-from .selector import CompareSpace, QuantizeMode
 
 logger = logging.getLogger(__name__)
 
@@ -386,67 +384,6 @@ def load_compressor(
         f"{directory} is not a compressor checkpoint: expected {CONFIG_NAME} (ours) or "
         f"{OFFICIAL_CONFIG} + {OFFICIAL_WEIGHTS} (the paper's release)"
     )
-
-
-# ---------------------------------------------------------------------- the paper's semantics
-def official_select_ratio(
-    y: float,
-    scale: float,
-    ratios: list[float],
-    mode: QuantizeMode,
-    space: CompareSpace,
-    dtype: torch.dtype,
-) -> float:
-    """The ratio the paper's code picks for a head output ``y`` (``log2`` ratio) and ``scale``.
-
-    Computed as that code does, in ``dtype`` (the head's; bf16 in its evaluation): ``y + scale``,
-    then ``2 ** (y + scale)`` against the ratios (``linear``) or ``y + scale`` against their
-    ``log2`` (``log2``). ``round``: nearest, ties to the first of ``ratios`` in order.
-    ``ceil``/``floor``: the nearest candidate strictly above/below; when there is none, the
-    smallest (``ceil``) or largest (``floor``) ratio. Raises ``ValueError`` for a non-finite ``y``
-    (a checkpoint without a ratio head).
-    """
-    if not math.isfinite(y):
-        raise ValueError(
-            f"the ratio head gave {y!r}: this checkpoint has no trained ratio head; "
-            "pass ratio= or use a fixed mode"
-        )
-    pred = torch.tensor([y], dtype=dtype) + scale
-    if space == "log2":
-        target = pred
-        cand = torch.tensor([math.log2(r) for r in ratios], dtype=dtype)
-    else:
-        target = torch.pow(2.0, pred)
-        cand = torch.tensor(list(ratios), dtype=dtype)
-    diff = target - cand
-    inf = torch.full_like(diff, float("inf"))
-    if mode == "round":
-        index = diff.abs().argmin()
-    elif mode in ("ceil", "floor"):
-        side = diff < 0 if mode == "ceil" else diff > 0
-        pick = torch.where(side, diff.abs(), inf)
-        if bool(torch.isinf(pick).all()):
-            index = diff.argmax() if mode == "ceil" else diff.argmin()
-        else:
-            index = pick.argmin()
-    else:
-        raise ValueError(f"unknown quantize mode {mode!r}; expected round, ceil or floor")
-    return float(ratios[int(index)])
-
-
-def official_select_length(
-    y: float, length: int, scale: float, lengths: list[int], dtype: torch.dtype
-) -> int:
-    """The latent count the paper's code picks for token backbones: ``int(L * 2 ** -(y + scale))``
-    (the fraction clamped to ``(0, 1]``, computed in ``dtype``), then the nearest of ``lengths``
-    (ties to the first in order), at most ``L``. ``length`` counts the ``<eos>``."""
-    if not math.isfinite(y):
-        raise ValueError(f"the ratio head gave {y!r}: this checkpoint has no trained ratio head")
-    pred = torch.tensor([y], dtype=dtype) + scale
-    fraction = torch.pow(2.0, -pred).clamp(min=1e-9, max=1.0)
-    raw = (torch.tensor([float(length)]) * fraction).long()
-    index = (raw - torch.tensor(list(lengths))).abs().argmin()
-    return max(1, min(int(lengths[int(index)]), length))
 
 
 def _ratio_values(raw: dict, path: Path) -> list[float | int]:

@@ -505,13 +505,11 @@ class SemiDynamicCompressor(nn.Module):
         mean = cfg.backbone == "mean_pooling"
         length = num_tokens + 1 if cfg.pool_eos else num_tokens
         official = cfg.selector_semantics == "official"
-        if official:
-            from .checkpoint import official_select_length, official_select_ratio
         if ratio is None and cfg.mode in ("fixed_ratio", "multi_ratio"):
             ratio = cfg.fixed_ratio
         if ratio is None and cfg.mode == "semi_dynamic" and mean:
             if official:
-                ratio = official_select_ratio(
+                ratio = selector.official_select_ratio(
                     y, scale, cfg.ratios, cfg.quantize, cfg.compare_space, self.dtype
                 )
             else:
@@ -530,7 +528,7 @@ class SemiDynamicCompressor(nn.Module):
             count = cfg.fixed_length
             window = pooling.window_for_length(length, count)
         elif official:  # semi-dynamic on a token backbone, as the paper's code chooses lengths
-            count = official_select_length(y, length, scale, cfg.lengths, self.dtype)
+            count = selector.official_select_length(y, length, scale, cfg.lengths, self.dtype)
             window = 0
         else:  # semi-dynamic on a token backbone: length-based DRS (Eq. 4-5)
             count = selector.select_length(

@@ -4,7 +4,9 @@ The paper's central observation is that a model learns a handful of discrete poo
 but fails on a continuum of them. These functions turn the ratio head's ``y = log2(ratio)`` into a
 member of a fixed candidate set (ratio-based, Eq. 1-3) or, for token backbones, a member of a fixed
 set of latent counts (length-based, Eq. 4-5). They are pure functions on floats so that they can be
-tested and reasoned about without a model.
+tested and reasoned about without a model. ``official_select_ratio`` / ``official_select_length``
+discretise as the paper's released code does (``CompressorConfig.selector_semantics="official"``):
+in the ratio head's dtype, with that code's tie and clamping rules.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from typing import Literal
+
+import torch
 
 QuantizeMode = Literal["round", "ceil", "floor"]
 CompareSpace = Literal["linear", "log2"]
@@ -101,3 +105,64 @@ def check_ratio(ratio: float, candidates: Sequence[float]) -> float:
             "trained on these ratios"
         )
     return ratio
+
+
+# ---------------------------------------------------------------------- the paper's semantics
+def official_select_ratio(
+    y: float,
+    scale: float,
+    ratios: list[float],
+    mode: QuantizeMode,
+    space: CompareSpace,
+    dtype: torch.dtype,
+) -> float:
+    """The ratio the paper's code picks for a head output ``y`` (``log2`` ratio) and ``scale``.
+
+    Computed as that code does, in ``dtype`` (the head's; bf16 in its evaluation): ``y + scale``,
+    then ``2 ** (y + scale)`` against the ratios (``linear``) or ``y + scale`` against their
+    ``log2`` (``log2``). ``round``: nearest, ties to the first of ``ratios`` in order.
+    ``ceil``/``floor``: the nearest candidate strictly above/below; when there is none, the
+    smallest (``ceil``) or largest (``floor``) ratio. Raises ``ValueError`` for a non-finite ``y``
+    (a checkpoint without a ratio head).
+    """
+    if not math.isfinite(y):
+        raise ValueError(
+            f"the ratio head gave {y!r}: this checkpoint has no trained ratio head; "
+            "pass ratio= or use a fixed mode"
+        )
+    pred = torch.tensor([y], dtype=dtype) + scale
+    if space == "log2":
+        target = pred
+        cand = torch.tensor([math.log2(r) for r in ratios], dtype=dtype)
+    else:
+        target = torch.pow(2.0, pred)
+        cand = torch.tensor(list(ratios), dtype=dtype)
+    diff = target - cand
+    inf = torch.full_like(diff, float("inf"))
+    if mode == "round":
+        index = diff.abs().argmin()
+    elif mode in ("ceil", "floor"):
+        side = diff < 0 if mode == "ceil" else diff > 0
+        pick = torch.where(side, diff.abs(), inf)
+        if bool(torch.isinf(pick).all()):
+            index = diff.argmax() if mode == "ceil" else diff.argmin()
+        else:
+            index = pick.argmin()
+    else:
+        raise ValueError(f"unknown quantize mode {mode!r}; expected round, ceil or floor")
+    return float(ratios[int(index)])
+
+
+def official_select_length(
+    y: float, length: int, scale: float, lengths: list[int], dtype: torch.dtype
+) -> int:
+    """The latent count the paper's code picks for token backbones: ``int(L * 2 ** -(y + scale))``
+    (the fraction clamped to ``(0, 1]``, computed in ``dtype``), then the nearest of ``lengths``
+    (ties to the first in order), at most ``L``. ``length`` counts the ``<eos>``."""
+    if not math.isfinite(y):
+        raise ValueError(f"the ratio head gave {y!r}: this checkpoint has no trained ratio head")
+    pred = torch.tensor([y], dtype=dtype) + scale
+    fraction = torch.pow(2.0, -pred).clamp(min=1e-9, max=1.0)
+    raw = (torch.tensor([float(length)]) * fraction).long()
+    index = (raw - torch.tensor(list(lengths))).abs().argmin()
+    return max(1, min(int(lengths[int(index)]), length))

@@ -26,14 +26,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import processors
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from semidyn_rag.checkpoint import (
-    CheckpointError,
-    attach_adapter,
-    official_select_length,
-    official_select_ratio,
-)
+from semidyn_rag.checkpoint import CheckpointError, attach_adapter
 from semidyn_rag.modeling import LatentPrompt, SemiDynamicCompressor
-from semidyn_rag.selector import select_ratio
+from semidyn_rag.selector import official_select_length, official_select_ratio, select_ratio
 from semidyn_rag.tiny import build_qwen3, build_tokenizer
 
 PH = "<|ph|>"  # the decoder's placeholder token in the official prompt
