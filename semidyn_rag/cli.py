@@ -598,11 +598,6 @@ def _register_precompress(sub: Any) -> None:
     parser.add_argument(
         "--store-dtype", default="float16", choices=["float16", "bfloat16", "float32"]
     )
-    parser.add_argument(
-        "--embed",
-        metavar="MODULE:NAME",
-        help="a function list[str] -> vectors to fill the store's vector index in the same run",
-    )
     parser.add_argument("--chunks-out", help="write chunks with their keys as JSON lines here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -610,23 +605,6 @@ def _register_precompress(sub: Any) -> None:
     add_model_flags(parser, "precompress", "precompression (PrecompressConfig)", skip=("progress",))
     add_model_flags(parser, "ray", "Ray (RayConfig, with --ray)")
     parser.set_defaults(func=run_precompress)
-
-
-def _import_object(spec: str) -> Any:
-    import importlib
-
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise UserError(f"--embed wants MODULE:NAME, got {spec!r}")
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in name.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"--embed {spec}: {exc}") from exc
-    if not callable(obj):
-        raise UserError(f"--embed {spec} is not callable")
-    return obj
 
 
 def _first_row(path: Path) -> tuple[str, dict] | None:
@@ -678,9 +656,9 @@ def _up_to_date(args: argparse.Namespace, config: Any, text_fields: tuple[str, .
 
     Nothing to do: the store exists for this checkpoint's (remembered) fingerprint, holds every
     chunk's latents, and its manifest already lists exactly these chunks (no sync pending); no
-    ``--embed``/``--ray``/``--chunks-out``/``prune`` work is asked for.
+    ``--ray``/``--chunks-out``/``prune`` work is asked for.
     """
-    if args.ray or args.embed or args.chunks_out or getattr(config, "prune", False):
+    if args.ray or args.chunks_out or getattr(config, "prune", False):
         return None
     if not (Path(args.store) / STORE_DB).is_file():
         return None
@@ -725,7 +703,7 @@ def _up_to_date(args: argparse.Namespace, config: Any, text_fields: tuple[str, .
         if same != rows:
             return None
         logger.info("nothing to do: the store holds every chunk (no model loaded)")
-        return plan.report(store, tokens=0, latents=0, embedded=0, start=start)
+        return plan.report(store, tokens=0, latents=0, start=start)
 
 
 def run_precompress(args: argparse.Namespace) -> int:
@@ -740,7 +718,6 @@ def run_precompress(args: argparse.Namespace) -> int:
     # on CPU, `precompress` itself picks smaller encoder passes unless --batch-tokens is given
     extra: dict[str, Any] = {"progress": not (args.no_progress or args.quiet)}
     config = validate(PrecompressConfig, args, "precompress", **extra)
-    embed = _import_object(args.embed) if args.embed else None
     ray_config = None
     if args.ray:
         from .distributed import RayConfig
@@ -748,7 +725,7 @@ def run_precompress(args: argparse.Namespace) -> int:
         ray_config = validate(RayConfig, args, "ray")
     report = _up_to_date(args, config, text_fields)
     if report is None:
-        report = _precompress_with_model(args, config, text_fields, embed, ray_config)
+        report = _precompress_with_model(args, config, text_fields, ray_config)
     if args.json:
         sys.stdout.write(json.dumps(report.summary(), indent=2) + "\n")
     else:
@@ -757,7 +734,7 @@ def run_precompress(args: argparse.Namespace) -> int:
 
 
 def _precompress_with_model(
-    args: argparse.Namespace, config: Any, text_fields: tuple[str, ...], embed: Any, ray_config: Any
+    args: argparse.Namespace, config: Any, text_fields: tuple[str, ...], ray_config: Any
 ) -> Any:
     from .evaluation import CheckpointRef
     from .modeling import SemiDynamicCompressor
@@ -781,7 +758,6 @@ def _precompress_with_model(
             config,
             ray_config,
             model=model,
-            embed=embed,
             store_dtype=args.store_dtype,
             input_errors=skipped,
         )
@@ -791,7 +767,6 @@ def _precompress_with_model(
             chunks,
             args.store,
             config,
-            embed=embed,
             store_dtype=args.store_dtype,
             input_errors=skipped,
         )
@@ -821,7 +796,7 @@ def _register_store(sub: Any) -> None:
     check.add_argument("path", help="latent store directory")
     check.set_defaults(func=run_store_check)
     prune = actions.add_parser(
-        "prune", help="delete entries and index ids no document of the corpus manifest needs"
+        "prune", help="delete entries no document of the corpus manifest needs"
     )
     prune.add_argument("path", help="latent store directory")
     prune.add_argument("--corrupt", action="store_true", help="also entries failing checksums")
@@ -992,8 +967,6 @@ def _setup_output(args: argparse.Namespace) -> None:
         root.removeHandler(old)  # main() called again in one process (tests, notebooks)
     root.addHandler(handler)
     root.setLevel(level)
-    if args.verbose < 2:  # faiss logs which CPU build it picked at INFO on every import
-        logging.getLogger("faiss").setLevel(logging.WARNING)
     logging.captureWarnings(True)
 
 

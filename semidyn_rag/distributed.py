@@ -50,7 +50,7 @@ from .precompress import (
     prepare_work,
     segment_count,
 )
-from .store import DTYPES, Embedder, LatentStore, atomic_write, text_hash
+from .store import DTYPES, LatentStore, atomic_write, text_hash
 from .types import CompressedContext
 
 if TYPE_CHECKING:
@@ -360,14 +360,13 @@ def precompress_ray(
     ray_config: RayConfig | None = None,
     *,
     model: SemiDynamicCompressor | None = None,
-    embed: Embedder | None = None,
     store_dtype: str = "float16",
     input_errors: Sequence[RowError] = (),
 ) -> PrecompressReport:
     """`semidyn_rag.precompress.precompress` with the encoder work spread over Ray actors.
 
-    The same plan (inputs with errors skipped and reported), the same sync by document and the
-    same vector index as the local job.
+    The same plan (inputs with errors skipped and reported) and the same sync by document as the
+    local job.
 
     ``compressor`` is what every actor passes to ``from_pretrained`` (a path all nodes can read, a
     hub id, or ``None`` for the bundled default). The driver needs the same model for the
@@ -396,16 +395,14 @@ def precompress_ray(
             tokens = latents = 0
             if plan.todo:
                 tokens, latents = _run_ray(compressor, store, plan, shard_dir, config, ray_config)
-            sync, embedded, unembedded = finish_run(store, plan, embed, config)
+            sync = finish_run(store, plan, config)
         report = plan.report(
             store,
             tokens=tokens,
             latents=latents,
-            embedded=embedded,
             start=start,
             backend=f"ray ({ray_config.workers} workers)",
             sync=sync,
-            unembedded=unembedded,
         )
     finally:
         if owned:

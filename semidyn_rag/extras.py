@@ -2,7 +2,7 @@
 
 The core (compress, store, generate, train) needs none of these. Each is imported at its use
 site through :func:`require`, so a missing one is an error that says which extra brings it
-(``pip install 'semidyn-rag[faiss]'``) rather than a bare ``ModuleNotFoundError`` from deep inside.
+(``pip install 'semidyn-rag[parquet]'``) rather than a bare ``ModuleNotFoundError`` from deep inside.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import importlib
 from types import ModuleType
 
 EXTRAS: dict[str, str] = {
-    "faiss": "faiss",  # VectorIndex (store.py)
     "pyarrow": "parquet",  # .parquet corpora, seeds and evaluation files
     "matplotlib": "plot",  # the evaluation's Pareto plot
     "httpx": "synth",  # the OpenAI-compatible teacher of `semidyn synth`

@@ -1,4 +1,4 @@
-"""Offline corpus precompression: documents → chunks → latents in a `LatentStore` (+ FAISS index).
+"""Offline corpus precompression: documents → chunks → latents in a `LatentStore`.
 
 Compressing a corpus once and serving its chunks' latents to every later query is what makes soft
 compression pay off in RAG, so this job is built to run for hours and be interrupted:
@@ -37,10 +37,8 @@ from .extras import require
 from .policy import CompressionPolicy
 from .store import (
     DTYPE_SIZES,
-    Embedder,
     LatentStore,
     ManifestRow,
-    Metric,
     SyncPlan,
     atomic_write,
     text_hash,
@@ -129,7 +127,7 @@ class Chunk:
     """One unit of retrieval and compression.
 
     ``id`` is ``"{doc_id}#{index}"``: stable across reruns as long as the document and the chunking
-    settings are, which is what a vector index and a docstore need. The latents are keyed by the
+    settings are, which is what a vector store and a docstore need. The latents are keyed by the
     text, not the id (see `semidyn_rag.store.entry_key`).
     """
 
@@ -469,7 +467,7 @@ def documents_path(chunks_path: str | Path) -> Path:
 
 
 def save_chunks(chunks: Sequence[Chunk], keys: Sequence[str], path: str | Path) -> Path:
-    """Write chunks with their latent keys as JSON lines (a docstore for the vector index's ids).
+    """Write chunks with their latent keys as JSON lines (a docstore by chunk id).
 
     A chunk row holds ``id``, ``doc_id``, ``key``, ``text`` and only the metadata of its own
     (``chunk_index`` and any key whose value differs from its document's); each document's
@@ -527,11 +525,6 @@ class PrecompressConfig(BaseModel):
     )
     max_batch_rows: int = Field(64, ge=1, description="at most this many segments per pass")
     write_batch: int = Field(256, ge=1, description="entries per store transaction")
-    index_metric: Metric = Field("cosine", description="metric of a new vector index")
-    embed_batch: int = Field(256, ge=1, description="texts per embed call")
-    index_save_s: float = Field(
-        30.0, ge=0, description="save the vector index at least this often while embedding"
-    )
     prune: bool = Field(
         False,
         description="the corpus is complete: delete stored documents it no longer has",
@@ -567,21 +560,18 @@ class PrecompressReport(BaseModel):
     new: int
     tokens: int
     latents: int
-    embedded: int = 0
     seconds: float
     backend: str = "local"
     removed_chunks: int = 0
     """Chunk ids of the run's documents that vanished (or of pruned documents): out of the
-    manifest and the vector index."""
+    manifest."""
     changed_chunks: int = 0
-    """Chunk ids whose text changed since the last run: compressed and embedded again."""
+    """Chunk ids whose text changed since the last run: compressed again."""
     pruned_documents: int = 0
     emptied_documents: int = 0
     """Documents of the run that have no text any more: their old chunks were removed."""
     deleted_entries: int = 0
     """Stored latents of vanished or edited text, deleted."""
-    unembedded: int = 0
-    """Chunks the vector index lacks because this run had no embed function."""
     invalid: list[str] = []
     """Inputs skipped, each naming itself and its problem (lone surrogates, too long, bad rows)."""
     invalid_count: int = 0
@@ -610,13 +600,11 @@ class PrecompressReport(BaseModel):
             ("compressed now", f"{self.new:,}"),
             ("tokens compressed", f"{self.tokens:,}"),
             ("latents written", f"{self.latents:,}"),
-            ("chunks embedded", f"{self.embedded:,}"),
             ("chunk ids removed", f"{self.removed_chunks:,}"),
             ("chunks changed", f"{self.changed_chunks:,}"),
             ("documents pruned", f"{self.pruned_documents:,}"),
             ("documents emptied (old chunks removed)", f"{self.emptied_documents:,}"),
             ("stale entries deleted", f"{self.deleted_entries:,}"),
-            ("chunks not embedded", f"{self.unembedded:,}"),
             ("inputs skipped (errors)", f"{self.invalid_count:,}"),
             ("seconds", f"{self.seconds:.1f}"),
             ("chunks/s", f"{self.chunks_per_s:.1f}"),
@@ -669,11 +657,9 @@ class WorkPlan:
         *,
         tokens: int,
         latents: int,
-        embedded: int,
         start: float,
         backend: str = "local",
         sync: SyncPlan | None = None,
-        unembedded: int = 0,
     ) -> PrecompressReport:
         """The run's report once this plan is carried out (``start``: its perf_counter time)."""
         sync = sync or SyncPlan([], [], [])
@@ -686,14 +672,12 @@ class WorkPlan:
             new=len(self.todo),
             tokens=tokens,
             latents=latents,
-            embedded=embedded,
             seconds=time.perf_counter() - start,
             backend=backend,
             removed_chunks=len(sync.removed_ids),
             changed_chunks=len(sync.changed_ids),
             pruned_documents=len(sync.pruned_docs),
             deleted_entries=sync.deleted_entries,
-            unembedded=unembedded,
             emptied_documents=len(self.emptied),
             invalid=[str(e) for e in self.invalid[:MAX_SHOWN_ERRORS]],
             invalid_count=len(self.invalid),
@@ -896,21 +880,17 @@ def precompress(
     store: LatentStore | str | Path,
     config: PrecompressConfig | None = None,
     *,
-    embed: Embedder | None = None,
     store_dtype: str = "float16",
     input_errors: Sequence[RowError] = (),
     empty_documents: Sequence[str] | None = None,
 ) -> PrecompressReport:
-    """Compress every chunk the store lacks into it; sync its documents; optionally embed.
+    """Compress every chunk the store lacks into it; sync its documents.
 
     ``store`` is an open `LatentStore` of this compressor or a directory (created with
     ``store_dtype``). ``chunks`` must hold *every* chunk of each document they name: the store is
     synced by document, so a document's chunk ids that vanished, or whose text changed, leave the
-    corpus manifest and the vector index, and latents of text no chunk has any more are deleted
-    (``config.prune``: documents missing from ``chunks`` are deleted too). ``embed`` (any
-    ``list[str] -> vectors`` function, e.g. LangChain's ``embed_documents``) fills
-    ``store.vector_index()`` with the chunk ids in the same run; chunks already in the index with
-    unchanged text are not embedded again. Inputs with errors (``input_errors`` from
+    corpus manifest, and latents of text no chunk has any more are deleted (``config.prune``:
+    documents missing from ``chunks`` are deleted too). Inputs with errors (``input_errors`` from
     :func:`read_corpus`, chunks that are not valid text or too long for the decoder) are skipped
     and listed in the report. ``empty_documents`` (default: those of a `CorpusChunks` from
     :func:`load_chunks`) are documents of the run with no chunk, an emptied file say: their old
@@ -930,16 +910,8 @@ def precompress(
                 len(plan.keys), plan.unique, plan.skipped, len(plan.todo),
             )  # fmt: skip
             tokens, latents = _compress_into(compressor, store, plan, config)
-            sync, embedded, unembedded = finish_run(store, plan, embed, config)
-        report = plan.report(
-            store,
-            tokens=tokens,
-            latents=latents,
-            embedded=embedded,
-            start=start,
-            sync=sync,
-            unembedded=unembedded,
-        )
+            sync = finish_run(store, plan, config)
+        report = plan.report(store, tokens=tokens, latents=latents, start=start, sync=sync)
     finally:
         if owned:
             store.close()
@@ -1001,23 +973,17 @@ def _compress_into(
     return tokens, latents
 
 
-def finish_run(
-    store: LatentStore,
-    plan: WorkPlan,
-    embed: Embedder | None,
-    config: PrecompressConfig,
-) -> tuple[SyncPlan, int, int]:
-    """Sync the store's documents to ``plan.chunks`` (after their latents are stored).
+def finish_run(store: LatentStore, plan: WorkPlan, config: PrecompressConfig) -> SyncPlan:
+    """Sync the store's documents to ``plan.chunks``, once their latents are stored.
 
-    The vector index is updated first (vanished and changed chunk ids removed, new and changed
-    ones embedded, saved), the manifest is committed second: a kill in between leaves the old
-    manifest, so the rerun computes the same changes again. Returns the sync, the chunks embedded
-    and the chunks the index lacks because there was no ``embed``.
+    One transaction: a kill before it leaves the old manifest, so the rerun computes the same
+    changes again. Raises :class:`CorpusError` rather than prune a store with a run that has no
+    valid chunk (every document would go).
     """
-    rows = {
-        c.id: ManifestRow(c.id, plan.policy, c.doc_id, k, text_hash(c.text))
+    rows = [
+        ManifestRow(c.id, plan.policy, c.doc_id, k, text_hash(c.text))
         for c, k in zip(plan.chunks, plan.keys, strict=True)
-    }
+    ]
     if config.prune and not rows:
         raise CorpusError(
             f"refusing to prune {store.path}: the run has no valid chunk, so every stored "
@@ -1025,74 +991,13 @@ def finish_run(
         )
     empty = plan.empty_documents
     plan.emptied = sorted({r.doc_id for r in store.manifest(empty)}) if empty else []
-    sync_args = {"prune": config.prune, "documents": empty}
-    changes = store.plan_sync(list(rows.values()), dry_run=True, **sync_args)
-    embedded, unembedded = embed_chunks(
-        store, plan.chunks, embed, config, stale=[*changes.removed_ids, *changes.changed_ids]
-    )
-    sync = store.plan_sync(list(rows.values()), dry_run=False, **sync_args)
+    sync = store.plan_sync(rows, dry_run=False, prune=config.prune, documents=empty)
     if plan.emptied:
         logger.info(
             "%d document(s) have no text any more; their old chunks were removed: %s",
             len(plan.emptied), ", ".join(plan.emptied[:MAX_SHOWN_ERRORS]),
         )  # fmt: skip
-    return sync, embedded, unembedded
-
-
-def embed_chunks(
-    store: LatentStore,
-    chunks: Sequence[Chunk],
-    embed: Embedder | None,
-    config: PrecompressConfig,
-    save_every_s: float | None = None,
-    *,
-    stale: Iterable[str] = (),
-) -> tuple[int, int]:
-    """Bring the store's vector index up to date with ``chunks``; save it atomically.
-
-    ``stale`` ids (vanished chunks, or chunks whose text changed) are removed first; then the
-    chunks missing from the index are embedded. The index is saved every ``save_every_s`` seconds
-    (default ``config.index_save_s``) and at the end, so a killed run keeps most of its
-    embeddings and a rerun embeds only what the saved index lacks. Without ``embed`` only the
-    removal happens. Returns (chunks embedded, chunks the index lacks for want of ``embed``).
-    """
-    save_every_s = config.index_save_s if save_every_s is None else save_every_s
-    index = store.vector_index() if store.index_path.exists() else None
-    stale = list(stale)
-    if index is not None and stale and index.remove(stale):
-        index.save()
-    todo = list({c.id: c for c in chunks if index is None or c.id not in index}.values())
-    if embed is None:
-        missing = len(todo) if index is not None else 0
-        if missing:
-            logger.warning(
-                "%d chunks are not in the vector index %s: run again with an embed function",
-                missing, store.index_path,
-            )  # fmt: skip
-        return 0, missing
-    if not todo:
-        return 0, 0
-    last_save = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="chunk", desc="embed", disable=not config.progress)
-    try:
-        for start in range(0, len(todo), config.embed_batch):
-            batch = todo[start : start + config.embed_batch]
-            vectors = embed([c.text for c in batch])
-            if index is None:
-                import numpy as np
-
-                dim = int(np.asarray(vectors[0]).shape[-1])
-                index = store.vector_index(dim=dim, metric=config.index_metric)
-            index.add([c.id for c in batch], vectors)
-            bar.update(len(batch))
-            if time.perf_counter() - last_save >= save_every_s:
-                index.save()
-                last_save = time.perf_counter()
-    finally:
-        bar.close()
-        if index is not None:
-            index.save()
-    return len(todo), 0
+    return sync
 
 
 def precompress_corpus(
@@ -1102,7 +1007,6 @@ def precompress_corpus(
     config: PrecompressConfig | None = None,
     *,
     splitter: Splitter | None = None,
-    embed: Embedder | None = None,
     root: str | Path | None = None,
 ) -> tuple[list[Chunk], PrecompressReport]:
     """Read, chunk and precompress corpus files in one call; returns the chunks and the report.
@@ -1112,7 +1016,7 @@ def precompress_corpus(
     config = config or PrecompressConfig()
     skipped: list[RowError] = []
     chunks = load_chunks(paths, config, compressor.tokenizer, splitter, skipped=skipped, root=root)
-    report = precompress(compressor, chunks, store, config, embed=embed, input_errors=skipped)
+    report = precompress(compressor, chunks, store, config, input_errors=skipped)
     return chunks, report
 
 

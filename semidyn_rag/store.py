@@ -5,7 +5,6 @@ A store is a directory::
     DIR/latents.sqlite     entries (one row per chunk text and policy), the corpus manifest
                            (which document's chunks reference which entry) and meta; SQLite, WAL mode
     DIR/writer.lock        taken by :meth:`LatentStore.writer` for jobs that must write alone
-    DIR/faiss_index.npz    the optional :class:`VectorIndex` of the chunks' retrieval embeddings
 
 Why SQLite: every ``put_many`` is one transaction, so a process killed mid-write leaves the last
 committed state (the next open ignores the WAL's uncommitted pages), and WAL lets any number of readers in
@@ -23,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -32,22 +30,18 @@ import secrets
 import sqlite3
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any
 
-import numpy as np
 from filelock import FileLock
 from pydantic import BaseModel
 
-from .extras import require
 from .types import CompressedContext
 
-# torch is imported where tensors are built and faiss where the index is: `store info` and
-# `store check` need neither, and faiss is an optional extra
+# torch is imported where tensors are built: `store info` and `store check` need none
 if TYPE_CHECKING:
     import torch
 
@@ -56,11 +50,8 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 """Version 2 added per-entry checksums and the corpus manifest; version 1 stores are migrated by
 the first writable open."""
-INDEX_FORMAT_VERSION = 2
-"""Version 2 keeps ids as UTF-8 bytes (NumPy's fixed-width strings drop trailing NULs)."""
 DB_NAME = "latents.sqlite"
 LOCK_NAME = "writer.lock"
-INDEX_NAME = "faiss_index.npz"
 APPLICATION_ID = 0x53445247  # "SDRG" in the SQLite header: tells our files from other databases
 DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
 """Bytes per value of each latent dtype a store may hold, by name."""
@@ -115,11 +106,6 @@ _MARKS = ",".join("?" * 12)
 _COLUMNS = "key, num_tokens, num_latents, hidden, dtype, ratios, ys, latents, checksum"
 _CORRUPT_CODES = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
 _BUSY_CODES = {"SQLITE_BUSY", "SQLITE_LOCKED"}
-
-Metric = Literal["cosine", "ip", "l2"]
-Embedder = Callable[[Sequence[str]], np.ndarray | Sequence[Sequence[float]]]
-"""Any text embedding function, e.g. LangChain's ``embed_documents`` or a sentence-transformer's
-``encode``: the index stores vectors and never depends on a particular embedding model."""
 
 
 class StoreError(Exception):
@@ -286,9 +272,9 @@ class SyncPlan:
     """What a sync by document changes (see :meth:`LatentStore.plan_sync`)."""
 
     removed_ids: list[str]
-    """Chunk ids no document has any more: remove them from the vector index."""
+    """Chunk ids no document has any more."""
     changed_ids: list[str]
-    """Chunk ids whose text changed: embed them again."""
+    """Chunk ids whose text changed (their latents are computed again)."""
     pruned_docs: list[str]
     """Documents removed because the run was the whole corpus and lacked them."""
     deleted_entries: int = 0
@@ -300,7 +286,6 @@ class PruneReport(BaseModel):
 
     unreferenced_entries: int
     corrupt_entries: int
-    index_ids: int
     dry_run: bool
 
 
@@ -796,8 +781,7 @@ class LatentStore:
         ``documents`` names more documents of the run that have no row (emptied): all their
         chunks are removed.
 
-        With ``dry_run`` nothing is written: the plan says what would change (the vector index is
-        updated from it before the manifest commits, so a crash in between repeats the same plan).
+        With ``dry_run`` nothing is written: the plan says what would change.
         """
         docs = {r.doc_id for r in rows} | set(documents)
         policies = {r.policy for r in rows}
@@ -856,9 +840,8 @@ class LatentStore:
         """Delete what no document of the corpus manifest needs.
 
         Removes entries no manifest row references (latents of text that was edited or removed
-        before documents were tracked, and query-time cache entries) and the vector index's ids
-        that are not manifest chunks. With ``corrupt`` also entries failing their checksum, so the
-        next precompression computes them again. Raises :class:`StoreError` when the store has no
+        before documents were tracked, and query-time cache entries). With ``corrupt`` also
+        entries failing their checksum, so the next precompression computes them again. Raises :class:`StoreError` when the store has no
         manifest (it would delete everything): precompress the corpus once first.
         """
         with contextlib.ExitStack() as stack:
@@ -882,20 +865,11 @@ class LatentStore:
                     "SELECT key FROM entries WHERE key NOT IN (SELECT key FROM chunks)"
                 )
             ]
-            ids = {row[0] for row in conn.execute("SELECT DISTINCT id FROM chunks")}
             if not dry_run:
                 self._delete_keys(conn, unreferenced + bad)
-        stray: list[str] = []
-        if self.index_path.exists():
-            index = VectorIndex.load(self.index_path)
-            stray = [i for i in index.ids() if i not in ids]
-            if stray and not dry_run:
-                index.remove(stray)
-                index.save()
         report = PruneReport(
             unreferenced_entries=len(unreferenced),
             corrupt_entries=len(bad),
-            index_ids=len(stray),
             dry_run=dry_run,
         )
         logger.info("pruned %s: %s", self.path, report)
@@ -1019,7 +993,7 @@ class LatentStore:
             documents, chunks = conn.execute(
                 "SELECT count(DISTINCT doc_id), count(DISTINCT id) FROM chunks"
             ).fetchone()
-        names = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", INDEX_NAME)
+        names = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm")
         files = {n: (self.path / n).stat().st_size for n in names if (self.path / n).exists()}
         return StoreInfo(
             path=str(self.path),
@@ -1036,34 +1010,6 @@ class LatentStore:
             documents=documents,
             chunks=chunks,
         )
-
-    @property
-    def index_path(self) -> Path:
-        """Where this store keeps its :class:`VectorIndex`."""
-        return self.path / INDEX_NAME
-
-    def vector_index(
-        self,
-        dim: int | None = None,
-        metric: Metric | None = None,
-        embed: Embedder | None = None,
-    ) -> VectorIndex:
-        """The store's vector index: loaded if saved before (and checked against ``dim`` and
-        ``metric``), else a new one (``metric`` defaults to cosine).
-
-        Its ``save()`` writes beside the latents. The index ids are the caller's chunk ids; they
-        need not be the latent keys.
-        """
-        if self.index_path.exists():
-            index = VectorIndex.load(self.index_path, embed=embed)
-            if dim is not None and dim != index.dim:
-                raise ValueError(f"{self.index_path} holds {index.dim}-d vectors, not {dim}-d")
-            if metric is not None and metric != index.metric:
-                raise ValueError(f"{self.index_path} ranks by {index.metric}, not {metric}")
-            return index
-        if dim is None:
-            raise ValueError(f"{self.index_path} does not exist; give dim to create it")
-        return VectorIndex(dim, metric or "cosine", embed=embed, path=self.index_path)
 
     def close(self) -> None:
         """Close the database connection (idempotent)."""
@@ -1166,200 +1112,6 @@ def _decode(row: tuple, dtype: torch.dtype | None, *, verify: bool = True) -> Co
     return CompressedContext(latents, f.num_tokens, f.segment_ratios, f.segment_y)
 
 
-def _faiss() -> Any:
-    return require("faiss", "VectorIndex (the FAISS retrieval index)")
-
-
-class VectorIndex:
-    """A FAISS index of retrieval embeddings with string ids, persisted in one file.
-
-    ``cosine`` normalizes vectors and ranks by inner product, ``ip`` ranks by raw inner product,
-    ``l2`` by squared Euclidean distance (lower is closer). Exact search (a flat index). Mutations
-    are not thread-safe; several writing processes should load, change and save it inside
-    :meth:`LatentStore.writer`, or the last save wins.
-
-    The FAISS index and the id map are saved together in one ``.npz`` written to a temporary file
-    and renamed over the old one, so a crash never leaves an index whose ids disagree with it.
-    Needs the ``faiss`` extra (``pip install 'semidyn-rag[faiss]'``); without it, building or
-    loading one raises :class:`~semidyn_rag.extras.MissingExtraError`.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        metric: Metric = "cosine",
-        *,
-        embed: Embedder | None = None,
-        path: str | Path | None = None,
-    ) -> None:
-        if metric not in ("cosine", "ip", "l2"):
-            raise ValueError(f"metric must be 'cosine', 'ip' or 'l2', got {metric!r}")
-        self.dim = int(dim)
-        self.metric: Metric = metric
-        self.embed = embed
-        self.path = Path(path) if path is not None else None
-        faiss = _faiss()
-
-        flat = faiss.IndexFlatL2(self.dim) if metric == "l2" else faiss.IndexFlatIP(self.dim)
-        self._index = faiss.IndexIDMap2(flat)
-        self._labels: dict[str, int] = {}
-        self._ids: dict[int, str] = {}
-        self._next_label = 0
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def __contains__(self, chunk_id: object) -> bool:
-        return chunk_id in self._labels
-
-    def ids(self) -> list[str]:
-        """Every id in the index, in insertion order."""
-        return list(self._labels)
-
-    def _matrix(self, vectors: np.ndarray | Sequence[Sequence[float]], what: str) -> np.ndarray:
-        """Float32 C-contiguous ``[n, dim]`` (normalized for cosine); a 1-d vector is one row."""
-        matrix = np.array(vectors, dtype=np.float32, ndmin=2, order="C", copy=True)
-        if matrix.ndim != 2 or matrix.shape[1] != self.dim:
-            raise ValueError(
-                f"{what} have shape {matrix.shape}; this index holds {self.dim}-d vectors"
-            )
-        if self.metric == "cosine":
-            faiss = _faiss()
-
-            faiss.normalize_L2(matrix)
-        return matrix
-
-    def add(self, ids: Sequence[str], embeddings: np.ndarray | Sequence[Sequence[float]]) -> None:
-        """Add vectors under ``ids``; an id already present gets its new vector."""
-        ids = list(ids)
-        matrix = self._matrix(embeddings, "embeddings")
-        if len(ids) != matrix.shape[0]:
-            raise ValueError(f"{len(ids)} ids for {matrix.shape[0]} embeddings")
-        if len(set(ids)) != len(ids):
-            raise ValueError("ids repeat within one add")
-        self.remove(ids)
-        labels = np.arange(self._next_label, self._next_label + len(ids), dtype=np.int64)
-        self._next_label += len(ids)
-        self._index.add_with_ids(matrix, labels)
-        for chunk_id, label in zip(ids, labels.tolist()):
-            self._labels[chunk_id] = label
-            self._ids[label] = chunk_id
-
-    def add_texts(self, ids: Sequence[str], texts: Sequence[str]) -> None:
-        """Embed ``texts`` with the index's ``embed`` function and add them."""
-        self.add(ids, self._embed(texts))
-
-    def search(
-        self, queries: np.ndarray | Sequence[Sequence[float]], k: int
-    ) -> list[tuple[list[str], list[float]]]:
-        """The ``k`` nearest ids and their scores for each query row, best first."""
-        matrix = self._matrix(queries, "queries")
-        k = min(k, len(self))
-        if k <= 0:
-            return [([], []) for _ in range(matrix.shape[0])]
-        scores, labels = self._index.search(matrix, k)
-        results = []
-        for row_scores, row_labels in zip(scores.tolist(), labels.tolist()):
-            hits = [(self._ids[lab], s) for lab, s in zip(row_labels, row_scores) if lab >= 0]
-            results.append(([i for i, _ in hits], [s for _, s in hits]))
-        return results
-
-    def search_texts(self, queries: Sequence[str], k: int) -> list[tuple[list[str], list[float]]]:
-        """Embed ``queries`` with the index's ``embed`` function and search."""
-        return self.search(self._embed(queries), k)
-
-    def _embed(self, texts: Sequence[str]) -> np.ndarray:
-        if self.embed is None:
-            raise ValueError("this index has no embed function; pass embeddings instead")
-        return np.asarray(self.embed(list(texts)), dtype=np.float32)
-
-    def remove(self, ids: Iterable[str]) -> int:
-        """Remove ``ids`` (unknown ones are ignored); returns how many were present."""
-        labels = [self._labels.pop(i) for i in dict.fromkeys(ids) if i in self._labels]
-        for label in labels:
-            del self._ids[label]
-        if labels:
-            self._index.remove_ids(np.asarray(labels, dtype=np.int64))
-        return len(labels)
-
-    def save(self, path: str | Path | None = None) -> Path:
-        """Write index and id map atomically to ``path`` (default: where it was loaded or made).
-
-        The file is written under a temporary name and renamed, so a kill at any moment leaves the
-        old index or the new one; temporary files of killed saves are removed by the next save.
-        Ids are kept as UTF-8 bytes, so any ``str`` (trailing NULs, lone surrogates) survives.
-        """
-        target = Path(path) if path is not None else self.path
-        if target is None:
-            raise ValueError("give a path to save an index that has none")
-        faiss = _faiss()
-
-        items = sorted(self._labels.items(), key=lambda item: item[1])
-        encoded = [i.encode("utf-8", "surrogatepass") for i, _ in items]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(e) for e in encoded], out=offsets[1:])
-        arrays = {
-            "format_version": np.asarray(INDEX_FORMAT_VERSION),
-            "metric": np.asarray(self.metric),
-            "index": faiss.serialize_index(self._index),
-            "id_bytes": np.frombuffer(b"".join(encoded), dtype=np.uint8),
-            "id_offsets": offsets,
-            "labels": np.asarray([label for _, label in items], dtype=np.int64),
-            "next_label": np.asarray(self._next_label),
-        }
-        atomic_write(target, lambda handle: np.savez(handle, **arrays))
-        self.path = target
-        return target
-
-    @classmethod
-    def load(cls, path: str | Path, *, embed: Embedder | None = None) -> VectorIndex:
-        """Read an index written by :meth:`save`; raises :class:`StoreCorruptError` if unreadable."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no vector index at {path}")
-        faiss = _faiss()
-
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                version = int(data["format_version"])
-                if version not in (1, INDEX_FORMAT_VERSION):
-                    raise StoreVersionError(
-                        f"{path} has index format version {version}; this code reads "
-                        f"{INDEX_FORMAT_VERSION}"
-                    )
-                faiss_index = faiss.deserialize_index(data["index"])
-                metric = str(data["metric"])
-                if version == 1:  # fixed-width strings (trailing NULs were lost on save)
-                    ids = data["ids"].tolist()
-                else:
-                    raw, offsets = data["id_bytes"].tobytes(), data["id_offsets"].tolist()
-                    ids = [
-                        raw[a:b].decode("utf-8", "surrogatepass")
-                        for a, b in itertools.pairwise(offsets)
-                    ]
-                labels = data["labels"].tolist()
-                next_label = int(data["next_label"])
-        except StoreError:
-            raise
-        except (
-            OSError, ValueError, KeyError, RuntimeError, EOFError, TypeError, zipfile.BadZipFile
-        ) as exc:  # fmt: skip
-            raise StoreCorruptError(f"{path} is not a readable vector index: {exc}") from exc
-        if len(ids) != faiss_index.ntotal or len(ids) != len(labels) or len(set(ids)) != len(ids):
-            raise StoreCorruptError(
-                f"{path}: {len(ids)} ids ({len(set(ids))} distinct) and {len(labels)} labels for "
-                f"{faiss_index.ntotal} vectors"
-            )
-        if not isinstance(faiss_index, faiss.IndexIDMap2):
-            raise StoreCorruptError(f"{path} holds a {type(faiss_index).__name__}, not an id map")
-        index = cls(faiss_index.d, metric, embed=embed, path=path)
-        index._index = faiss_index
-        index._labels = dict(zip(ids, labels))
-        index._ids = dict(zip(labels, ids))
-        index._next_label = next_label
-        return index
-
-
 # --- fingerprints known without loading a model ------------------------------------------------
 
 
@@ -1440,16 +1192,10 @@ def atomic_write(target: str | Path, write: Callable[[IO[bytes]], object]) -> Pa
 
 
 def remove_stale_temps(target: str | Path) -> list[Path]:
-    """Delete temporaries of ``target`` that :func:`atomic_write` calls in dead processes left.
-
-    Beside the store's index, also the unnamed ``tmp*.tmp`` files older versions left there.
-    """
+    """Delete temporaries of ``target`` that :func:`atomic_write` calls in dead processes left."""
     target = Path(target)
     removed = []
-    candidates = list(target.parent.glob(f".{glob.escape(target.name)}.*.tmp"))
-    if target.name == INDEX_NAME:
-        candidates += target.parent.glob("tmp*.tmp")
-    for temp in candidates:
+    for temp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
         parts = temp.name.rsplit(".", 3)
         pid = int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
         if pid is not None and _alive(pid):

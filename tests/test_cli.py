@@ -138,7 +138,6 @@ def test_precompress_names_the_text_field(tmp_path, capsys, no_model_load):
     [
         (["precompress", "MISSING", "--store", "S"], ["MISSING", "no such"]),
         (["precompress", "CORPUS", "--store", "S", "--chunk-tokens", "0"], ["--chunk-tokens"]),
-        (["precompress", "CORPUS", "--store", "S", "--embed", "nomodule"], ["MODULE:NAME"]),
         (["train", "--steps", "2"], ["no training data"]),
         (["train", "--squad", "MISSING"], ["--squad", "MISSING"]),
         (["train", "--samples", "CORPUS", "--steps", "0"], ["--steps", "greater than"]),

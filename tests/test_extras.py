@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from semidyn_rag.extras import EXTRAS, MissingExtraError, require
@@ -43,7 +42,7 @@ def test_every_extra_named_in_errors_is_declared_and_installs_its_module() -> No
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
-    distribution = {"faiss": "faiss-cpu", "matplotlib": "matplotlib", "pyarrow": "pyarrow"}
+    distribution = {"matplotlib": "matplotlib", "pyarrow": "pyarrow"}
     distribution |= {"httpx": "httpx", "ray": "ray[data]"}
     (everything,) = declared["all"]
     in_all = set(everything.partition("[")[2].rstrip("]").split(","))
@@ -70,33 +69,14 @@ def test_require_returns_the_module_or_names_the_extra(hide) -> None:
 
 def test_require_keeps_a_broken_install_own_error(monkeypatch, tmp_path) -> None:
     """An installed package that fails to import a module of its own is not "install the extra"."""
-    (tmp_path / "faiss").mkdir()
-    (tmp_path / "faiss" / "__init__.py").write_text("import some_module_faiss_needs\n")
+    (tmp_path / "httpx").mkdir()
+    (tmp_path / "httpx" / "__init__.py").write_text("import some_module_httpx_needs\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "faiss", raising=False)
+    monkeypatch.delitem(sys.modules, "httpx", raising=False)
     with pytest.raises(ModuleNotFoundError) as info:
-        require("faiss", "VectorIndex")
+        require("httpx", "the teacher client")
     assert not isinstance(info.value, MissingExtraError)
-    assert info.value.name == "some_module_faiss_needs"
-
-
-def test_vector_index_without_faiss(hide, tmp_path) -> None:
-    from semidyn_rag.store import VectorIndex
-
-    index = VectorIndex(4, "cosine")
-    index.add(["a"], np.eye(4, dtype=np.float32)[:1])
-    saved = index.save(tmp_path / "index.npz")
-    hide("faiss")
-    with pytest.raises(MissingExtraError) as info:
-        VectorIndex(4)
-    assert_names_extra(info, "faiss")
-    with pytest.raises(MissingExtraError):
-        VectorIndex.load(saved)
-    with pytest.raises(MissingExtraError):
-        index.add(["b"], np.eye(4, dtype=np.float32)[1:2])  # cosine normalizes with faiss
-    with pytest.raises(MissingExtraError):
-        index.save()
-    assert saved.is_file()  # nothing was overwritten on the way
+    assert info.value.name == "some_module_httpx_needs"
 
 
 def write_parquet(path: Path, rows: list[dict]) -> Path:

@@ -40,8 +40,8 @@ from semidyn_rag.precompress import (
     token_chunks,
     token_spans,
 )
-from semidyn_rag.store import DB_NAME, LatentStore, StoreMismatchError, entry_key
-from semidyn_rag.testing import CORPUS, EncodeCounter, hashing_embedding, save_tiny_compressor
+from semidyn_rag.store import DB_NAME, LatentStore, StoreMismatchError, entry_key, text_hash
+from semidyn_rag.testing import CORPUS, EncodeCounter, save_tiny_compressor
 
 SENTENCES = CORPUS[:5]
 CONFIG = PrecompressConfig(chunk_tokens=24, chunk_overlap=4, progress=False)
@@ -170,28 +170,20 @@ def test_killed_run_resumes_to_a_complete_store(tmp_path, checkpoint, model, cor
     assert (again.new, again.skipped, again.tokens) == (0, unique, 0)
 
 
-def test_duplicates_are_compressed_once_and_index_is_filled(tmp_path, model, corpus, counter):
+def test_duplicates_are_compressed_once(tmp_path, model, corpus, counter):
     chunks = load_chunks([corpus], CONFIG, model.tokenizer)
     store_dir = tmp_path / "store"
     config = CONFIG.model_copy(update={"batch_tokens": 200, "write_batch": 3})
-    report = precompress(model, chunks, store_dir, config, embed=embed)
+    report = precompress(model, chunks, store_dir, config)
     unique = len(expected_entries(model, chunks))
     assert counter.rows == report.new == unique < len(chunks)
     assert report.tokens == sum(len(t) for t in model.tokenize(list({c.text for c in chunks})))
-    assert report.embedded == len(chunks)  # the index holds every chunk id, duplicates included
     assert_store_complete(store_dir, model, chunks)
-    with LatentStore(store_dir, model.fingerprint) as store:
-        index = store.vector_index(embed=embed)
-        assert len(index) == len(chunks)
-        top = index.search_texts([chunks[3].text], k=1)[0][0][0]
-        assert next(c for c in chunks if c.id == top).text == chunks[3].text
+    with LatentStore(store_dir, model.fingerprint) as store:  # every chunk id, duplicates too
+        assert {r.id for r in store.manifest()} == {c.id for c in chunks}
     counter.calls = 0
-    again = precompress(model, chunks, store_dir, config, embed=embed)
-    assert (counter.calls, again.embedded, again.new) == (0, 0, 0)
-
-
-def embed(texts: list[str]) -> list[list[float]]:
-    return [hashing_embedding(t, dim=64) for t in texts]
+    again = precompress(model, chunks, store_dir, config)
+    assert (counter.calls, again.new) == (0, 0)
 
 
 def test_store_of_another_compressor_is_refused(tmp_path, model, corpus):
@@ -363,52 +355,45 @@ def test_cjk_and_emoji_chunks_do_not_repeat_characters(model):
 
 def test_edited_shortened_and_removed_documents_leave_no_stale_data(tmp_path, model, corpus):
     store_dir = tmp_path / "store"
-    chunks, first = precompress_corpus(model, [corpus], store_dir, CONFIG, embed=embed)
+    chunks, first = precompress_corpus(model, [corpus], store_dir, CONFIG)
     old_doc1 = [c for c in chunks if c.doc_id == "doc1.txt"]
     assert len(old_doc1) > 2 and first.removed_chunks == 0
     (corpus / "doc1.txt").write_text("Zebras graze quietly on the savanna at dawn.")  # shortened
     (corpus / "doc2.txt").unlink()
-    edited, report = precompress_corpus(model, [corpus], store_dir, CONFIG, embed=embed)
+    edited, report = precompress_corpus(model, [corpus], store_dir, CONFIG)
     new_doc1 = {c.id: c.text for c in edited if c.doc_id == "doc1.txt"}
     vanished = [c for c in old_doc1 if c.id not in new_doc1]
     assert vanished and report.removed_chunks == len(vanished)
     assert report.changed_chunks == len(new_doc1)  # every remaining id holds new text
     assert report.deleted_entries > 0 and report.pruned_documents == 0
     with LatentStore(store_dir, model.fingerprint) as store:
-        index = store.vector_index(embed=embed)
-        assert not any(c.id in index for c in vanished)  # vanished ids are out of the index
-        for old in old_doc1:  # a query with the old words does not find their old vector
-            hits, scores = index.search_texts([old.text], k=1)[0]
-            assert not (hits[0].startswith("doc1.txt#") and scores[0] > 0.99)
-        for chunk_id, text in new_doc1.items():
-            hits, scores = index.search_texts([text], 1)[0]
-            assert hits == [chunk_id] and scores[0] == pytest.approx(1.0, abs=1e-5)
-        assert any(c.doc_id == "doc2.txt" for c in store.manifest())  # kept without prune
-    pruned = precompress(model, edited, store_dir, CONFIG.model_copy(update={"prune": True}),
-                         embed=embed)  # fmt: skip
+        manifest = {r.id: r.text_hash for r in store.manifest()}
+        assert not any(c.id in manifest for c in vanished)  # vanished ids are out of the manifest
+        assert all(manifest[i] == text_hash(t) for i, t in new_doc1.items())  # the new text
+        assert any(i.startswith("doc2.txt#") for i in manifest)  # kept without prune
+    pruned = precompress(model, edited, store_dir, CONFIG.model_copy(update={"prune": True}))
     assert pruned.pruned_documents == 1 and pruned.removed_chunks > 0
     want = expected_entries(model, edited)
     with LatentStore(store_dir, model.fingerprint) as store:
         assert set(store.keys()) == set(want)  # exactly the corpus: no stale entry
-        assert set(store.vector_index().ids()) == {c.id for c in edited}
+        assert {r.id for r in store.manifest()} == {c.id for c in edited}
         assert store.check().ok and store.info().documents == len({c.doc_id for c in edited})
     assert main(["store", "prune", str(store_dir), "--dry-run"]) == 0
 
 
 def test_emptied_document_loses_its_old_chunks_and_is_reported(tmp_path, model, corpus):
     store_dir = tmp_path / "store"
-    chunks, _ = precompress_corpus(model, [corpus], store_dir, CONFIG, embed=embed)
+    chunks, _ = precompress_corpus(model, [corpus], store_dir, CONFIG)
     old = [c for c in chunks if c.doc_id == "doc1.txt"]
     (corpus / "doc1.txt").write_text("  \n")  # emptied, still in the corpus
-    edited, report = precompress_corpus(model, [corpus], store_dir, CONFIG, embed=embed)
+    edited, report = precompress_corpus(model, [corpus], store_dir, CONFIG)
     assert edited.empty_documents == ["doc1.txt"]
     assert report.emptied_documents == 1 and report.removed_chunks == len(old)
     assert "documents emptied (old chunks removed) | 1" in report.markdown()
     with LatentStore(store_dir, model.fingerprint) as store:
         assert not any(r.doc_id == "doc1.txt" for r in store.manifest())
-        assert not any(c.id in store.vector_index(embed=embed) for c in old)
         assert set(store.keys()) == set(expected_entries(model, edited))  # no stale latents
-    again = precompress_corpus(model, [corpus], store_dir, CONFIG, embed=embed)[1]
+    again = precompress_corpus(model, [corpus], store_dir, CONFIG)[1]
     assert again.emptied_documents == 0 and again.removed_chunks == 0  # reported once
 
 
@@ -504,52 +489,6 @@ def test_chunks_out_writes_document_metadata_once(tmp_path, model):
     assert [r["metadata"] for r in rows] == [{"chunk_index": i} for i in range(len(chunks))]
     docs = [json.loads(line) for line in documents_path(path).read_text().splitlines()]
     assert docs == [{"doc_id": "d", "metadata": big}]
-
-
-# --- the index is saved as the run goes ------------------------------------------------------------
-
-EMBED_CHILD = (
-    "import sys, time\n"
-    "from semidyn_rag.testing import hashing_embedding\n"
-    "def slow_embed(texts):\n"
-    "    time.sleep(0.3)\n"
-    "    return [hashing_embedding(t, dim=64) for t in texts]\n"
-    "from semidyn_rag.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
-
-
-@pytest.mark.integration  # a SIGKILLed subprocess
-def test_killed_embedding_run_keeps_what_it_saved(tmp_path, checkpoint, model, corpus):
-    store_dir = tmp_path / "store"
-    args = ["-q", "precompress", str(corpus), "--store", str(store_dir), *FLAGS]
-    args += ["--compressor", str(checkpoint), "--embed", "__main__:slow_embed"]
-    args += ["--embed-batch", "2", "--index-save-s", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    child = subprocess.Popen([sys.executable, "-c", EMBED_CHILD, *args], env=env,
-                             stderr=subprocess.PIPE)  # fmt: skip
-    index_path = store_dir / "faiss_index.npz"
-    try:
-        deadline = time.monotonic() + 180
-        while child.poll() is None and not index_path.exists():
-            assert time.monotonic() < deadline, "the child saved no index in 180 s"
-            time.sleep(0.02)
-        time.sleep(0.4)
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
-    from semidyn_rag.store import VectorIndex
-
-    saved = len(VectorIndex.load(index_path))
-    chunks = load_chunks([corpus], CONFIG, model.tokenizer)
-    assert 2 <= saved < len(chunks)
-    report = precompress(model, chunks, store_dir, CONFIG, embed=embed)
-    assert report.embedded == len(chunks) - saved
-    assert not [p for p in store_dir.iterdir() if p.name.endswith(".tmp")]
 
 
 # --- the fingerprint moves with every weight that shapes the latents -------------------------------

@@ -1,4 +1,4 @@
-"""LatentStore and VectorIndex on real SQLite and FAISS files, with killed and parallel processes."""
+"""LatentStore on real SQLite files, with killed and parallel processes."""
 
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from semidyn_rag.store import (
     APPLICATION_ID,
     DB_NAME,
-    INDEX_NAME,
     LatentStore,
     StoreCorruptError,
     StoreError,
@@ -33,7 +32,7 @@ from semidyn_rag.store import (
     StoreNotReadyError,
     StoreVersionError,
     StoreWriteError,
-    VectorIndex,
+    atomic_write,
     entry_key,
     known_fingerprint,
     policy_key,
@@ -347,61 +346,6 @@ def test_readers_in_other_processes_see_whole_batches_while_one_writes(tmp_path)
         assert check_entries(store) == batches * BATCH
 
 
-def test_vector_index_add_search_remove_and_reload(tmp_path):
-    vectors = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
-    ids = [f"doc{i}" for i in range(20)]
-    with LatentStore(tmp_path, FP) as store:
-        index = store.vector_index(dim=8)
-        index.add(ids, vectors)
-        [(hits, scores)] = index.search(vectors[3] * 5, k=3)  # cosine: the norm does not matter
-        assert hits[0] == "doc3" and len(hits) == 3 and scores[0] == pytest.approx(1.0, abs=1e-5)
-        assert index.remove(["doc3", "unknown"]) == 1 and "doc3" not in index
-        index.save()
-        assert store.info().files[INDEX_NAME] > 0
-        loaded = store.vector_index()
-        with pytest.raises(ValueError, match="8-d"):
-            store.vector_index(dim=16)
-    assert len(loaded) == 19 and loaded.metric == "cosine"
-    assert loaded.search(vectors, 2) == index.search(vectors, 2)
-    assert "doc3" not in loaded.search(vectors[3], 19)[0][0]
-    loaded.add(["doc0"], vectors[5])  # a known id gets its new vector
-    assert sorted(loaded.search(vectors[5], 2)[0][0]) == ["doc0", "doc5"]
-    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
-
-
-def test_vector_index_metrics_sizes_and_errors(tmp_path):
-    index = VectorIndex(2, "l2")
-    assert index.search([[0.0, 0.0]], k=3) == [([], [])]
-    index.add(["a", "b"], [[0.0, 0.0], [3.0, 4.0]])
-    assert index.search([[0.0, 1.0]], k=5) == [(["a", "b"], [1.0, 18.0])]
-    with pytest.raises(ValueError, match="3-d vectors"):
-        VectorIndex(3).add(["a"], [[1.0, 2.0]])
-    with pytest.raises(ValueError, match="holds 2-d"):
-        index.search(np.zeros((1, 3)), k=1)
-    with pytest.raises(ValueError, match="2 ids for 1"):
-        index.add(["c", "d"], [[1.0, 1.0]])
-    with pytest.raises(ValueError, match="repeat"):
-        index.add(["c", "c"], [[1.0, 1.0], [2.0, 2.0]])
-    with pytest.raises(ValueError, match="give a path"):
-        index.save()
-    index.save(tmp_path / "l2.npz")
-    assert VectorIndex.load(tmp_path / "l2.npz").search([[3.0, 4.0]], 1) == [(["b"], [0.0])]
-    (tmp_path / "bad.npz").write_bytes(b"not an index")
-    with pytest.raises(StoreCorruptError, match="not a readable vector index"):
-        VectorIndex.load(tmp_path / "bad.npz")
-
-
-def test_vector_index_with_an_embedding_function():
-    def embed(texts: list[str]) -> list[list[float]]:  # any callable, e.g. embed_documents
-        return [[float(text.count(c)) for c in "abcd"] for text in texts]
-
-    index = VectorIndex(4, "ip", embed=embed)
-    index.add_texts(["x", "y"], ["aaab", "cccd"])
-    assert index.search_texts(["ccc", "aa"], k=1) == [(["y"], [9.0]), (["x"], [6.0])]
-    with pytest.raises(ValueError, match="no embed function"):
-        VectorIndex(4).search_texts(["a"], k=1)
-
-
 fields = st.tuples(st.text(max_size=6), st.text(max_size=6), st.text(max_size=6))
 
 
@@ -673,39 +617,41 @@ def test_full_disk_is_a_write_error_and_a_cache_write_degrades(tmp_path, monkeyp
             store.cache_many([("c", CompressedContext(torch.full((1, 8), 1e9), 1, (4.0,), (2.0,)))])
 
 
-# --- the vector index file --------------------------------------------------------------------------
+# --- files written beside the store (atomic_write) ----------------------------------------------
 
 
-def test_index_ids_survive_any_string_and_files_respect_the_umask(tmp_path):
-    ids = ["plain", "ends in nul\0", "nul\0\0", "", "\ud800 lone", "é"]
-    index = VectorIndex(2)
-    index.add(ids, np.eye(2, dtype=np.float32)[[0, 1, 0, 1, 0, 1]] + np.arange(6)[:, None])
+def test_atomic_write_respects_the_umask_and_never_leaves_half_a_file(tmp_path):
     old = os.umask(0o027)
     try:
-        path = index.save(tmp_path / INDEX_NAME)
+        path = atomic_write(tmp_path / "chunks.jsonl", lambda handle: handle.write(b"one"))
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o640  # 0o666 less the umask, like the database
-    loaded = VectorIndex.load(path)
-    assert loaded.ids() == ids
-    assert loaded.search(np.eye(2), 6) == index.search(np.eye(2), 6)
+
+    def fail_midway(handle) -> None:
+        handle.write(b"half")
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        atomic_write(path, fail_midway)
+    assert path.read_bytes() == b"one"
+    assert [p.name for p in tmp_path.iterdir()] == ["chunks.jsonl"]
 
 
 SAVER = (
-    "import sys, numpy as np\n"
-    "from semidyn_rag.store import VectorIndex\n"
-    "index = VectorIndex(64)\n"
-    "index.add([str(i) for i in range(20000)], np.random.rand(20000, 64))\n"
+    "import sys\n"
+    "from semidyn_rag.store import atomic_write\n"
+    "data = bytes(8 * 2**20)\n"
     "print('ready', flush=True)\n"
     "while True:\n"
-    "    index.save(sys.argv[1])\n"
+    "    atomic_write(sys.argv[1], lambda handle: handle.write(data))\n"
 )
 
 
 @pytest.mark.integration  # subprocesses
-def test_killed_index_save_leaves_no_temp_files_a_rerun_keeps(tmp_path):
-    target = tmp_path / INDEX_NAME
-    for _ in range(20):  # kill mid-save until a temporary file is left behind
+def test_killed_atomic_write_leaves_no_temp_files_a_rerun_keeps(tmp_path):
+    target = tmp_path / "chunks.jsonl"
+    for _ in range(20):  # kill mid-write until a temporary file is left behind
         child = subprocess.Popen([sys.executable, "-c", SAVER, str(target)], stdout=subprocess.PIPE)
         assert child.stdout.readline() == b"ready\n"
         deadline = time.monotonic() + 20
@@ -715,13 +661,11 @@ def test_killed_index_save_leaves_no_temp_files_a_rerun_keeps(tmp_path):
         child.wait()
         if list(tmp_path.glob(".*.tmp")):
             break
-    left = list(tmp_path.glob(".*.tmp"))
-    assert left, "no kill landed mid-save"
-    (tmp_path / "tmpold123.tmp").write_bytes(b"from an older version")
+    assert list(tmp_path.glob(".*.tmp")), "no kill landed mid-write"
     if target.exists():
-        assert len(VectorIndex.load(target)) == 20000  # the last complete save
-    VectorIndex(2).save(target)
-    assert [p.name for p in tmp_path.iterdir()] == [INDEX_NAME]
+        assert target.stat().st_size == 8 * 2**20  # the last complete write
+    atomic_write(target, lambda handle: handle.write(b"new"))
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
 # --- corpus manifest ----------------------------------------------------------------------------

@@ -189,7 +189,7 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         Run it over an index's nodes (e.g. ``index.docstore.docs.values()``) before serving.
         Texts and policy are this postprocessor's (``node_text``, and the ``scale``/``ratio`` it
         would use now, which replace those of ``config``), so the keys are the ones queries look
-        up. ``config`` sets batching and progress; ``kwargs`` go to the core job (e.g. ``embed``).
+        up. ``config`` sets batching and progress; ``kwargs`` go to the core job (e.g. ``store_dtype``).
         Resumable: a rerun compresses only what is missing.
         """
         if self._service.store is None:
