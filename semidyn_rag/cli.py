@@ -738,38 +738,26 @@ def _precompress_with_model(
 ) -> Any:
     from .evaluation import CheckpointRef
     from .modeling import SemiDynamicCompressor
-    from .precompress import RowError, load_chunks, precompress, save_chunks
+    from .precompress import precompress_corpus, save_chunks
     from .store import entry_key, remember_fingerprint
 
     _configure_hf_output(args)
+    executor = None
+    if args.ray:  # the driver only plans; the actors load their own copies
+        from .distributed import RayExecutor
+
+        executor = RayExecutor(args.compressor, ray_config)
     device = "cpu" if args.ray else args.device
     model = SemiDynamicCompressor.from_pretrained(args.compressor, device=device).eval()
-    skipped: list[RowError] = []
-    chunks = load_chunks(
-        args.corpus, config, model.tokenizer, skipped=skipped, text_fields=text_fields
+    chunks, report = precompress_corpus(
+        model,
+        args.corpus,
+        args.store,
+        config,
+        executor=executor,
+        store_dtype=args.store_dtype,
+        text_fields=text_fields,
     )
-    if args.ray:
-        from .distributed import precompress_ray
-
-        report = precompress_ray(
-            args.compressor,
-            chunks,
-            args.store,
-            config,
-            ray_config,
-            model=model,
-            store_dtype=args.store_dtype,
-            input_errors=skipped,
-        )
-    else:
-        report = precompress(
-            model,
-            chunks,
-            args.store,
-            config,
-            store_dtype=args.store_dtype,
-            input_errors=skipped,
-        )
     try:
         remember_fingerprint(CheckpointRef(args.compressor).source_key, model.fingerprint)
     except (OSError, ValueError) as exc:

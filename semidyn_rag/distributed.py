@@ -1,9 +1,11 @@
 """Corpus precompression on a Ray cluster, for corpora that outgrow one machine.
 
-The driver plans exactly as the local job does (`semidyn_rag.precompress`): it deduplicates the
-chunks, asks the store which keys are missing (inside ``store.writer()``), tokenizes those texts
-once and sorts them by length. Ray Data then streams them through ``map_batches`` on an
+`RayExecutor` is the compression step of the one precompression job
+(`semidyn_rag.precompress.precompress`): the driver plans as it does for a local run (deduplicates
+the chunks, asks the store which keys are missing inside ``store.writer()``, tokenizes those texts
+once), sorts them by length, and Ray Data streams them through ``map_batches`` on an
 ``ActorPoolStrategy`` pool whose actors each load the compressor once (``from_pretrained``).
+Import this module only for a Ray run: it needs the ``ray`` extra.
 
 Each actor writes its latents to a **parquet shard** (a ragged ``list<float16>`` column plus
 ``rows``/``hidden``) and returns only the shard's path; the driver merges shards into the
@@ -25,7 +27,6 @@ import math
 import os
 import signal
 import threading
-import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -43,11 +44,8 @@ from .precompress import (
     RowError,
     Throughput,
     WorkPlan,
-    exclusive_writer,
-    finish_run,
-    open_store,
     plan_batches,
-    prepare_work,
+    precompress,
     segment_count,
 )
 from .store import DTYPES, LatentStore, atomic_write, text_hash
@@ -349,7 +347,51 @@ class CompressShards:
         }
 
 
-# --- the Ray job --------------------------------------------------------------------------------
+# --- the Ray executor -----------------------------------------------------------------------------
+
+
+class RayExecutor:
+    """The compression step of `semidyn_rag.precompress.precompress` on Ray actors.
+
+    ``compressor`` is what every actor passes to ``from_pretrained`` (a path all nodes can read,
+    a hub id, or ``None`` for the bundled default); the job's own compressor, on the driver, must
+    be the same model (it plans, and the store checks its fingerprint). Ray is started only when
+    a run has texts to compress (`ray_session`); finished shards of a killed run are merged before
+    the plan (:meth:`recover`).
+    """
+
+    def __init__(self, compressor: str | Path | None, config: RayConfig | None = None) -> None:
+        self.compressor = compressor
+        self.config = config or RayConfig()
+
+    @property
+    def name(self) -> str:
+        return f"ray ({self.config.workers} workers)"
+
+    def shard_dir(self, store: LatentStore) -> Path:
+        """Where actors write shards: ``config.shard_dir``, else ``STORE/ray_shards``."""
+        return Path(self.config.shard_dir or store.path / "ray_shards")
+
+    def recover(self, store: LatentStore) -> None:
+        """Merge the complete shards a killed run left (see `leftover_shards`)."""
+        old = leftover_shards(self.shard_dir(store))
+        if old:
+            written, _ = merge_shards(store, old)
+            logger.info("merged %d entries from %d shards of an earlier run", written, len(old))
+
+    def run(
+        self,
+        compressor: SemiDynamicCompressor,
+        store: LatentStore,
+        plan: WorkPlan,
+        config: PrecompressConfig,
+    ) -> tuple[int, int]:
+        """See `semidyn_rag.precompress.Executor.run` (``compressor`` is the driver's; the actors
+        load their own from ``self.compressor``)."""
+        return _run_ray(self.compressor, store, plan, self.shard_dir(store), config, self.config)
+
+    def __repr__(self) -> str:
+        return f"RayExecutor({self.compressor!r}, {self.config!r})"
 
 
 def precompress_ray(
@@ -362,56 +404,28 @@ def precompress_ray(
     model: SemiDynamicCompressor | None = None,
     store_dtype: str = "float16",
     input_errors: Sequence[RowError] = (),
+    empty_documents: Sequence[str] | None = None,
 ) -> PrecompressReport:
-    """`semidyn_rag.precompress.precompress` with the encoder work spread over Ray actors.
+    """`semidyn_rag.precompress.precompress` with a `RayExecutor`: the same plan, sync and report,
+    the encoder work spread over Ray actors.
 
-    The same plan (inputs with errors skipped and reported) and the same sync by document as the
-    local job.
-
-    ``compressor`` is what every actor passes to ``from_pretrained`` (a path all nodes can read, a
-    hub id, or ``None`` for the bundled default). The driver needs the same model for the
-    fingerprint and the tokenizer: pass it as ``model`` if it is already loaded. Nothing is sent to
-    Ray when the store already holds every chunk.
+    ``compressor`` is what every actor loads (see `RayExecutor`). The driver needs the same model
+    for the fingerprint and the tokenizer: pass it as ``model`` if it is already loaded. Nothing is
+    sent to Ray when the store already holds every chunk.
     """
     from .modeling import SemiDynamicCompressor
 
-    config = config or PrecompressConfig()
-    ray_config = ray_config or RayConfig()
-    start = time.perf_counter()
     model = model or SemiDynamicCompressor.from_pretrained(compressor).eval()
-    store, owned = open_store(store, model, store_dtype)
-    shard_dir = Path(ray_config.shard_dir or store.path / "ray_shards")
-    try:
-        with exclusive_writer(store):
-            old = leftover_shards(shard_dir)
-            if old:
-                written, _ = merge_shards(store, old)
-                logger.info("merged %d entries from %d shards of an earlier run", written, len(old))
-            plan = prepare_work(model, chunks, store, config, input_errors)
-            logger.info(
-                "%d chunks, %d distinct texts, %d already stored, %d to compress on Ray",
-                len(plan.keys), plan.unique, plan.skipped, len(plan.todo),
-            )  # fmt: skip
-            tokens = latents = 0
-            if plan.todo:
-                tokens, latents = _run_ray(compressor, store, plan, shard_dir, config, ray_config)
-            sync = finish_run(store, plan, config)
-        report = plan.report(
-            store,
-            tokens=tokens,
-            latents=latents,
-            start=start,
-            backend=f"ray ({ray_config.workers} workers)",
-            sync=sync,
-        )
-    finally:
-        if owned:
-            store.close()
-    logger.info(
-        "precompressed %d new chunks on Ray in %.1f s: %.0f tokens/s",
-        report.new, report.seconds, report.tokens_per_s,
-    )  # fmt: skip
-    return report
+    return precompress(
+        model,
+        chunks,
+        store,
+        config,
+        executor=RayExecutor(compressor, ray_config),
+        store_dtype=store_dtype,
+        input_errors=input_errors,
+        empty_documents=empty_documents,
+    )
 
 
 def _run_ray(
@@ -433,12 +447,13 @@ def _run_ray(
         for i in order
     ]
     gpu = ray_config.gpus_per_worker > 0
+    policy = config.compression
     worker_args = {
         "compressor": str(compressor) if compressor is not None else None,
         "shard_dir": str(shard_dir.resolve()),
-        "policy": config.policy,
-        "scale": config.scale,
-        "ratio": config.ratio,
+        "policy": policy.key,
+        "scale": policy.scale,
+        "ratio": policy.ratio,
         "store_dtype": str(store.dtype).removeprefix("torch."),
         "batch_tokens": config.batch_tokens,
         "max_batch_rows": config.max_batch_rows,

@@ -13,7 +13,10 @@ compression pay off in RAG, so this job is built to run for hours and be interru
   straight to ``compress_tokens``.
 * **One writer.** The run holds ``store.writer()``: two jobs never compress the same corpus at once.
 
-`semidyn_rag.distributed` runs the same plan on a Ray cluster when one machine is not enough.
+One job, :func:`precompress` (read and chunk first with :func:`precompress_corpus`), with the
+encoder work behind an `Executor`: `LocalExecutor` in this process, or
+`semidyn_rag.distributed.RayExecutor` on a Ray cluster when one machine is not enough. Planning,
+the store, the sync by document and the report are the job's, whichever executor runs.
 """
 
 from __future__ import annotations
@@ -871,7 +874,71 @@ class Throughput:
         self.bar.close()
 
 
-# --- the local job ------------------------------------------------------------------------------
+# --- executors: where the encoder work of a run happens ------------------------------------------
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs the compression step of :func:`precompress`; everything around it is the job's.
+
+    The job opens the store, takes its writer lock, calls :meth:`recover`, plans (deduplicate,
+    ask the store what it lacks, tokenize once, refuse unreadable chunks), calls :meth:`run` when
+    anything is missing, syncs the manifest and reports. `LocalExecutor` compresses in this
+    process; `semidyn_rag.distributed.RayExecutor` on Ray actors (the ``ray`` extra).
+    """
+
+    @property
+    def name(self) -> str:
+        """What the report's ``backend`` says (``"local"``, ``"ray (4 workers)"``)."""
+        ...
+
+    def recover(self, store: LatentStore) -> None:
+        """Before planning, under the writer lock: store what a killed run of this executor
+        left finished (e.g. Ray shards), so that the plan does not compress it again."""
+        ...
+
+    def run(
+        self,
+        compressor: SemiDynamicCompressor,
+        store: LatentStore,
+        plan: WorkPlan,
+        config: PrecompressConfig,
+    ) -> tuple[int, int]:
+        """Put the latents of every ``plan.todo`` text into ``store`` (keys ``plan.todo``,
+        tokens ``plan.tokens``, policy ``config.compression``); returns (tokens, latents) done.
+
+        Called only when ``plan.todo`` is not empty; may commit in several transactions (a kill
+        loses at most the uncommitted ones). Raises when any text could not be stored.
+        """
+        ...
+
+
+class LocalExecutor:
+    """Compress in this process: length-planned encoder passes of at most ``batch_tokens`` padded
+    positions (:func:`pass_budget`), longest first, committed every ``write_batch`` entries."""
+
+    name = "local"
+
+    def recover(self, store: LatentStore) -> None:
+        """Nothing to recover: a killed local run left only committed entries."""
+
+    def run(
+        self,
+        compressor: SemiDynamicCompressor,
+        store: LatentStore,
+        plan: WorkPlan,
+        config: PrecompressConfig,
+    ) -> tuple[int, int]:
+        """See `Executor.run`."""
+        if compressor.training:
+            logger.warning("the compressor is in training mode; call .eval() for stable latents")
+        return _compress_into(compressor, store, plan, config)
+
+    def __repr__(self) -> str:
+        return "LocalExecutor()"
+
+
+# --- the job ----------------------------------------------------------------------------------------
 
 
 def precompress(
@@ -880,6 +947,7 @@ def precompress(
     store: LatentStore | str | Path,
     config: PrecompressConfig | None = None,
     *,
+    executor: Executor | None = None,
     store_dtype: str = "float16",
     input_errors: Sequence[RowError] = (),
     empty_documents: Sequence[str] | None = None,
@@ -894,30 +962,37 @@ def precompress(
     :func:`read_corpus`, chunks that are not valid text or too long for the decoder) are skipped
     and listed in the report. ``empty_documents`` (default: those of a `CorpusChunks` from
     :func:`load_chunks`) are documents of the run with no chunk, an emptied file say: their old
-    chunks are removed and the report counts them (``emptied_documents``). Safe to kill at any
-    point and rerun.
+    chunks are removed and the report counts them (``emptied_documents``). ``executor`` does the
+    encoder work (default `LocalExecutor`; `semidyn_rag.distributed.RayExecutor` for a cluster);
+    ``compressor`` plans (tokenizer, fingerprint, decoder positions) whichever runs. Safe to kill
+    at any point and rerun. Raises `StoreMismatchError` for a store of another compressor.
     """
     config = config or PrecompressConfig()
-    if compressor.training:
-        logger.warning("the compressor is in training mode; call .eval() for stable latents")
+    executor = executor or LocalExecutor()
     start = time.perf_counter()
     store, owned = open_store(store, compressor, store_dtype)
     try:
         with exclusive_writer(store):
+            executor.recover(store)
             plan = prepare_work(compressor, chunks, store, config, input_errors, empty_documents)
             logger.info(
-                "%d chunks, %d distinct texts, %d already stored, %d to compress",
-                len(plan.keys), plan.unique, plan.skipped, len(plan.todo),
+                "%d chunks, %d distinct texts, %d already stored, %d to compress (%s)",
+                len(plan.keys), plan.unique, plan.skipped, len(plan.todo), executor.name,
             )  # fmt: skip
-            tokens, latents = _compress_into(compressor, store, plan, config)
+            tokens = latents = 0
+            if plan.todo:
+                tokens, latents = executor.run(compressor, store, plan, config)
             sync = finish_run(store, plan, config)
-        report = plan.report(store, tokens=tokens, latents=latents, start=start, sync=sync)
+        report = plan.report(
+            store, tokens=tokens, latents=latents, start=start, backend=executor.name, sync=sync
+        )
     finally:
         if owned:
             store.close()
     logger.info(
-        "precompressed %d new chunks (%d tokens -> %d latents) in %.1f s: %.0f tokens/s",
+        "precompressed %d new chunks (%d tokens -> %d latents) in %.1f s: %.0f tokens/s (%s)",
         report.new, report.tokens, report.latents, report.seconds, report.tokens_per_s,
+        report.backend,
     )  # fmt: skip
     return report
 
@@ -945,6 +1020,7 @@ def _compress_into(
     pending: list[tuple[str, CompressedContext]] = []
     tokens = latents = 0
     progress = Throughput(len(keys), config.progress)
+    policy = config.compression
 
     def flush() -> None:
         hashes = {k: text_hash(plan.todo[k]) for k, _ in pending}
@@ -957,7 +1033,7 @@ def _compress_into(
             size = compressor.config.max_segment_tokens
             segments = sum(segment_count(len(t), size) for t in ids)
             contexts = compressor.compress_tokens(
-                ids, config.scale, config.ratio, batch_size=segments
+                ids, policy.scale, policy.ratio, batch_size=segments
             )
             pending.extend(zip((keys[i] for i in batch), contexts))
             count = sum(len(t) for t in ids)
@@ -1008,15 +1084,35 @@ def precompress_corpus(
     *,
     splitter: Splitter | None = None,
     root: str | Path | None = None,
-) -> tuple[list[Chunk], PrecompressReport]:
-    """Read, chunk and precompress corpus files in one call; returns the chunks and the report.
+    executor: Executor | None = None,
+    store_dtype: str = "float16",
+    text_fields: Sequence[str] = TEXT_FIELDS,
+) -> tuple[CorpusChunks, PrecompressReport]:
+    """The whole job in one call: read and chunk corpus files (:func:`load_chunks`), then
+    :func:`precompress` them with ``executor``; returns the chunks and the report.
 
     Rows of the corpus files with errors are skipped and listed in the report; documents with no
     text any more lose their old chunks. ``root``: file document ids (see :func:`read_corpus`)."""
     config = config or PrecompressConfig()
     skipped: list[RowError] = []
-    chunks = load_chunks(paths, config, compressor.tokenizer, splitter, skipped=skipped, root=root)
-    report = precompress(compressor, chunks, store, config, input_errors=skipped)
+    chunks = load_chunks(
+        paths,
+        config,
+        compressor.tokenizer,
+        splitter,
+        skipped=skipped,
+        text_fields=text_fields,
+        root=root,
+    )
+    report = precompress(
+        compressor,
+        chunks,
+        store,
+        config,
+        executor=executor,
+        store_dtype=store_dtype,
+        input_errors=skipped,
+    )
     return chunks, report
 
 

@@ -16,6 +16,7 @@ from semidyn_rag import distributed
 from semidyn_rag.distributed import (
     CompressShards,
     RayConfig,
+    RayExecutor,
     leftover_shards,
     merge_shards,
     precompress_ray,
@@ -23,8 +24,8 @@ from semidyn_rag.distributed import (
     write_shard,
 )
 from semidyn_rag.modeling import SemiDynamicCompressor
-from semidyn_rag.precompress import Chunk, PrecompressConfig, precompress
-from semidyn_rag.store import LatentStore, text_hash
+from semidyn_rag.precompress import Chunk, Executor, PrecompressConfig, precompress
+from semidyn_rag.store import LatentStore, entry_key, text_hash
 from semidyn_rag.testing import CORPUS, save_tiny_compressor
 
 CONFIG = PrecompressConfig(progress=False, batch_tokens=96)
@@ -92,6 +93,33 @@ def test_shards_round_trip_and_merge_once(tmp_path, checkpoint, model):
         assert merge_shards(store, leftover_shards(tmp_path / "shards")) == (4, 1)
         assert sorted(store.keys()) == keys
         assert leftover_shards(tmp_path / "shards") == [foreign]  # other weights: left alone
+
+
+def test_ray_executor_merges_a_killed_runs_shards_before_the_plan(
+    tmp_path, checkpoint, model, chunks, monkeypatch
+):
+    """Shards a killed run finished are stored by `RayExecutor.recover`, before the job plans:
+    what they hold is not compressed again, and with nothing left Ray never starts."""
+    part = chunks[:4]
+    texts = list(dict.fromkeys(c.text for c in part))
+    keys = [entry_key(t, model.fingerprint, CONFIG.policy) for t in texts]
+    entries = [(k, text_hash(t), c) for k, t, c in zip(keys, texts, model.compress(texts))]
+    store_dir = tmp_path / "store"
+    write_shard(store_dir / "ray_shards" / "left.parquet", entries, policy=CONFIG.policy,
+                fingerprint=model.fingerprint, dtype=np.dtype(np.float16))  # fmt: skip
+
+    def no_ray(_config):
+        raise AssertionError("the shards held every text, yet Ray was started")
+
+    monkeypatch.setattr(distributed, "ray_session", no_ray)
+    executor = RayExecutor(checkpoint, RayConfig(workers=3))
+    assert isinstance(executor, Executor) and executor.name == "ray (3 workers)"
+    report = precompress(model, part, store_dir, CONFIG, executor=executor)
+    assert (report.new, report.skipped, report.backend) == (0, len(texts), "ray (3 workers)")
+    assert not leftover_shards(store_dir / "ray_shards")
+    with LatentStore(store_dir, model.fingerprint) as store:
+        assert sorted(store.keys()) == sorted(keys)
+        assert {r.id for r in store.manifest()} == {c.id for c in part}
 
 
 @pytest.mark.integration  # starts Ray: ~30 s

@@ -29,6 +29,8 @@ from semidyn_rag.precompress import (
     CorpusError,
     CorpusRowError,
     Document,
+    Executor,
+    LocalExecutor,
     PrecompressConfig,
     chunk_documents,
     load_chunks,
@@ -184,6 +186,43 @@ def test_duplicates_are_compressed_once(tmp_path, model, corpus, counter):
     counter.calls = 0
     again = precompress(model, chunks, store_dir, config)
     assert (counter.calls, again.new) == (0, 0)
+
+
+class RecordingExecutor(LocalExecutor):
+    """The local executor, noting what the job asked of it."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def recover(self, store: LatentStore) -> None:
+        self.calls.append(("recover", len(store)))
+
+    def run(self, compressor, store, plan, config) -> tuple[int, int]:
+        self.calls.append(("run", len(plan.todo)))
+        return super().run(compressor, store, plan, config)
+
+
+def test_the_job_drives_any_executor_the_same_way(tmp_path, model, corpus):
+    """Planning, the sync and the report are the job's; the executor only compresses what is
+    missing, after recovering a killed run's work, and names the backend."""
+    executor = RecordingExecutor()
+    assert isinstance(executor, Executor) and isinstance(LocalExecutor(), Executor)
+    chunks, report = precompress_corpus(model, [corpus], tmp_path / "s", CONFIG, executor=executor)
+    unique = len(expected_entries(model, chunks))
+    assert executor.calls == [("recover", 0), ("run", unique)]
+    assert report.backend == "recording" and report.new == unique
+    assert_store_complete(tmp_path / "s", model, chunks)
+    executor.calls.clear()
+    again = precompress(model, chunks, tmp_path / "s", CONFIG, executor=executor)
+    assert executor.calls == [("recover", unique)]  # nothing missing: never run
+    assert (again.new, again.skipped, again.backend) == (0, unique, "recording")
+    local = precompress_corpus(model, [corpus], tmp_path / "local", CONFIG)[1]
+    assert local.backend == "local"
+    assert local.model_dump(exclude={"store", "seconds", "backend"}) == report.model_dump(
+        exclude={"store", "seconds", "backend"}
+    )
 
 
 def test_store_of_another_compressor_is_refused(tmp_path, model, corpus):
