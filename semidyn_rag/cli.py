@@ -609,24 +609,24 @@ def _register_precompress(sub: Any) -> None:
 
 def _first_row(path: Path) -> tuple[str, dict] | None:
     """The first non-empty row of a .jsonl/.parquet file and where it is, without reading more."""
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise UserError(f"{path}:{number} is not JSON ({exc.msg})") from None
-                    return f"{path}:{number}", row if isinstance(row, dict) else {}
-        return None
-    from .extras import require
+    from .readers import ReadError, json_lines, parquet_columns, parse_json_line
 
-    pq = require("pyarrow.parquet", f"reading {path}")
+    if path.suffix == ".jsonl":
+        for number, line in json_lines(path):
+            where = f"{path}:{number}"
+            # bytes that are not UTF-8 are the run's to report, by row: only the fields count here
+            text = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            try:
+                row = parse_json_line(text, where)
+            except ReadError as exc:
+                raise UserError(str(exc)) from None
+            return where, row if isinstance(row, dict) else {}
+        return None
     try:
-        schema = pq.read_schema(path)
-    except Exception as exc:  # pyarrow's own error types
-        raise UserError(f"{path} is not a readable parquet file ({exc})") from None
-    return f"{path} (columns)", dict.fromkeys(schema.names, "")
+        columns = parquet_columns(path, f"reading {path}")
+    except ReadError as exc:
+        raise UserError(str(exc)) from None
+    return f"{path} (columns)", dict.fromkeys(columns, "")
 
 
 def check_corpus(paths: list[str], text_fields: tuple[str, ...]) -> None:
@@ -966,8 +966,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         ("pydantic", ("ValidationError",)),
         ("semidyn_rag.checkpoint", ("CheckpointError",)),
         ("semidyn_rag.store", ("StoreMismatchError", "StoreCorruptError", "StoreVersionError")),
+        ("semidyn_rag.readers", ("ReadError",)),
         ("semidyn_rag.precompress", ("CorpusError", "CorpusRowError")),
-        ("semidyn_rag.data", ("DataError",)),
+        ("semidyn_rag.data", ("DataFormatError",)),
     ):
         loaded = sys.modules.get(module)
         for name in names:

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .extras import require
+from .readers import ReadError, json_lines, parquet_columns, parquet_rows, parse_json_line
 
 logger = logging.getLogger(__name__)
 
@@ -122,14 +122,11 @@ def _describe(error: ValidationError) -> str:
 def _read_json_lines(path: Path) -> list[tuple[int, Any]]:
     """Parsed non-blank lines with their 1-based line numbers; a file without rows is an error."""
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}: line {number}: invalid JSON ({e.msg})") from e
+    for number, line in json_lines(path):
+        try:
+            rows.append((number, parse_json_line(line, f"{path}: line {number}")))
+        except ReadError as e:
+            raise DataFormatError(str(e)) from None
     if not rows:
         raise DataFormatError(f"{path}: empty file, no rows")
     return rows
@@ -356,20 +353,19 @@ def load_eval_parquet(path: str | Path, *, source: str = "parquet") -> list[QASa
     Needs the ``parquet`` extra (pyarrow); raises :class:`~semidyn_rag.extras.MissingExtraError`
     without it.
     """
-    pa = require("pyarrow", "reading .parquet evaluation files")
-    pq = require("pyarrow.parquet", "reading .parquet evaluation files")
+    purpose = "reading .parquet evaluation files"
     path = Path(path)
     try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise DataFormatError(f"{path}: not a readable parquet file ({e})") from e
-    present = set(schema.names)
-    answer_column = next((c for c in ("answers", "answer") if c in present), None)
-    missing = sorted({"context", "question"} - present) + ([] if answer_column else ["answers"])
-    if missing:
-        raise DataFormatError(f"{path}: missing columns {missing}; has {sorted(present)}")
-    columns = ["context", "question", answer_column] + [c for c in ("id", "title") if c in present]
-    rows = pq.read_table(path, columns=columns).to_pylist()
+        present = set(parquet_columns(path, purpose))
+        answer_column = next((c for c in ("answers", "answer") if c in present), None)
+        missing = sorted({"context", "question"} - present) + ([] if answer_column else ["answers"])
+        if missing:
+            raise DataFormatError(f"{path}: missing columns {missing}; has {sorted(present)}")
+        columns = ["context", "question", answer_column]
+        columns += [c for c in ("id", "title") if c in present]
+        rows = [row for _, row in parquet_rows(path, columns=columns, purpose=purpose)]
+    except ReadError as e:
+        raise DataFormatError(str(e)) from None
     if not rows:
         raise DataFormatError(f"{path}: empty file, no rows")
     samples = []

@@ -36,8 +36,8 @@ from filelock import Timeout
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from .extras import require
 from .policy import CompressionPolicy
+from .readers import ReadError, json_lines, parquet_rows, parse_json_line, read_text
 from .store import (
     DTYPE_SIZES,
     LatentStore,
@@ -72,17 +72,12 @@ class CorpusError(ValueError):
     """The corpus as a whole cannot be used (no readable document, an unknown format)."""
 
 
-class CorpusRowError(ValueError):
+class CorpusRowError(ReadError):
     """One row, file or chunk of the corpus is unusable; the message names it and the problem.
 
     ``read_corpus`` raises it, or collects it and skips the row when given a ``skipped`` list
     (what ``semidyn precompress`` does: per-row errors are counted and reported, not fatal).
     """
-
-    def __init__(self, where: str, problem: str) -> None:
-        super().__init__(f"{where}: {problem}")
-        self.where = where
-        self.problem = problem
 
 
 class ChunkTooLongError(CorpusRowError):
@@ -206,7 +201,8 @@ def read_corpus(
     its directory and alone: ``read_corpus("docs/sub/a.txt", root="docs")`` gives the id
     ``sub/a.txt``, as ``read_corpus("docs")`` does. A file outside ``root`` is a
     :class:`CorpusError`. Raises ``FileNotFoundError`` for a missing path and
-    :class:`CorpusError` for an unknown format.
+    :class:`CorpusError` for an unknown format or a parquet file that is not readable. Files are
+    read through `semidyn_rag.readers`.
     """
     path = Path(path)
     base = Path(root).resolve() if root is not None else None
@@ -222,9 +218,9 @@ def read_corpus(
     def attempt(make: Callable[[], Document | None]) -> Document | None:
         try:
             doc = make()
-        except CorpusRowError as exc:
+        except ReadError as exc:
             if skipped is None:
-                raise
+                raise CorpusRowError(exc.where, exc.problem) from None
             skipped.append(RowError(exc.where, exc.problem))
             logger.debug("skipped %s", exc)
             return None
@@ -253,30 +249,25 @@ def read_corpus(
         if doc is not None:
             yield doc
     elif path.suffix == ".jsonl" and path.is_file():
-        with path.open(encoding="utf-8", errors="surrogateescape") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    where = f"{path}:{number}"
-                    doc = attempt(
-                        lambda line=line, where=where: _json_document(
-                            line, where, text_fields, id_field
-                        )
-                    )
-                    if doc is not None:
-                        yield doc
+        for number, line in json_lines(path):
+            where = f"{path}:{number}"
+            doc = attempt(
+                lambda line=line, where=where: _json_document(line, where, text_fields, id_field)
+            )
+            if doc is not None:
+                yield doc
     elif path.suffix == ".parquet" and path.is_file():
-        pq = require("pyarrow.parquet", f"reading {path}")
-
-        number = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                number += 1
-                where = f"{path} row {number}"
+        try:
+            for where, row in parquet_rows(path, purpose=f"reading {path}"):
                 doc = attempt(
                     lambda row=row, where=where: _row_document(row, where, text_fields, id_field)
                 )
                 if doc is not None:
                     yield doc
+        except ReadError as exc:  # the file itself, not one row
+            if isinstance(exc, CorpusRowError):
+                raise
+            raise CorpusError(str(exc)) from None
     elif not path.exists():
         raise FileNotFoundError(f"no corpus at {path}")
     else:
@@ -286,12 +277,7 @@ def read_corpus(
 
 
 def _file_document(file: Path, doc_id: str) -> Document | None:
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise CorpusRowError(
-            str(file), f"not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8"
-        ) from None
+    text = read_text(file)
     if not text.strip():
         return Document(doc_id, "", {"source": doc_id})
     check_text(text, str(file))
@@ -301,14 +287,7 @@ def _file_document(file: Path, doc_id: str) -> Document | None:
 def _json_document(
     line: str, where: str, text_fields: Sequence[str], id_field: str
 ) -> Document | None:
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError as exc:  # undecodable bytes, kept by surrogateescape
-        raise CorpusRowError(where, f"not UTF-8 (character {exc.start})") from None
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise CorpusRowError(where, f"invalid JSON: {exc}") from None
+    row = parse_json_line(line, where)
     if not isinstance(row, dict):
         raise CorpusRowError(where, "not a JSON object")
     return _row_document(row, where, text_fields, id_field)

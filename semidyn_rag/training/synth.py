@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from ..extras import require
+from ..readers import jsonl_rows, parquet_rows, read_text
 from .samples import TrainSample, density_label
 
 logger = logging.getLogger(__name__)
@@ -189,15 +190,12 @@ def load_seeds(path: str | Path) -> list[Seed]:
     (a ``text``/``context``/``content`` field; ``id`` optional, else a hash of the text)."""
     path = Path(path)
     if path.suffix == ".txt":
-        paragraphs = re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
+        paragraphs = re.split(r"\n\s*\n", read_text(path))
         rows = [{"text": p} for p in paragraphs if p.strip()]
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = [row for _, row in jsonl_rows(path)]
     elif path.suffix == ".parquet":
-        pq = require("pyarrow.parquet", f"reading seeds from {path}")
-
-        rows = pq.read_table(path).to_pylist()
+        rows = [row for _, row in parquet_rows(path, purpose=f"reading seeds from {path}")]
     else:
         raise ValueError(f"{path}: seeds must be .txt, .jsonl or .parquet")
     seeds = []
