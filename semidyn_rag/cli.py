@@ -658,7 +658,7 @@ def _up_to_date(args: argparse.Namespace, config: Any, text_fields: tuple[str, .
     chunk's latents, and its manifest already lists exactly these chunks (no sync pending); no
     ``--ray``/``--chunks-out``/``prune`` work is asked for.
     """
-    if args.ray or args.chunks_out or getattr(config, "prune", False):
+    if args.ray or args.chunks_out or config.prune:
         return None
     if not (Path(args.store) / STORE_DB).is_file():
         return None
@@ -676,8 +676,8 @@ def _up_to_date(args: argparse.Namespace, config: Any, text_fields: tuple[str, .
     if fingerprint is None:
         return None
     from .loading import load_tokenizer
-    from .precompress import RowError, load_chunks, plan_work
-    from .store import LatentStore, text_hash
+    from .precompress import RowError, load_chunks, settled_plan
+    from .store import LatentStore
 
     with LatentStore(args.store, readonly=True) as store:
         if store.fingerprint != fingerprint:
@@ -690,17 +690,8 @@ def _up_to_date(args: argparse.Namespace, config: Any, text_fields: tuple[str, .
         )
         if skipped:  # the full run reports these
             return None
-        plan = plan_work(chunks, store, config.policy)
-        if plan.todo:
-            return None
-        rows = {
-            (c.id, plan.policy, c.doc_id, k, text_hash(c.text))
-            for c, k in zip(plan.chunks, plan.keys, strict=True)
-        }
-        emptied = set(getattr(chunks, "empty_documents", ()))  # their old chunks must go
-        stored = store.manifest({c.doc_id for c in chunks} | emptied)
-        same = {(r.id, r.policy, r.doc_id, r.key, r.text_hash) for r in stored}
-        if same != rows:
+        plan = settled_plan(chunks, store, config)
+        if plan is None:
             return None
         logger.info("nothing to do: the store holds every chunk (no model loaded)")
         return plan.report(store, tokens=0, latents=0, start=start)

@@ -633,6 +633,13 @@ class WorkPlan:
     def skipped(self) -> int:
         return self.unique - len(self.todo)
 
+    def manifest_rows(self) -> list[ManifestRow]:
+        """The corpus manifest rows of ``chunks``: what the sync by document writes."""
+        return [
+            ManifestRow(c.id, self.policy, c.doc_id, k, text_hash(c.text))
+            for c, k in zip(self.chunks, self.keys, strict=True)
+        ]
+
     def report(
         self,
         store: LatentStore,
@@ -673,6 +680,26 @@ def plan_work(chunks: Sequence[Chunk], store: LatentStore, policy: str) -> WorkP
     texts = dict(zip(keys, (c.text for c in chunks)))  # later duplicates map to the same text
     missing = store.missing(texts)
     return WorkPlan(policy, keys, {k: texts[k] for k in missing}, len(texts), list(chunks))
+
+
+def settled_plan(
+    chunks: Sequence[Chunk], store: LatentStore, config: PrecompressConfig
+) -> WorkPlan | None:
+    """The plan of a run that would change nothing, found without a model; else ``None``.
+
+    Nothing to do: the store holds every chunk's latents under ``config``'s policy and its
+    manifest lists exactly these chunks for their documents (none for the documents with no
+    chunk, ``chunks.empty_documents``), and ``config.prune`` is off. ``semidyn precompress``
+    checks this before it loads a model; the rows with errors are for the caller to rule out.
+    """
+    if config.prune:
+        return None
+    plan = plan_work(chunks, store, config.policy)
+    if plan.todo:
+        return None
+    emptied = set(getattr(chunks, "empty_documents", ()))  # their old chunks must go
+    stored = store.manifest({c.doc_id for c in chunks} | emptied)
+    return plan if set(stored) == set(plan.manifest_rows()) else None
 
 
 def decoder_positions(compressor: SemiDynamicCompressor) -> int | None:
@@ -1035,10 +1062,7 @@ def finish_run(store: LatentStore, plan: WorkPlan, config: PrecompressConfig) ->
     changes again. Raises :class:`CorpusError` rather than prune a store with a run that has no
     valid chunk (every document would go).
     """
-    rows = [
-        ManifestRow(c.id, plan.policy, c.doc_id, k, text_hash(c.text))
-        for c, k in zip(plan.chunks, plan.keys, strict=True)
-    ]
+    rows = plan.manifest_rows()
     if config.prune and not rows:
         raise CorpusError(
             f"refusing to prune {store.path}: the run has no valid chunk, so every stored "
