@@ -104,11 +104,13 @@ def main() -> None:
 
         def generate(prompt: LatentPrompt, adapter: bool):
             """``complete``'s path, returning the KV cache and the prompt's position count."""
-            kwargs = model._generation_kwargs({"max_new_tokens": n_new, "min_new_tokens": n_new})
+            kwargs = model.latent_decoder.generation_kwargs(
+                {"max_new_tokens": n_new, "min_new_tokens": n_new}
+            )
             with torch.inference_mode():
                 embeds, mask, _ = model.embed_prompts([prompt])
                 with (
-                    model._adapter("decoder") as dec,
+                    model.adapter("decoder") as dec,
                     contextlib.nullcontext() if adapter else dec.disable_adapter(),
                 ):
                     out = dec.generate(

@@ -26,7 +26,8 @@ from _common import Report, load_model, parser, setup, squad_passages
 from _timing import interleave
 
 from semidyn_rag.config import CompressorConfig
-from semidyn_rag.modeling import SemiDynamicCompressor, _inner
+from semidyn_rag.encoder import transformer_stack
+from semidyn_rag.modeling import SemiDynamicCompressor
 from semidyn_rag.tiny import build_qwen3, build_tokenizer
 
 logger = logging.getLogger("bench_encoder")
@@ -61,11 +62,11 @@ def forward(model: SemiDynamicCompressor, data: list[Batch], adapter: bool = Tru
     def run() -> None:
         with (
             torch.inference_mode(),
-            model._adapter("encoder") as enc,
+            model.adapter("encoder") as enc,
             contextlib.nullcontext() if adapter else enc.disable_adapter(),
         ):
             for ids, mask in data:
-                _inner(enc)(input_ids=ids, attention_mask=mask, is_causal=causal)
+                transformer_stack(enc)(input_ids=ids, attention_mask=mask, is_causal=causal)
 
     return run
 
@@ -95,7 +96,7 @@ def switch_twice(model: SemiDynamicCompressor):
 
     def run() -> None:
         for name in ("decoder", "encoder"):
-            with model._adapter(name):
+            with model.adapter(name):
                 pass
 
     return run

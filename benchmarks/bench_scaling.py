@@ -123,7 +123,7 @@ def main() -> None:
 
     def adapter(name: str):
         def select() -> None:
-            with model._adapter(name):
+            with model.adapter(name):
                 pass
 
         return select

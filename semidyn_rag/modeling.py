@@ -1,8 +1,13 @@
-"""`SemiDynamicCompressor`: encoder + ratio head + DRS + backbone + converter + decoder.
+"""`SemiDynamicCompressor`: encoder → ratio head + selector → backbone → converter → decoder.
 
 One encoder pass gives both the ratio prediction (head on the appended ``<eos>``) and the hidden
 states that are pooled, so choosing a ratio costs nothing extra. The decoder sees each context as a
-single placeholder in its prompt, expanded to that context's latent positions.
+slot in its prompt, expanded to that context's latent positions.
+
+The class composes one unit per step of that path and owns their weights: `encoder.Encoder` (the
+LoRA encoder pass), `backbones` (the mode's ratio or length choice and the features it keeps),
+`converter.Converter`, `decoder.LatentDecoder` (prompts, embedding, generation). Files go through
+`checkpoint`, the training objective is `training.loss.compressor_loss`.
 """
 
 from __future__ import annotations
@@ -10,113 +15,47 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import secrets
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
-from transformers import (
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TextIteratorStreamer,
-)
+from transformers import PreTrainedTokenizerBase
 
-from . import pooling, selector
-from .config import CompressorConfig, LoraSettings
+from . import backbones
+from .config import CompressorConfig
 from .converter import Converter
+from .decoder import PLACEHOLDER, AdapterLock, LatentDecoder, LatentPrompt
+from .encoder import Encoder, eos_states, lora_config, predict_y
 from .loading import load_base, load_tokenizer
 from .types import CompressedContext
 
+__all__ = [
+    "PLACEHOLDER",
+    "ContextTooLongError",
+    "LatentPrompt",
+    "LossOutput",
+    "SemiDynamicCompressor",
+    "TrainExample",
+    "distillation_loss",
+]
+
 logger = logging.getLogger(__name__)
-
-PLACEHOLDER = "\ue000"
-"""A latent slot in the string form ``LatentPrompt(text, latents)``, for text you wrote yourself.
-
-User text (questions, documents, chat) may contain this character too (PDF extraction leaves it
-behind), so prompts built from user text use :meth:`LatentPrompt.from_parts` or
-:meth:`SemiDynamicCompressor.latent_prompt`, where text is text whatever characters it holds."""
-
-
-def _fresh_slot(texts: Iterable[str]) -> str:
-    """A random delimiter that none of ``texts`` contains (user text cannot predict it)."""
-    texts = list(texts)
-    while True:
-        slot = f"<<slot:{secrets.token_hex(16)}>>"
-        if not any(slot in text for text in texts):
-            return slot
-
-
-@dataclass(init=False, eq=False)
-class LatentPrompt:
-    """A user message: text ``pieces`` with one context's latents between consecutive pieces.
-
-    The decoder reads ``pieces[0]``, ``latents[0]``, ``pieces[1]``, ... (``len(pieces) ==
-    len(latents) + 1``). Build one from user text with :meth:`from_parts`; ``LatentPrompt(text,
-    latents)`` reads each ``PLACEHOLDER`` in ``text`` as a slot and raises ``ValueError`` when their
-    count differs from ``len(latents)``.
-    """
-
-    pieces: tuple[str, ...]
-    latents: tuple[torch.Tensor, ...]
-
-    def __init__(self, text: str, latents: Sequence[torch.Tensor] = ()) -> None:
-        pieces = text.split(PLACEHOLDER)
-        if len(pieces) - 1 != len(latents):
-            raise ValueError(
-                f"prompt has {len(pieces) - 1} placeholders but {len(latents)} latents"
-            )
-        self.pieces, self.latents = tuple(pieces), tuple(latents)
-
-    @classmethod
-    def from_parts(cls, parts: Iterable[str | torch.Tensor]) -> LatentPrompt:
-        """Texts and latent spans (``[n, decoder_hidden]`` tensors) in reading order.
-
-        Adjacent texts are joined; no character of a text is ever read as a slot.
-        """
-        pieces: list[str] = []
-        latents: list[torch.Tensor] = []
-        current: list[str] = []
-        for part in parts:
-            if isinstance(part, torch.Tensor):
-                pieces.append("".join(current))
-                latents.append(part)
-                current = []
-            elif isinstance(part, str):
-                current.append(part)
-            else:
-                raise TypeError(f"a prompt part is a str or a latent tensor, not {type(part)}")
-        pieces.append("".join(current))
-        prompt = cls.__new__(cls)
-        prompt.pieces, prompt.latents = tuple(pieces), tuple(latents)
-        return prompt
-
-    @property
-    def text(self) -> str:
-        """The pieces joined by ``PLACEHOLDER`` (for display and the string form)."""
-        return PLACEHOLDER.join(self.pieces)
 
 
 class ContextTooLongError(ValueError):
     """A text's latents would exceed the decoder's positions even at the highest ratio."""
 
 
-def _check_base_reads_text(prompts: Sequence[LatentPrompt], adapter: bool) -> None:
-    """The base decoder (``adapter=False``) never learned to read latents: refuse, don't babble."""
-    if not adapter and any(p.latents for p in prompts):
-        raise ValueError(
-            "adapter=False runs the base decoder, which cannot read latent markers or contexts; "
-            "give it the contexts' plain text"
-        )
-
-
 @dataclass
 class TrainExample:
-    """One pre-tokenized training sample: contexts, the prompt around them, and the answer."""
+    """One pre-tokenized training sample: contexts, the prompt around them, and the answer.
+
+    Raises ``ValueError`` when ``y`` or ``as_text`` do not have one entry per context.
+    """
 
     contexts: list[list[int]]
     """Encoder token ids of each context (no ``<eos>``; at most ``max_segment_tokens``)."""
@@ -152,9 +91,13 @@ class TrainExample:
 
 @dataclass
 class LossOutput:
+    """One batch's losses: ``loss`` carries the graph, the parts are detached scalars."""
+
     loss: torch.Tensor
     lm_loss: torch.Tensor
+    """Mean cross-entropy per answer token (nats)."""
     mse_loss: torch.Tensor
+    """Mean squared error of the ratio head over the labelled compressed contexts (0: none)."""
     kd_loss: torch.Tensor | None = None
     """Token-level distillation term (before its weight); ``None`` when no example has targets."""
 
@@ -186,59 +129,14 @@ def distillation_loss(
     return torch.cat(terms).mean() if terms else None
 
 
-def _lora(settings: LoraSettings) -> LoraConfig:
-    return LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=settings.target_modules,
-        task_type="CAUSAL_LM",
-    )
-
-
-def _inner(peft_model: PeftModel) -> nn.Module:
-    """The transformer stack under the LM head: hidden states without paying for vocab logits."""
-    return peft_model.get_base_model().base_model
-
-
-@contextlib.contextmanager
-def _early_exit(inner: nn.Module, depth: int) -> Iterator[None]:
-    """Run only the first ``depth`` layers of a transformer stack for the duration of a call.
-
-    The final norm is skipped too, so the last state returned is layer ``depth``'s raw output,
-    exactly ``hidden_states[depth]`` of a full pass. Callers hold the model lock: the stack is
-    shared with the decoder when both use one base.
-    """
-    layers = inner.layers
-    if depth >= len(layers):
-        yield
-        return
-    norm = inner.norm
-    inner.layers, inner.norm = nn.ModuleList(layers[:depth]), nn.Identity()
-    try:
-        yield
-    finally:
-        inner.layers, inner.norm = layers, norm
-
-
-class _Cancelled(StoppingCriteria):
-    """Stops ``generate`` once the streaming consumer has gone away."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(
-        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object
-    ) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
-
-
 class SemiDynamicCompressor(nn.Module):
     """Compresses texts into decoder-space latents and answers questions from them.
 
     Build a fresh one for training with :meth:`from_config`, load a trained one with
-    :meth:`from_pretrained`. Model passes are serialised by a lock because the bidirectional flag is
-    written into the shared base config for the duration of an encoder call.
+    :meth:`from_pretrained`. ``encoder`` and ``decoder`` are the LoRA-wrapped bases (one model
+    with two adapters on a shared base); ``ratio_head``, ``converter`` and ``memory`` (learned
+    compression tokens, ``compression_tokens`` backbone only) are ours. Every model pass holds
+    :attr:`lock`: which adapter is active, and the encoder's early exit, are state of the base.
     """
 
     def __init__(
@@ -255,12 +153,15 @@ class SemiDynamicCompressor(nn.Module):
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.decoder_tokenizer = decoder_tokenizer
-        d_enc = encoder.get_base_model().config.hidden_size
-        layers = encoder.get_base_model().config.num_hidden_layers
-        for name in ("pool_layer", "head_layer"):
-            value = getattr(config, name)
-            if value is not None and value > layers:
-                raise ValueError(f"{name} {value} > the encoder's {layers} layers")
+        self.context_encoder = Encoder(
+            encoder,
+            tokenizer.eos_token_id,
+            bidirectional=config.bidirectional,
+            pool_layer=config.pool_layer,
+            head_layer=config.head_layer,
+        )
+        self.backbone = backbones.get(config.backbone)
+        d_enc = self.context_encoder.hidden_size
         d_dec = decoder.get_base_model().config.hidden_size
         self.ratio_head = nn.Linear(d_enc, 1)
         self.converter = Converter(
@@ -270,13 +171,12 @@ class SemiDynamicCompressor(nn.Module):
             config.converter_gated,
             config.converter_gate_input,
         )
-        self.memory = (
-            nn.Parameter(torch.randn(config.memory_tokens, d_enc) * 0.02)
-            if config.backbone == "compression_tokens"
-            else None
-        )
-        self._lock = threading.RLock()
+        appended = self.backbone.appended(config)
+        self.memory = nn.Parameter(torch.randn(appended, d_enc) * 0.02) if appended else None
+        self.adapter_lock = AdapterLock()
+        self.latent_decoder = LatentDecoder(decoder, decoder_tokenizer, config, self.adapter_lock)
         self._fingerprint: str | None = None
+        self._fingerprint_state: tuple | None = None
         dtype = encoder.get_base_model().dtype
         self.to(device=encoder.get_base_model().device, dtype=dtype)
         if config.lora_float32:  # PEFT computes a float32 LoRA on a bf16 base in float32
@@ -295,28 +195,21 @@ class SemiDynamicCompressor(nn.Module):
     ) -> SemiDynamicCompressor:
         """A new, untrained compressor: base model(s) loaded, fresh LoRA adapters, head, converter."""
         enc_base = load_base(config.encoder_model, config.encoder_gguf_file, config, device, dtype)
-        encoder = get_peft_model(enc_base, _lora(config.encoder_lora), adapter_name="encoder")
+        encoder = get_peft_model(enc_base, lora_config(config.encoder_lora), adapter_name="encoder")
         if config.shared_base:
-            encoder.add_adapter("decoder", _lora(config.decoder_lora))
+            encoder.add_adapter("decoder", lora_config(config.decoder_lora))
             decoder = encoder
         else:
             dec_base = load_base(
                 config.decoder_model, config.decoder_gguf_file, config, device, dtype
             )
-            decoder = get_peft_model(dec_base, _lora(config.decoder_lora), adapter_name="decoder")
-        model = cls(config, encoder, decoder, *cls._tokenizers(config))
+            decoder = get_peft_model(
+                dec_base, lora_config(config.decoder_lora), adapter_name="decoder"
+            )
+        model = cls(config, encoder, decoder, *_tokenizers(config))
         embeddings = decoder.get_input_embeddings().weight.detach().float()
         model.converter.match_output_scale(float(embeddings.pow(2).mean().sqrt()))
         return model
-
-    @staticmethod
-    def _tokenizers(
-        config: CompressorConfig,
-    ) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
-        tok = load_tokenizer(config.encoder_model, config.encoder_gguf_file, config)
-        if config.shared_base:
-            return tok, tok
-        return tok, load_tokenizer(config.decoder_model, config.decoder_gguf_file, config)
 
     @classmethod
     def from_pretrained(
@@ -332,7 +225,8 @@ class SemiDynamicCompressor(nn.Module):
 
         Our own layout and the paper's released layout (``projector.pth``) are both recognised.
         Code shipped with a base model runs only with ``trust_remote_code=True`` given here; the
-        flag saved in a checkpoint's config is ignored.
+        flag saved in a checkpoint's config is ignored. Raises `checkpoint.CheckpointError`
+        naming the file for anything missing, damaged or not fitting the base.
         """
         from .checkpoint import load_compressor
 
@@ -350,22 +244,23 @@ class SemiDynamicCompressor(nn.Module):
 
         save_compressor(self, directory)
 
+    _tokenizers = staticmethod(lambda config: _tokenizers(config))
+
     def train(self, mode: bool = True) -> SemiDynamicCompressor:
         self._fingerprint = None  # weights may change from here on
         return super().train(mode)
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the config and every weight that shapes the latents; caches key by it.
+        """Hash of the config and every weight that shapes the latents (`checkpoint.fingerprint`);
+        caches and stores key latents by it.
 
-        Hashing the weights is cached until one may have changed: the cache is keyed by each
+        The hash is cached until a weight may have changed: the cache is keyed by each
         parameter's identity, storage, dtype and autograd version counter (bumped by every
         in-place write: ``load_state_dict``, optimizer steps, ``copy_`` under ``no_grad``) and by
         the config. Writes through ``param.data`` bypass the version counter: call
         :meth:`train` or reload instead.
         """
-        from .checkpoint import fingerprint
-
         state = (
             self.config.model_dump_json(),
             tuple(
@@ -373,7 +268,9 @@ class SemiDynamicCompressor(nn.Module):
                 for p in self.parameters()
             ),
         )
-        if self._fingerprint is None or getattr(self, "_fingerprint_state", None) != state:
+        if self._fingerprint is None or self._fingerprint_state != state:
+            from .checkpoint import fingerprint
+
             self._fingerprint = fingerprint(self)
             self._fingerprint_state = state
         return self._fingerprint
@@ -387,22 +284,18 @@ class SemiDynamicCompressor(nn.Module):
         return self.ratio_head.weight.dtype
 
     # ------------------------------------------------------------------ adapters
-    @contextlib.contextmanager
-    def _adapter(self, name: str) -> Iterator[PeftModel]:
-        """Activate one LoRA adapter under the model lock.
+    @property
+    def lock(self) -> threading.RLock:
+        """The model lock, held by every encoder and decoder pass (re-entrant)."""
+        return self.adapter_lock.lock
 
-        peft's ``set_adapter`` freezes the inactive adapter; while training both adapters must keep
-        learning, so their ``requires_grad`` is restored afterwards.
-        """
+    _lock = lock
+
+    def adapter(self, name: str) -> contextlib.AbstractContextManager[PeftModel]:
+        """The ``encoder`` or ``decoder`` model with that adapter active, under :attr:`lock`
+        (for a pass of your own, e.g. a benchmark or a test reference)."""
         model = self.encoder if name == "encoder" else self.decoder
-        with self._lock:
-            if model.active_adapter != name:
-                model.set_adapter(name)
-                if self.training:
-                    for pname, param in model.named_parameters():
-                        if "lora_" in pname:
-                            param.requires_grad_(True)
-            yield model
+        return self.adapter_lock.activate(model, name)
 
     # ------------------------------------------------------------------ encoder
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -423,147 +316,50 @@ class SemiDynamicCompressor(nn.Module):
             ids = [row[:-1] if row and row[-1] == eos else row for row in ids]
         return ids
 
-    def encode(self, contexts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batched encoder pass: hidden states ``[B, T, d]`` and ratio predictions ``[B]``.
-
-        Each row is ``context + <eos>`` (+ memory tokens for that backbone), right-padded. The head
-        reads the ``<eos>`` state of ``config.head_layer`` (default: the last layer); with
-        bidirectional attention it has seen the whole context. The hidden states are those of
-        ``config.pool_layer`` (default: the last layer).
-        """
-        hidden, head_states = self._encoder_states(contexts)
-        return hidden, self._predict_y(head_states, [len(c) for c in contexts])
-
     @property
     def encoder_depth(self) -> int:
         """How many encoder layers a pass runs: only as deep as pooling and the head read."""
-        layers = self.encoder.get_base_model().config.num_hidden_layers
-        wanted = (self.config.pool_layer, self.config.head_layer)
-        return layers if None in wanted else max(wanted)  # type: ignore[type-var]
+        return self.context_encoder.depth
 
-    def _encoder_states(
+    def encoder_states(
         self, contexts: Sequence[Sequence[int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoder pass of :meth:`encode`: states to pool and states for the ratio head."""
-        eos = self.tokenizer.eos_token_id
-        n_mem = self.config.memory_tokens if self.memory is not None else 0
-        lengths = [len(c) for c in contexts]
-        width = max(lengths) + 1 + n_mem
-        ids = torch.full((len(contexts), width), eos, dtype=torch.long)
-        mask = torch.zeros((len(contexts), width), dtype=torch.long)
-        for row, ctx in enumerate(contexts):
-            ids[row, : len(ctx)] = torch.as_tensor(ctx, dtype=torch.long)
-            mask[row, : len(ctx) + 1 + n_mem] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pool, head, depth = self.config.pool_layer, self.config.head_layer, self.encoder_depth
-        with self._adapter("encoder") as model:
-            embeds = model.get_input_embeddings()(ids)
-            if self.memory is not None:
-                embeds = embeds.clone()
-                for row, n in enumerate(lengths):
-                    embeds[row, n + 1 : n + 1 + n_mem] = self.memory
-            inner = _inner(model)
-            with _early_exit(inner, depth):
-                out = inner(
-                    inputs_embeds=embeds,
-                    attention_mask=mask,
-                    is_causal=not self.config.bidirectional,
-                    output_hidden_states=any(x not in (None, depth) for x in (pool, head)),
-                )
-        last = out.last_hidden_state  # layer `depth`: raw after an early exit, normed at the top
+        """One batched encoder pass: the states to pool (``config.pool_layer``) and the states the
+        ratio head reads (``config.head_layer``), each ``[B, T, d_enc]``.
 
-        def states(layer: int | None) -> torch.Tensor:
-            return last if layer is None or layer == depth else out.hidden_states[layer]
+        Each row is ``context + <eos>`` (+ memory tokens for that backbone), right-padded.
+        """
+        with self.adapter("encoder"):
+            return self.context_encoder.states(contexts, self.memory)
 
-        return states(pool), states(head)
+    def encode(self, contexts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batched encoder pass: hidden states ``[B, T, d]`` and ratio predictions ``[B]``.
+
+        The head reads the ``<eos>`` state of ``config.head_layer`` (default: the last layer);
+        with bidirectional attention it has seen the whole context. The hidden states are those
+        of ``config.pool_layer`` (default: the last layer). Every compression goes through here.
+        """
+        hidden, head_states = self.encoder_states(contexts)
+        return hidden, predict_y(self.ratio_head, head_states, [len(c) for c in contexts])
 
     def head_inputs(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
         """What the ratio head reads: each context's ``<eos>`` state, ``[B, d_enc]`` (one pass)."""
-        _, states = self._encoder_states(contexts)
-        return self._eos_states(states, [len(c) for c in contexts])
-
-    def _eos_states(self, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
-        eos_pos = torch.as_tensor(lengths, device=self.device)
-        return hidden[torch.arange(len(lengths), device=self.device), eos_pos]
-
-    def _predict_y(self, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
-        """The regression head on each row's ``<eos>`` state (position ``length``)."""
-        return self.ratio_head(self._eos_states(hidden, lengths)).squeeze(-1).float()
+        _, states = self.encoder_states(contexts)
+        return eos_states(states, [len(c) for c in contexts])
 
     def structure(
         self, y: float, num_tokens: int, scale: float = 0.0, ratio: float | None = None
     ) -> int:
-        """The structural parameter for one segment: pooling window, or latent count for tokens.
-
-        An explicit ``ratio`` (multi-ratio use) overrides the mode and must be a trained candidate.
-        With ``config.pool_eos`` the appended ``<eos>`` counts as a position (``num_tokens + 1``);
-        ``config.selector_semantics`` picks our discretisation or the paper code's.
-        """
-        cfg = self.config
-        if ratio is not None:
-            selector.check_ratio(ratio, cfg.ratios)
-        mean = cfg.backbone == "mean_pooling"
-        length = num_tokens + 1 if cfg.pool_eos else num_tokens
-        official = cfg.selector_semantics == "official"
-        if ratio is None and cfg.mode in ("fixed_ratio", "multi_ratio"):
-            ratio = cfg.fixed_ratio
-        if ratio is None and cfg.mode == "semi_dynamic" and mean:
-            if official:
-                ratio = selector.official_select_ratio(
-                    y, scale, cfg.ratios, cfg.quantize, cfg.compare_space, self.dtype
-                )
-            else:
-                ratio = selector.select_ratio(y, scale, cfg.ratios, cfg.quantize, cfg.compare_space)
-        if ratio is None and cfg.mode == "fully_dynamic":
-            if not math.isfinite(y):  # max(1.0, nan) would be 1.0: every token kept, silently
-                raise ValueError(
-                    f"the ratio head gave {y!r}: this checkpoint has no trained ratio head; "
-                    "pass ratio= or use a fixed mode"
-                )
-            ratio = max(1.0, selector.continuous_ratio(y, scale))
-        if ratio is not None:
-            window = max(1, round(ratio))
-            count = math.ceil(length / window)
-        elif cfg.mode == "fixed_length":
-            count = cfg.fixed_length
-            window = pooling.window_for_length(length, count)
-        elif official:  # semi-dynamic on a token backbone, as the paper's code chooses lengths
-            count = selector.official_select_length(y, length, scale, cfg.lengths, self.dtype)
-            window = 0
-        else:  # semi-dynamic on a token backbone: length-based DRS (Eq. 4-5)
-            count = selector.select_length(
-                y, length, scale, cfg.lengths, cfg.quantize, cfg.compare_space
-            )
-            window = 0
-        if mean:
-            return window
-        limit = length if cfg.backbone == "last_tokens" else cfg.memory_tokens
-        if official:
-            limit = min(limit, length)
-        return max(1, min(count, limit))
+        """The structural parameter for one segment: pooling window, or latent count for tokens
+        (`backbones.structure`; an explicit ``ratio`` must be a trained candidate)."""
+        return backbones.structure(self.config, y, num_tokens, scale, ratio, dtype=self.dtype)
 
     def extract(
         self, hidden: torch.Tensor, num_tokens: int, param: int, ratio: float | None = None
     ) -> torch.Tensor:
         """Apply the backbone to one row of encoder states ``[T, d]`` (``param`` from
-        :meth:`structure`, ``ratio`` the explicit one passed to it); returns ``[M, d]``.
-
-        The row is ``context + <eos>`` (+ memory tokens); with ``config.pool_eos`` the ``<eos>`` at
-        position ``num_tokens`` is pooled with the context. A ratio that the head did not choose
-        (fixed modes, explicit ``ratio``) uses ``config.fixed_ratio_alignment`` when it is set.
-        """
-        cfg = self.config
-        length = num_tokens + 1 if cfg.pool_eos else num_tokens
-        if cfg.backbone == "mean_pooling":
-            fixed = ratio is not None or cfg.mode in ("fixed_ratio", "multi_ratio")
-            align = cfg.pooling_alignment
-            if fixed and cfg.fixed_ratio_alignment is not None:
-                align = cfg.fixed_ratio_alignment
-            return pooling.mean_pool(hidden[:length], param, align)
-        if cfg.backbone == "last_tokens":
-            return pooling.last_tokens(hidden[:length], param)
-        start = num_tokens + 1
-        return hidden[start : start + param]
+        :meth:`structure`, ``ratio`` the explicit one passed to it); returns ``[M, d]``."""
+        return backbones.extract(self.config, hidden, num_tokens, param, ratio)
 
     def _segments(self, token_lists: list[list[int]]) -> tuple[list[list[int]], list[int]]:
         """Split over-long token lists into encoder-sized segments; return segments and owners."""
@@ -578,13 +374,11 @@ class SemiDynamicCompressor(nn.Module):
     def _check_fits_decoder(
         self, token_lists: Sequence[Sequence[int]], ratio: float | None
     ) -> None:
-        from .precompress import decoder_positions, min_latents
-
-        budget = decoder_positions(self)
+        budget = self.latent_decoder.max_positions
         if budget is None:
             return
         for i, ids in enumerate(token_lists):
-            need = min_latents(self, len(ids), ratio)
+            need = backbones.min_latents(self.config, len(ids), ratio)
             if need > budget:
                 raise ContextTooLongError(
                     f"text {i} has {len(ids):,} tokens, which give at least {need:,} latents: "
@@ -640,8 +434,7 @@ class SemiDynamicCompressor(nn.Module):
                 n = len(segments[i])
                 param = self.structure(ys[row], n, scale, ratio)
                 pooled.append(self.extract(hidden[row], n, param, ratio))
-                chosen = param if self.config.backbone == "mean_pooling" else n / param
-                params[i] = (float(chosen), ys[row])
+                params[i] = (float(self.backbone.ratio(param, n)), ys[row])
             # One converter call per encoder batch: the token backbones' features are views of
             # `hidden`, which must not stay alive for every batch until the end of a large call.
             converted = self.converter(torch.cat(pooled)).split([p.shape[0] for p in pooled])
@@ -665,135 +458,25 @@ class SemiDynamicCompressor(nn.Module):
 
     # ------------------------------------------------------------------ decoder
     def format_prompt(self, question: str, num_contexts: int) -> str:
-        """The user message for ``question`` with one placeholder per context (none: the question).
-
-        The string form for ``LatentPrompt(text, latents)``: a ``PLACEHOLDER`` inside ``question``
-        would be a slot, so it becomes U+FFFD here; :meth:`latent_prompt` keeps the question exact.
-        """
-        question = question.replace(PLACEHOLDER, "\ufffd")
-        if num_contexts == 0:
-            return question
-        slots = "\n".join([PLACEHOLDER] * num_contexts)
-        return self.config.prompt_template.format(context=slots, question=question)
+        """The user message with one ``PLACEHOLDER`` per context (`LatentDecoder.format_prompt`)."""
+        return self.latent_decoder.format_prompt(question, num_contexts)
 
     def latent_prompt(self, question: str, latents: Sequence[torch.Tensor | str]) -> LatentPrompt:
-        """The training prompt for ``question`` around ``latents``, one context per line.
-
-        Each context is a ``[n, decoder_hidden]`` latent span or plain text (read as text, as
-        selective expansion sends it). No text is parsed for slots: the question and text
-        contexts reach the decoder exactly as given, whatever characters they hold.
-        """
-        if not latents:
-            return LatentPrompt.from_parts([question])
-        texts = [c for c in latents if isinstance(c, str)]
-        slot = _fresh_slot([question, self.config.prompt_template, *texts])
-        text = self.config.prompt_template.format(
-            context="\n".join([slot] * len(latents)), question=question
-        )
-        first, *rest = text.split(slot)
-        if len(rest) != len(latents):
-            raise RuntimeError("the prompt template dropped or repeated a context slot")
-        parts: list[str | torch.Tensor] = [first]
-        for latent, piece in zip(latents, rest, strict=True):
-            parts += [latent, piece]
-        return LatentPrompt.from_parts(parts)
-
-    def _render(self, text: str, answer: bool = False) -> str:
-        tok = self.decoder_tokenizer
-        if not (self.config.use_chat_template and tok.chat_template):
-            return text
-        return tok.apply_chat_template(
-            [{"role": "user", "content": text}],
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=False,
-        )
-
-    def _render_pieces(self, pieces: Sequence[str]) -> list[str]:
-        """The chat template around a prompt's pieces, split again at the latent slots.
-
-        The pieces are joined by a fresh random delimiter that no piece contains, so no text can
-        add or remove a slot.
-        """
-        if len(pieces) == 1:
-            return [self._render(pieces[0])]
-        slot = _fresh_slot(pieces)
-        rendered = self._render(slot.join(pieces)).split(slot)
-        if len(rendered) != len(pieces):
-            raise RuntimeError("the decoder's chat template dropped or repeated a latent slot")
-        return rendered
+        """The prompt for ``question`` around ``latents``, one context per line: each a
+        ``[n, decoder_hidden]`` latent span or plain text (`LatentDecoder.latent_prompt`)."""
+        return self.latent_decoder.latent_prompt(question, latents)
 
     def prompt_positions(self, prompt: LatentPrompt) -> int:
         """Decoder input positions of ``prompt``: its rendered text tokens plus every latent."""
-        tok = self.decoder_tokenizer
-        ids = tok(self._render_pieces(prompt.pieces), add_special_tokens=False)["input_ids"]
-        return sum(len(i) for i in ids) + sum(int(lat.shape[0]) for lat in prompt.latents)
+        return self.latent_decoder.prompt_positions(prompt)
 
     def embed_prompts(
         self, prompts: Sequence[LatentPrompt], answers: Sequence[list[int]] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Decoder ``inputs_embeds`` ``[B, T, d]`` with each slot expanded to its latent positions.
+        """Decoder ``inputs_embeds`` ``[B, T, d]``, mask ``[B, T]`` and (with ``answers``) labels
+        (`LatentDecoder.embed_prompts`)."""
+        return self.latent_decoder.embed_prompts(prompts, answers)
 
-        Without ``answers`` the batch is left-padded for generation; with answers it is right-padded
-        and labels mark only the answer tokens (the LM loss ignores prompt and latents).
-        """
-        tok = self.decoder_tokenizer
-        pieces = [self._render_pieces(p.pieces) for p in prompts]
-        flat = [piece for ps in pieces for piece in ps]
-        flat_ids = iter(tok(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
-        table = self.decoder.get_input_embeddings()
-        rows, labels = [], []
-        for i, (prompt, ps) in enumerate(zip(prompts, pieces, strict=True)):
-            ids = [next(flat_ids) for _ in ps]
-            parts, part_labels = [], []
-            for j, piece_ids in enumerate(ids):
-                parts.append(
-                    table(torch.as_tensor(piece_ids, dtype=torch.long, device=self.device))
-                )
-                part_labels.append(torch.full((len(piece_ids),), -100, dtype=torch.long))
-                if j < len(prompt.latents):
-                    lat = prompt.latents[j].to(device=self.device, dtype=parts[-1].dtype)
-                    parts.append(lat)
-                    part_labels.append(torch.full((lat.shape[0],), -100, dtype=torch.long))
-            if answers is not None:
-                ans = torch.as_tensor(answers[i], dtype=torch.long)
-                parts.append(table(ans.to(self.device)))
-                part_labels.append(ans)
-            rows.append(torch.cat(parts))
-            labels.append(torch.cat(part_labels))
-        width = max(r.shape[0] for r in rows)
-        dim = rows[0].shape[1]
-        embeds = rows[0].new_zeros((len(rows), width, dim))
-        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
-        label_tensor = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (row, lab) in enumerate(zip(rows, labels, strict=True)):
-            n = row.shape[0]
-            span = slice(width - n, width) if answers is None else slice(0, n)
-            embeds[i, span] = row
-            mask[i, span] = 1
-            label_tensor[i, span] = lab
-        return embeds, mask, (label_tensor.to(self.device) if answers is not None else None)
-
-    def _generation_kwargs(self, kwargs: dict) -> dict:
-        """``generate`` arguments: the caller's, HF names and meanings, with our defaults.
-
-        64 new tokens unless ``max_new_tokens`` or ``max_length`` (prompt positions included, as
-        in HF) is given; a ``temperature`` above 0 samples unless ``do_sample`` says otherwise.
-        """
-        tok = self.decoder_tokenizer
-        out = dict(kwargs)
-        if out.get("max_new_tokens") is None and out.get("max_length") is None:
-            out["max_new_tokens"] = 64
-        if out.get("do_sample") is None:
-            out["do_sample"] = (out.get("temperature") or 0.0) > 0
-        out.setdefault("pad_token_id", tok.pad_token_id or tok.eos_token_id)
-        out.setdefault("eos_token_id", tok.eos_token_id)
-        if not out["do_sample"]:  # greedy: sampling knobs mean nothing (and make HF warn)
-            for key in ("temperature", "top_p", "top_k"):
-                out[key] = None
-        return out
-
-    @torch.inference_mode()
     def complete(
         self, prompts: Sequence[LatentPrompt], *, adapter: bool = True, **generate_kwargs: object
     ) -> list[str]:
@@ -802,59 +485,14 @@ class SemiDynamicCompressor(nn.Module):
         ``adapter=False`` runs the untouched base decoder: the honest baseline for plain-text
         prompts (no context, full uncompressed context) on the same base model.
         """
-        if not prompts:
-            return []
-        _check_base_reads_text(prompts, adapter)
-        embeds, mask, _ = self.embed_prompts(prompts)
-        with self._adapter("decoder") as model:
-            plain = model.disable_adapter() if not adapter else contextlib.nullcontext()
-            with plain:
-                out = model.generate(
-                    inputs_embeds=embeds,
-                    attention_mask=mask,
-                    **self._generation_kwargs(generate_kwargs),
-                )
-        return self.decoder_tokenizer.batch_decode(out, skip_special_tokens=True)
+        return self.latent_decoder.complete(prompts, adapter=adapter, **generate_kwargs)
 
     def stream(
         self, prompt: LatentPrompt, *, adapter: bool = True, **generate_kwargs: object
     ) -> Iterator[str]:
-        """Yield the answer's text as the decoder produces it (real token streaming).
-
-        ``adapter=False`` streams from the untouched base decoder, as in :meth:`complete`.
-        """
-        _check_base_reads_text([prompt], adapter)
-        with torch.inference_mode():
-            embeds, mask, _ = self.embed_prompts([prompt])
-        streamer = TextIteratorStreamer(self.decoder_tokenizer, skip_special_tokens=True)
-        kwargs = self._generation_kwargs(generate_kwargs)
-        cancelled = threading.Event()
-        kwargs["stopping_criteria"] = StoppingCriteriaList(
-            [*kwargs.get("stopping_criteria", []), _Cancelled(cancelled)]
-        )
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                with torch.inference_mode(), self._adapter("decoder") as model:
-                    plain = model.disable_adapter() if not adapter else contextlib.nullcontext()
-                    with plain:
-                        model.generate(
-                            inputs_embeds=embeds, attention_mask=mask, streamer=streamer, **kwargs
-                        )
-            except BaseException as exc:  # surfaced in the consumer's thread below
-                errors.append(exc)
-                streamer.end()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        try:
-            yield from (piece for piece in streamer if piece)
-        finally:  # a consumer that stops reading early also stops the decoder (and its lock)
-            cancelled.set()
-            thread.join()
-        if errors:
-            raise errors[0]
+        """Yield the answer's text as the decoder produces it (real token streaming); closing the
+        iterator early stops the decoder. ``adapter=False`` as in :meth:`complete`."""
+        return self.latent_decoder.stream(prompt, adapter=adapter, **generate_kwargs)
 
     def prompts_for(
         self,
@@ -925,8 +563,8 @@ class SemiDynamicCompressor(nn.Module):
         if contexts:  # a batch of fully expanded prompts has nothing to encode
             held = contextlib.nullcontext() if encoder_grad else torch.no_grad()
             with held:
-                hidden, head_states = self._encoder_states(contexts)
-            y_hat = self._predict_y(head_states, [len(c) for c in contexts])  # learns either way
+                hidden, head_states = self.encoder_states(contexts)
+            y_hat = predict_y(self.ratio_head, head_states, [len(c) for c in contexts])
             with held:
                 pooled = []
                 for row, (ctx, label) in enumerate(zip(contexts, labels.tolist(), strict=True)):
@@ -940,8 +578,8 @@ class SemiDynamicCompressor(nn.Module):
             parts = [next(spans) if text is None else text for text in texts]
             prompts.append(self.latent_prompt(ex.question, parts))
         embeds, mask, targets = self.embed_prompts(prompts, [ex.answer for ex in examples])
-        with self._adapter("decoder") as model:
-            logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+        with self.adapter("decoder") as decoder:
+            logits = decoder(inputs_embeds=embeds, attention_mask=mask).logits
         lm = nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100
         )
@@ -961,3 +599,13 @@ class SemiDynamicCompressor(nn.Module):
             mse_loss=mse.detach(),
             kd_loss=None if kd is None else kd.detach(),
         )
+
+
+def _tokenizers(
+    config: CompressorConfig,
+) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
+    """The encoder's and the decoder's tokenizer (one object on a shared base)."""
+    tok = load_tokenizer(config.encoder_model, config.encoder_gguf_file, config)
+    if config.shared_base:
+        return tok, tok
+    return tok, load_tokenizer(config.decoder_model, config.decoder_gguf_file, config)

@@ -139,7 +139,7 @@ def test_an_expanded_chunks_tokens_reach_the_decoder(compressor) -> None:
     tok = compressor.decoder_tokenizer
     ids = tok(TEXTS[0], add_special_tokens=False)["input_ids"]
     text_rows = compressor.decoder.get_input_embeddings()(torch.tensor(ids))
-    rendered = compressor._render_pieces(prompt.pieces)
+    rendered = compressor.latent_decoder.render_pieces(prompt.pieces)
     head = len(tok(rendered[0], add_special_tokens=False)["input_ids"])
     # the latent span sits right after the first piece, exactly
     torch.testing.assert_close(row[head : head + latent.shape[0]], latent)

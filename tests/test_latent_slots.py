@@ -42,7 +42,7 @@ def test_rendered_pieces_keep_latents_where_the_parts_put_them(compressor):
     embeds, mask, _ = compressor.embed_prompts([prompt])
     assert int(mask.sum()) == compressor.prompt_positions(prompt)
     table = compressor.decoder.get_input_embeddings()
-    before, after = compressor._render_pieces(prompt.pieces)
+    before, after = compressor.latent_decoder.render_pieces(prompt.pieces)
     assert after.startswith(" <<slot:")  # a slot-shaped text stays text
     ids = compressor.decoder_tokenizer([before], add_special_tokens=False)["input_ids"][0]
     start = len(ids)
@@ -80,11 +80,11 @@ def test_generation_limits_are_honoured(compressor):
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
     positions = compressor.prompt_positions(prompt)
-    kwargs = compressor._generation_kwargs({"max_length": positions + 3})
+    kwargs = compressor.latent_decoder.generation_kwargs({"max_length": positions + 3})
     assert "max_new_tokens" not in kwargs  # max_length is the caller's limit, not overridden
     assert count(max_new_tokens=2) <= 2
-    assert compressor._generation_kwargs({"temperature": 0.7})["do_sample"] is True
-    assert compressor._generation_kwargs({"temperature": 0.0})["do_sample"] is False
+    assert compressor.latent_decoder.generation_kwargs({"temperature": 0.7})["do_sample"] is True
+    assert compressor.latent_decoder.generation_kwargs({"temperature": 0.0})["do_sample"] is False
     torch.manual_seed(0)
     sampled = {
         compressor.complete([prompt], temperature=5.0, max_new_tokens=8)[0] for _ in range(4)

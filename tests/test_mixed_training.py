@@ -33,7 +33,7 @@ class _Spy:
     def __init__(self, model, monkeypatch):
         self.encoded: list[list[int]] = []
         self.prompts = []
-        encoder_states, embed_prompts = model._encoder_states, model.embed_prompts
+        encoder_states, embed_prompts = model.encoder_states, model.embed_prompts
 
         def spy_encoder(contexts):
             self.encoded += [list(c) for c in contexts]
@@ -43,7 +43,7 @@ class _Spy:
             self.prompts += list(prompts)
             return embed_prompts(prompts, answers)
 
-        monkeypatch.setattr(model, "_encoder_states", spy_encoder)
+        monkeypatch.setattr(model, "encoder_states", spy_encoder)
         monkeypatch.setattr(model, "embed_prompts", spy_embed)
 
 
@@ -84,7 +84,7 @@ def test_mixed_loss_equals_the_loss_on_the_prompt_inference_builds(compressor):
     done = compressor.compress(CONTEXTS[1:], ratio=2)
     prompt = compressor.latent_prompt(ex.question, [CONTEXTS[0], *(c.latents for c in done)])
     embeds, mask, targets = compressor.embed_prompts([prompt], [ex.answer])
-    with torch.no_grad(), compressor._adapter("decoder") as decoder:
+    with torch.no_grad(), compressor.adapter("decoder") as decoder:
         logits = decoder(inputs_embeds=embeds, attention_mask=mask).logits
     want = torch.nn.functional.cross_entropy(logits[0, :-1].float(), targets[0, 1:])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

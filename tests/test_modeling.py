@@ -63,7 +63,7 @@ def test_latents_land_at_placeholder_positions(compressor):
     a, b = compressor.compress([TEXT, "Alice was born in 1990 in Lyon"], ratio=4)
     prompt = LatentPrompt(f"First {PLACEHOLDER} then {PLACEHOLDER} end", [a.latents, b.latents])
     embeds, mask, _ = compressor.embed_prompts([prompt])
-    rendered = compressor._render(prompt.text)
+    rendered = compressor.latent_decoder.render(prompt.text)
     before, middle, after = rendered.split(PLACEHOLDER)
     table = compressor.decoder.get_input_embeddings()
     tok = compressor.decoder_tokenizer
@@ -192,8 +192,8 @@ def test_closing_a_stream_early_stops_the_decoder(compressor):
     stream = compressor.stream(prompt, max_new_tokens=500, min_new_tokens=500)
     next(stream)
     stream.close()  # returns only once the generation thread has ended
-    assert compressor._lock.acquire(blocking=False)
-    compressor._lock.release()
+    assert compressor.lock.acquire(blocking=False)
+    compressor.lock.release()
 
 
 def test_fresh_converter_speaks_at_the_scale_of_decoder_embeddings(compressor):

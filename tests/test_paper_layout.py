@@ -302,7 +302,7 @@ def ours(model: SemiDynamicCompressor, text: str, scale: float = 0.0, ratio=None
     [ctx] = model.compress([text], scale=scale, ratio=ratio)
     prompt = LatentPrompt(model.format_prompt(QUESTION, 1), [ctx.latents])
     embeds, mask, _ = model.embed_prompts([prompt])
-    with model._adapter("decoder") as decoder:
+    with model.adapter("decoder") as decoder:
         logits = decoder(inputs_embeds=embeds, attention_mask=mask).logits[0, -1]
     [text_out] = model.complete([prompt], max_new_tokens=NEW_TOKENS)
     return {"ctx": ctx, "logits": logits, "text": text_out}

@@ -27,8 +27,9 @@ from transformers import PreTrainedTokenizerBase
 from .. import selector
 from ..checkpoint import attach_adapter
 from ..config import LoraSettings
+from ..encoder import Encoder, lora_config, predict_y
 from ..loading import load_base, load_tokenizer
-from ..modeling import LossOutput, SemiDynamicCompressor, TrainExample, _inner, _lora
+from ..modeling import LossOutput, SemiDynamicCompressor, TrainExample
 from ..types import CompressedContext
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class RatioRegressor(nn.Module):
         self.config = config
         self.encoder = encoder
         self.tokenizer = tokenizer
+        self.context_encoder = Encoder(
+            encoder, tokenizer.eos_token_id, bidirectional=config.bidirectional
+        )
         base = encoder.get_base_model()
         self.head = nn.Linear(base.config.hidden_size, 1).to(device=base.device, dtype=base.dtype)
 
@@ -75,7 +79,9 @@ class RatioRegressor(nn.Module):
         cls, config: RatioRegressorConfig, *, dtype: torch.dtype | None = None
     ) -> RatioRegressor:
         base, tok = cls._base(config, dtype)
-        return cls(config, get_peft_model(base, _lora(config.lora), adapter_name=ADAPTER), tok)
+        return cls(
+            config, get_peft_model(base, lora_config(config.lora), adapter_name=ADAPTER), tok
+        )
 
     @classmethod
     def from_pretrained(
@@ -124,23 +130,11 @@ class RatioRegressor(nn.Module):
         return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
     def predict_tokens(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """``[B]`` predictions: one bidirectional pass over ``context + <eos>``, head on ``<eos>``."""
-        eos = self.tokenizer.eos_token_id
+        """``[B]`` predictions ``y``: one pass of the shared `encoder.Encoder` over
+        ``context + <eos>`` (contexts cut to ``max_segment_tokens``), the head on ``<eos>``."""
         contexts = [list(c)[: self.config.max_segment_tokens] for c in contexts]
-        lengths = [len(c) for c in contexts]
-        ids = torch.full((len(contexts), max(lengths) + 1), eos, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, ctx in enumerate(contexts):
-            ids[row, : len(ctx)] = torch.as_tensor(ctx, dtype=torch.long)
-            mask[row, : len(ctx) + 1] = 1
-        hidden = _inner(self.encoder)(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            is_causal=not self.config.bidirectional,
-        ).last_hidden_state
-        rows = torch.arange(len(contexts), device=self.device)
-        eos_state = hidden[rows, torch.as_tensor(lengths, device=self.device)]
-        return self.head(eos_state).squeeze(-1).float()
+        _, hidden = self.context_encoder.states(contexts)
+        return predict_y(self.head, hidden, [len(c) for c in contexts])
 
     @torch.inference_mode()
     def predict(self, texts: Sequence[str], batch_size: int = 16) -> list[float]:
