@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +29,7 @@ from .converter import Converter
 from .decoder import PLACEHOLDER, AdapterLock, LatentDecoder, LatentPrompt
 from .encoder import Encoder, eos_states, lora_config, predict_y
 from .loading import load_base, load_tokenizer
+from .training.loss import LossOutput, TrainExample, compressor_loss, distillation_loss
 from .types import CompressedContext
 
 __all__ = [
@@ -48,85 +47,6 @@ logger = logging.getLogger(__name__)
 
 class ContextTooLongError(ValueError):
     """A text's latents would exceed the decoder's positions even at the highest ratio."""
-
-
-@dataclass
-class TrainExample:
-    """One pre-tokenized training sample: contexts, the prompt around them, and the answer.
-
-    Raises ``ValueError`` when ``y`` or ``as_text`` do not have one entry per context.
-    """
-
-    contexts: list[list[int]]
-    """Encoder token ids of each context (no ``<eos>``; at most ``max_segment_tokens``)."""
-    question: str
-    answer: list[int]
-    """Decoder token ids of the answer, ending with the decoder's ``<eos>``."""
-    y: list[float]
-    """Density label ``log2(L_ctx / L_sum)`` per context; NaN where unknown (no MSE term)."""
-    teacher_ids: list[list[int]] | None = None
-    """Per answer token, the ids of the teacher's ``top_k`` next-token candidates ``[A, k]``
-    (token-level distillation; ``None``: none)."""
-    teacher_logprobs: list[list[float]] | None = None
-    """Their log-probabilities under the teacher, same shape as ``teacher_ids``."""
-    as_text: list[str | None] | None = None
-    """Per context, the plain text the decoder reads in place of its latents (selective
-    expansion, as ``expand_top_k`` sends the retriever's best chunks); ``None`` entries, or no
-    list, are compressed. An expanded context is not encoded and adds no MSE term."""
-
-    def __post_init__(self) -> None:
-        if len(self.y) != len(self.contexts):
-            raise ValueError(f"{len(self.y)} labels for {len(self.contexts)} contexts")
-        if self.as_text is not None and len(self.as_text) != len(self.contexts):
-            raise ValueError(
-                f"{len(self.as_text)} as_text entries for {len(self.contexts)} contexts"
-            )
-
-    def compressed(self) -> list[int]:
-        """Indices of the contexts that go to the decoder as latents."""
-        if self.as_text is None:
-            return list(range(len(self.contexts)))
-        return [i for i, text in enumerate(self.as_text) if text is None]
-
-
-@dataclass
-class LossOutput:
-    """One batch's losses: ``loss`` carries the graph, the parts are detached scalars."""
-
-    loss: torch.Tensor
-    lm_loss: torch.Tensor
-    """Mean cross-entropy per answer token (nats)."""
-    mse_loss: torch.Tensor
-    """Mean squared error of the ratio head over the labelled compressed contexts (0: none)."""
-    kd_loss: torch.Tensor | None = None
-    """Token-level distillation term (before its weight); ``None`` when no example has targets."""
-
-
-def distillation_loss(
-    logits: torch.Tensor, targets: torch.Tensor, examples: Sequence[TrainExample]
-) -> torch.Tensor | None:
-    """Sparse token-level KD: ``-Σ_k p_teacher(k) · log p_student(k)`` over the teacher's top-k,
-    averaged over every answer token of the examples that carry teacher targets.
-
-    ``logits`` ``[B, T, V]`` and ``targets`` ``[B, T]`` (-100 outside answers) are those of the LM
-    loss; answer token ``j`` of row ``i`` is predicted at the position before it. ``None`` when no
-    example has targets. Raises ``ValueError`` when an example's targets do not cover its answer.
-    """
-    terms = []
-    for i, ex in enumerate(examples):
-        if ex.teacher_ids is None or ex.teacher_logprobs is None:
-            continue
-        positions = (targets[i] != -100).nonzero().squeeze(-1) - 1
-        if len(ex.teacher_ids) != positions.numel():
-            raise ValueError(
-                f"teacher targets cover {len(ex.teacher_ids)} tokens, the answer has "
-                f"{positions.numel()}"
-            )
-        student = logits[i, positions].float().log_softmax(-1)  # [A, V]
-        ids = torch.as_tensor(ex.teacher_ids, device=logits.device)
-        probs = torch.as_tensor(ex.teacher_logprobs, device=logits.device).exp()
-        terms.append(-(probs * student.gather(-1, ids)).sum(-1))
-    return torch.cat(terms).mean() if terms else None
 
 
 class SemiDynamicCompressor(nn.Module):
@@ -545,60 +465,8 @@ class SemiDynamicCompressor(nn.Module):
         encoder_grad: bool = True,
         kd_weight: float = 0.0,
     ) -> LossOutput:
-        """Eq. 7: ``LM + λ·MSE(ŷ, y)`` for one batch (the LM loss counts answer tokens only),
-        plus ``kd_weight ×`` `distillation_loss` where examples carry teacher targets.
-
-        ``ratio`` fixes the structure for the whole batch (multi-ratio training draws one per batch);
-        ``None`` lets the mode decide, with the label ``y`` standing in for the prediction so that
-        the fully dynamic baseline trains on the ratios its labels imply. ``encoder_grad=False``
-        builds the latents without a graph (encoder and converter held fixed): the backward pass
-        then costs the decoder and the ratio head only. Contexts an example marks ``as_text`` are
-        read as plain text in the same prompt (selective expansion), without latents or MSE term.
-        """
-        picked = [(ex, i) for ex in examples for i in ex.compressed()]
-        contexts = [ex.contexts[i] for ex, i in picked]
-        labels = torch.tensor([ex.y[i] for ex, i in picked], device=self.device)
-        y_hat = labels.new_zeros(0)
-        spans: Iterator[torch.Tensor] = iter(())
-        if contexts:  # a batch of fully expanded prompts has nothing to encode
-            held = contextlib.nullcontext() if encoder_grad else torch.no_grad()
-            with held:
-                hidden, head_states = self.encoder_states(contexts)
-            y_hat = predict_y(self.ratio_head, head_states, [len(c) for c in contexts])
-            with held:
-                pooled = []
-                for row, (ctx, label) in enumerate(zip(contexts, labels.tolist(), strict=True)):
-                    guide = label if math.isfinite(label) else float(y_hat[row].detach())
-                    structure = self.structure(guide, len(ctx), 0.0, ratio)
-                    pooled.append(self.extract(hidden[row], len(ctx), structure, ratio))
-                spans = iter(self.converter(torch.cat(pooled)).split([p.shape[0] for p in pooled]))
-        prompts = []
-        for ex in examples:
-            texts = ex.as_text or [None] * len(ex.contexts)
-            parts = [next(spans) if text is None else text for text in texts]
-            prompts.append(self.latent_prompt(ex.question, parts))
-        embeds, mask, targets = self.embed_prompts(prompts, [ex.answer for ex in examples])
-        with self.adapter("decoder") as decoder:
-            logits = decoder(inputs_embeds=embeds, attention_mask=mask).logits
-        lm = nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100
-        )
-        known = torch.isfinite(labels)
-        mse = (
-            nn.functional.mse_loss(y_hat[known], labels[known])
-            if known.any()
-            else y_hat.sum() * 0.0
-        )
-        loss = lm + mse_weight * mse
-        kd = distillation_loss(logits, targets, examples) if kd_weight else None
-        if kd is not None:
-            loss = loss + kd_weight * kd
-        return LossOutput(
-            loss=loss,
-            lm_loss=lm.detach(),
-            mse_loss=mse.detach(),
-            kd_loss=None if kd is None else kd.detach(),
-        )
+        """Eq. 7 on one batch (`training.loss.compressor_loss`, which documents the arguments)."""
+        return compressor_loss(self, examples, ratio, mse_weight, encoder_grad, kd_weight)
 
 
 def _tokenizers(

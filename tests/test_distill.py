@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from semidyn_rag.modeling import LatentPrompt, TrainExample, distillation_loss
+from semidyn_rag.decoder import LatentPrompt
 from semidyn_rag.training.distill import plain_prompt, teacher_answers
+from semidyn_rag.training.loss import TrainExample, distillation_loss
 from semidyn_rag.training.samples import (
     TeacherTargets,
     TrainSample,

@@ -9,6 +9,7 @@ from semidyn_rag.config import CompressorConfig
 from semidyn_rag.modeling import SemiDynamicCompressor
 from semidyn_rag.testing import randomize_lora
 from semidyn_rag.tiny import build_qwen3
+from semidyn_rag.training.loss import TrainExample
 
 TEXTS = ["Paris is the capital of France.", "The quick brown fox jumps over the lazy dog."]
 
@@ -114,8 +115,6 @@ def test_a_head_layer_beyond_the_encoder_is_refused(deep_dir):
 
 
 def test_the_head_still_learns_at_an_early_layer(deep_dir):
-    from semidyn_rag.modeling import TrainExample
-
     model = _make(deep_dir, pool_layer=1, head_layer=1).train()
     ids = model.tokenize(TEXTS)
     examples = [

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from semidyn_rag.modeling import TrainExample
+from semidyn_rag.training.loss import TrainExample
 from semidyn_rag.training.samples import TrainSample, read_jsonl, to_examples, write_jsonl
 
 CONTEXTS = [

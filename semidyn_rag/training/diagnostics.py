@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from ..modeling import LossOutput, TrainExample
+from .loss import LossOutput, TrainExample
 
 
 class LatentUse(BaseModel):

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..modeling import LatentPrompt, SemiDynamicCompressor
+from ..decoder import LatentPrompt
+from ..modeling import SemiDynamicCompressor
 from .samples import TeacherTargets, TrainSample
 
 logger = logging.getLogger(__name__)

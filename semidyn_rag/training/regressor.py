@@ -29,8 +29,9 @@ from ..checkpoint import attach_adapter
 from ..config import LoraSettings
 from ..encoder import Encoder, lora_config, predict_y
 from ..loading import load_base, load_tokenizer
-from ..modeling import LossOutput, SemiDynamicCompressor, TrainExample
+from ..modeling import SemiDynamicCompressor
 from ..types import CompressedContext
+from .loss import LossOutput, TrainExample
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from transformers import PreTrainedTokenizerBase
 
 from ..data import QASample
-from ..modeling import TrainExample
+from .loss import TrainExample
 
 logger = logging.getLogger(__name__)
 

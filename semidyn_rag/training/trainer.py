@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CONFIG_NAME
 from ..loading import portable_name
-from ..modeling import LossOutput, SemiDynamicCompressor, TrainExample
+from ..modeling import SemiDynamicCompressor
 from .align import AlignTarget, align_converter
 from .diagnostics import LatentUse, latent_use
+from .loss import LossOutput, TrainExample
 from .samples import TrainSample, to_examples
 
 logger = logging.getLogger(__name__)
