@@ -1,4 +1,8 @@
-"""Saving and loading compressors: our layout, and import of the paper's released checkpoints.
+"""Checkpoint I/O: our layout, and import of the paper's released checkpoints.
+
+This module reads and writes plain parts (a `CompressorConfig`, the LoRA-wrapped bases, our own
+tensors by file key); `SemiDynamicCompressor.from_pretrained` and ``save_pretrained`` assemble
+and take apart the model. Nothing here imports the model class.
 
 Our layout (everything but JSON is safetensors, so loading never unpickles)::
 
@@ -15,9 +19,9 @@ the trained vocabulary rows) for compression-token checkpoints. ``.pth`` files a
 ``weights_only=True``.
 
 Every tensor a file holds must land in the model and every tensor the model needs must come from a
-file: a missing or unexpected key is a `CheckpointError` naming the file and the keys. PEFT only
-warns when adapter keys do not load (the LoRA weights then stay at their zero init), so adapters
-are loaded here and checked key by key.
+file: a missing or unexpected key is a `CheckpointError` naming the file and the keys
+(`copy_tensors`). PEFT only warns when adapter keys do not load (the LoRA weights then stay at
+their zero init), so adapters are loaded here and checked key by key (`attach_adapter`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import logging
 import os
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +45,6 @@ from transformers import PreTrainedModel
 
 from .config import CompressorConfig
 from .loading import load_base, portable_name
-from .modeling import SemiDynamicCompressor
 
 logger = logging.getLogger(__name__)
 
@@ -71,41 +75,52 @@ class CheckpointError(ValueError):
     """A checkpoint directory is incomplete or does not fit the model it is loaded into."""
 
 
-def _own_tensors(model: SemiDynamicCompressor) -> dict[str, torch.Tensor]:
-    """The live tensors that are ours (not the base's, not LoRA's), by their file names."""
-    state = {f"ratio_head.{k}": v for k, v in model.ratio_head.state_dict().items()}
-    state.update({f"converter.{k}": v for k, v in model.converter.state_dict().items()})
-    if model.memory is not None:
-        state["memory"] = model.memory.data
-    return state
+@dataclass
+class LoadedCheckpoint:
+    """What a checkpoint holds, loaded: the parts a `SemiDynamicCompressor` is assembled from."""
+
+    config: CompressorConfig
+    encoder: PeftModel
+    """The encoder's base with its ``encoder`` adapter (on a shared base also ``decoder``)."""
+    decoder: PeftModel
+    """The decoder's base with its ``decoder`` adapter: ``encoder`` itself on a shared base."""
+    tensors: dict[str, torch.Tensor]
+    """Our own tensors by file key (``ratio_head.*``, ``converter.*``, ``memory``), on the CPU;
+    `copy_tensors` moves them into the model, checked."""
+    source: Path
+    """The file ``tensors`` came from (errors name it)."""
 
 
-def _own_state(model: SemiDynamicCompressor) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in _own_tensors(model).items()}
+def save_checkpoint(
+    directory: str | Path,
+    config: CompressorConfig,
+    tensors: dict[str, torch.Tensor],
+    encoder: PeftModel,
+    decoder: PeftModel,
+) -> None:
+    """Write our layout: ``tensors`` (our own, by file key), the ``encoder`` adapter of
+    ``encoder`` and the ``decoder`` adapter of ``decoder`` (the same model on a shared base).
 
-
-def save_compressor(model: SemiDynamicCompressor, directory: str | Path) -> None:
-    """Write our layout; the config goes last so a half-written directory never looks complete."""
+    The config goes last, so a half-written directory never looks complete. Adapter configs name
+    their base portably (never a path of this machine).
+    """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_own_state(model), out / MODULES_NAME)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, out / MODULES_NAME)
     had_card = (out / "README.md").exists()
-    for peft_model in (model.encoder, model.decoder):  # never a path of this machine
+    for peft_model in (encoder, decoder):
         for peft_config in peft_model.peft_config.values():
             if peft_config.base_model_name_or_path:
                 name = portable_name(peft_config.base_model_name_or_path)
                 peft_config.base_model_name_or_path = name
     # our LoRA never targets embeddings; "auto" would probe the base name on disk and the hub
     options = {"save_embedding_layers": False}
-    model.encoder.save_pretrained(out, selected_adapters=["encoder"], **options)
-    if model.decoder is model.encoder:
-        model.encoder.save_pretrained(out, selected_adapters=["decoder"], **options)
-    else:
-        model.decoder.save_pretrained(out, selected_adapters=["decoder"], **options)
+    encoder.save_pretrained(out, selected_adapters=["encoder"], **options)
+    decoder.save_pretrained(out, selected_adapters=["decoder"], **options)
     if not had_card:  # PEFT's boilerplate model card; the config JSON describes the model
         (out / "README.md").unlink(missing_ok=True)
     tmp = out / f".{CONFIG_NAME}.tmp"
-    tmp.write_text(model.config.model_dump_json(indent=2))
+    tmp.write_text(config.model_dump_json(indent=2))
     os.replace(tmp, out / CONFIG_NAME)
 
 
@@ -288,7 +303,7 @@ def _with_adapters(
     directory: Path,
     device: str | torch.device | None,
     dtype: torch.dtype | None,
-) -> SemiDynamicCompressor:
+) -> tuple[PeftModel, PeftModel]:
     """Load the base model(s) and attach the saved ``encoder``/``decoder`` adapters, checked."""
     for adapter in ADAPTERS:  # before any base loads: a broken copy fails fast
         _require(directory, f"{adapter}/{ADAPTER_CONFIG}")
@@ -309,15 +324,18 @@ def _with_adapters(
             "decoder",
         )
         decoder = attach_adapter(dec_base, directory / "decoder", "decoder")
-    model = SemiDynamicCompressor(
-        config, encoder, decoder, *SemiDynamicCompressor._tokenizers(config)
-    )
-    return model.eval()
+    return encoder, decoder
 
 
-def _load_state(model: SemiDynamicCompressor, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy our tensors in, naming any missing, unexpected or misshapen one and its file."""
-    own = _own_tensors(model)
+def copy_tensors(
+    live: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str | Path
+) -> None:
+    """Copy ``state`` into the ``live`` tensors of the same keys, cast to their dtype.
+
+    Raises `CheckpointError` naming ``source`` for a missing or unexpected key (before anything
+    is copied), a value that is not a tensor, or one of another shape.
+    """
+    own = live
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -347,17 +365,19 @@ def _local_bases(raw: dict, directory: Path) -> dict:
     return raw
 
 
-def load_compressor(
+def load_checkpoint(
     name_or_path: str | Path | None = None,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     **overrides: object,
-) -> SemiDynamicCompressor:
-    """Load our layout or the paper's; ``overrides`` replace config fields (e.g. ``mode``).
+) -> LoadedCheckpoint:
+    """Load our layout or the paper's (`load_official`): a local directory, a hub id, or ``None``
+    for the bundled default; ``overrides`` replace config fields (e.g. ``mode``).
 
-    Raises `CheckpointError` naming the file for a missing file, a damaged one, or a tensor that
-    does not load (missing, unexpected, or of another shape).
+    A checkpoint's own ``trust_remote_code`` is ignored: only an override enables remote code.
+    Raises `CheckpointError` naming the file for a missing or damaged file, or an adapter that
+    does not fit its base.
     """
     directory = _resolve(name_or_path)
     if (directory / CONFIG_NAME).exists():
@@ -369,17 +389,16 @@ def load_compressor(
             config = CompressorConfig.model_validate({**raw, **overrides})
         except ValueError as exc:
             raise CheckpointError(f"{directory / CONFIG_NAME}: {exc}") from exc
-        model = _with_adapters(config, directory, device, dtype)
+        encoder, decoder = _with_adapters(config, directory, device, dtype)
         try:
             state = load_file(directory / MODULES_NAME)
         except Exception as exc:  # a truncated or foreign file
             raise CheckpointError(
                 f"{directory / MODULES_NAME} cannot be read ({type(exc).__name__}: {exc})"
             ) from exc
-        _load_state(model, state, directory / MODULES_NAME)
-        return model
+        return LoadedCheckpoint(config, encoder, decoder, state, directory / MODULES_NAME)
     if (directory / OFFICIAL_CONFIG).exists() and (directory / OFFICIAL_WEIGHTS).exists():
-        return import_official(directory, device=device, dtype=dtype, **overrides)
+        return load_official(directory, device=device, dtype=dtype, **overrides)
     raise CheckpointError(
         f"{directory} is not a compressor checkpoint: expected {CONFIG_NAME} (ours) or "
         f"{OFFICIAL_CONFIG} + {OFFICIAL_WEIGHTS} (the paper's release)"
@@ -503,14 +522,14 @@ def _split_projector(weights: Any, path: Path) -> tuple[dict, dict | None]:
 
 
 def _memory_rows(
-    raw: dict, directory: Path, model: SemiDynamicCompressor, method: str
+    raw: dict, directory: Path, config: CompressorConfig, encoder: PeftModel, method: str
 ) -> torch.Tensor:
     """The compression-token embeddings the paper's code appends: vocabulary rows from
     ``memory_token_begin_id`` (one row repeated, or consecutive rows), with the trained rows of
     ``memory_token_embedding.pth`` written over the base's."""
-    count = model.config.memory_tokens
+    count = config.memory_tokens
     begin = raw.get("memory_token_begin_id", 151000)
-    table = model.encoder.get_input_embeddings().weight.detach().clone()
+    table = encoder.get_input_embeddings().weight.detach().clone()
     distinct = method == "different_memory_tokens"
     valid = isinstance(begin, int) and not isinstance(begin, bool) and begin >= 0
     wanted = list(range(begin, begin + count)) if valid and distinct else [begin]
@@ -552,14 +571,14 @@ def _memory_rows(
     return table[rows]
 
 
-def import_official(
+def load_official(
     directory: str | Path,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     **overrides: object,
-) -> SemiDynamicCompressor:
-    """Run the paper's released weights through our API as its inference code does.
+) -> LoadedCheckpoint:
+    """The paper's released weights, as parts that run through our API as its inference code does.
 
     No research code runs and nothing is unpickled beyond tensors. The model pools the context
     with its ``<eos>``, keeps the encoder tokenizer's special tokens and discretises as the
@@ -581,23 +600,23 @@ def import_official(
                 f"{directory / OFFICIAL_CONFIG}: {name}={raw.get(name)!r}; only LoRA-trained "
                 "encoders and decoders can be imported (a fully trained one is a new base model)"
             )
-    model = _with_adapters(config, directory, device, dtype)
+    encoder, decoder = _with_adapters(config, directory, device, dtype)
     state = {f"converter.{k}": v for k, v in projector.items()}
     if head is not None:
         state.update({f"ratio_head.{k}": v for k, v in head.items()})
     else:
         # No ratio head was trained: NaN marks it, so a mode that would consult it fails loudly
         # (the selector refuses a non-finite prediction) instead of following random weights.
-        state["ratio_head.weight"] = torch.zeros_like(model.ratio_head.weight)
-        state["ratio_head.bias"] = torch.full_like(model.ratio_head.bias, float("nan"))
-    if model.memory is not None:
+        width = encoder.get_base_model().config.hidden_size
+        state["ratio_head.weight"] = torch.zeros(1, width)
+        state["ratio_head.bias"] = torch.full((1,), float("nan"))
+    if config.backbone == "compression_tokens":
         method = _ALIASES.get(raw.get("feature_extract_method"), raw.get("feature_extract_method"))
-        state["memory"] = _memory_rows(raw, directory, model, method)
-    _load_state(model, state, path)
+        state["memory"] = _memory_rows(raw, directory, config, encoder, method)
     logger.info(
         "imported the paper's checkpoint %s as %s/%s", directory, config.backbone, config.mode
     )
-    return model
+    return LoadedCheckpoint(config, encoder, decoder, state, path)
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
@@ -615,8 +634,19 @@ def tokenizer_digest(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model: SemiDynamicCompressor) -> str:
+def fingerprint(
+    config: CompressorConfig,
+    tokenizer: Any,
+    tensors: dict[str, torch.Tensor],
+    encoder: PeftModel,
+    decoder: PeftModel,
+    encoder_depth: int,
+) -> str:
     """A short hash of what determines the latents: config, and every weight that shapes them.
+
+    ``tokenizer`` is the encoder's, ``tensors`` our own by file key (`LoadedCheckpoint.tensors`),
+    ``encoder``/``decoder`` the LoRA-wrapped bases (one model on a shared base),
+    ``encoder_depth`` the encoder layers a pass runs.
 
     Hashed: the compressor config (without base paths), both bases' architecture configs, the
     encoder's tokenizer (`tokenizer_digest`), our own tensors (ratio head, converter, memory),
@@ -629,10 +659,10 @@ def fingerprint(model: SemiDynamicCompressor) -> str:
     usable). Tensors are hashed as raw bytes with their dtype and shape (about
     1.5 GB/s; ``SemiDynamicCompressor.fingerprint`` caches the result until a weight changes).
     """
-    config = model.config.model_dump(exclude={"encoder_model", "decoder_model"})
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    tensors = dict(_own_tensors(model))
-    for role, peft_model in (("encoder", model.encoder), ("decoder", model.decoder)):
+    fields = config.model_dump(exclude={"encoder_model", "decoder_model"})
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    tensors = dict(tensors)
+    for role, peft_model in (("encoder", encoder), ("decoder", decoder)):
         base = peft_model.get_base_model()
         base_config = base.config.to_dict()
         base_config.pop("_name_or_path", None)
@@ -644,19 +674,21 @@ def fingerprint(model: SemiDynamicCompressor) -> str:
         tensors[f"{role}.embed_tokens"] = base.get_input_embeddings().weight
     # the encoder's token ids shape the latents as much as its weights: a tokenizer replaced at
     # the same path (another normalizer, vocabulary or merges) must not reuse the old latents
-    digest.update(tokenizer_digest(model.tokenizer).encode())
-    depth = getattr(model, "encoder_depth", None)
+    digest.update(tokenizer_digest(tokenizer).encode())
     skipped_layers = re.compile(r"\.layers\.(\d+)\.")
-    for name, param in model.encoder.get_base_model().named_parameters():
+    for name, param in encoder.get_base_model().named_parameters():
         layer = skipped_layers.search(name)
-        if depth is not None and layer is not None and int(layer.group(1)) >= depth:
+        if layer is not None and int(layer.group(1)) >= encoder_depth:
             continue
         if name.startswith("lm_head."):
             continue
         tensors[f"encoder.base.{name}"] = param
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            tensors[name] = param
+    # LoRA tensors keyed as the compressor's `named_parameters` names them (one base: once)
+    roles = [("encoder", encoder)] + ([] if decoder is encoder else [("decoder", decoder)])
+    for role, peft_model in roles:
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                tensors[f"{role}.{name}"] = param
     for name in sorted(tensors):
         tensor = tensors[name].detach()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())

@@ -23,7 +23,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from . import backbones
+from . import backbones, checkpoint
 from .config import CompressorConfig
 from .converter import Converter
 from .decoder import PLACEHOLDER, AdapterLock, LatentDecoder, LatentPrompt
@@ -148,23 +148,37 @@ class SemiDynamicCompressor(nn.Module):
         flag saved in a checkpoint's config is ignored. Raises `checkpoint.CheckpointError`
         naming the file for anything missing, damaged or not fitting the base.
         """
-        from .checkpoint import load_compressor
-
-        return load_compressor(
+        loaded = checkpoint.load_checkpoint(
             name_or_path,
             device=device,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             **config_overrides,
         )
+        return cls.from_checkpoint(loaded)
+
+    @classmethod
+    def from_checkpoint(cls, loaded: checkpoint.LoadedCheckpoint) -> SemiDynamicCompressor:
+        """Assemble a compressor (in eval mode) from loaded checkpoint parts; their tensors are
+        copied in checked (`checkpoint.copy_tensors`)."""
+        model = cls(loaded.config, loaded.encoder, loaded.decoder, *_tokenizers(loaded.config))
+        checkpoint.copy_tensors(model.own_tensors(), loaded.tensors, loaded.source)
+        return model.eval()
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config JSON, the two LoRA adapters and our own tensors (safetensors only)."""
-        from .checkpoint import save_compressor
+        checkpoint.save_checkpoint(
+            directory, self.config, self.own_tensors(), self.encoder, self.decoder
+        )
 
-        save_compressor(self, directory)
-
-    _tokenizers = staticmethod(lambda config: _tokenizers(config))
+    def own_tensors(self) -> dict[str, torch.Tensor]:
+        """Our live tensors (not the bases', not LoRA's) by checkpoint key: ``ratio_head.*``,
+        ``converter.*`` and, for learned compression tokens, ``memory`` ``[m, d_enc]``."""
+        state = {f"ratio_head.{k}": v for k, v in self.ratio_head.state_dict().items()}
+        state.update({f"converter.{k}": v for k, v in self.converter.state_dict().items()})
+        if self.memory is not None:
+            state["memory"] = self.memory.data
+        return state
 
     def train(self, mode: bool = True) -> SemiDynamicCompressor:
         self._fingerprint = None  # weights may change from here on
@@ -189,9 +203,14 @@ class SemiDynamicCompressor(nn.Module):
             ),
         )
         if self._fingerprint is None or self._fingerprint_state != state:
-            from .checkpoint import fingerprint
-
-            self._fingerprint = fingerprint(self)
+            self._fingerprint = checkpoint.fingerprint(
+                self.config,
+                self.tokenizer,
+                self.own_tensors(),
+                self.encoder,
+                self.decoder,
+                self.encoder_depth,
+            )
             self._fingerprint_state = state
         return self._fingerprint
 

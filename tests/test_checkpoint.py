@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from semidyn_rag.checkpoint import CheckpointError, import_official
+from semidyn_rag.checkpoint import CheckpointError, load_official
 from semidyn_rag.modeling import SemiDynamicCompressor
 from semidyn_rag.testing import save_paper_layout
 
@@ -59,7 +59,7 @@ def test_paper_layout_with_either_encoder_keying_loads_and_round_trips(tiny_dir,
     """`save_paper_layout` keys the encoder adapter over the causal LM (the paper's code keys it
     over the bare transformer: tests/test_paper_layout.py); both load, with every LoRA tensor."""
     save_paper_layout(tmp_path, tiny_dir, gated=True)
-    model = import_official(tmp_path)
+    model = SemiDynamicCompressor.from_checkpoint(load_official(tmp_path))
     cfg = model.config
     assert cfg.pool_eos and cfg.keep_special_tokens and cfg.selector_semantics == "official"
     assert (cfg.pooling_alignment, cfg.fixed_ratio_alignment) == ("start", "end")
@@ -79,7 +79,7 @@ def test_official_checkpoint_missing_projector(tiny_dir, tmp_path):
     save_paper_layout(tmp_path, tiny_dir)
     (tmp_path / "projector.pth").unlink()
     with pytest.raises(CheckpointError, match=r"projector\.pth"):
-        import_official(tmp_path)
+        load_official(tmp_path)
 
 
 def test_fingerprint_does_not_depend_on_the_folder(compressor, tmp_path):
