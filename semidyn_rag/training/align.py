@@ -2,14 +2,13 @@
 
 A freshly initialised converter emits vectors that mean nothing to the decoder. Early in SFT the
 cheapest way to lower the LM loss is then to make every latent the same harmless vector, after
-which the decoder learns to ignore them and never recovers (we measured exactly that collapse on
-SmolLM2: latents 25x the embedding scale and identical across positions, the loss with a different
-context's latents equal to the loss with the right ones). Fitting the converter first, by
-regression, to the mean *decoder input embedding* of the tokens each window covers gives latents
-that are diverse, at the right scale and roughly "bag of these tokens" to the decoder, so SFT starts
-from a signal instead of noise (on SmolLM2, in a short CPU run, SFT collapsed them all the same; the
-README has the numbers). It needs only encoder forward passes and the small MLP's gradients,
-so it costs seconds to minutes where SFT costs hours. Requires encoder and decoder to share a
+which the decoder learns to ignore them and does not recover (latent collapse: latents identical
+across positions, the loss with another context's latents equal to the loss with the right ones;
+docs/experiments.md has the measurements). Fitting the converter first, by regression, to the
+mean *decoder input embedding* of the tokens each window covers gives latents that are diverse,
+at the right scale and roughly "bag of these tokens" to the decoder, so SFT starts from a signal
+instead of noise. It needs only encoder forward passes and the small MLP's gradients, so it costs
+seconds to minutes where SFT costs hours. Requires encoder and decoder to share a
 tokenizer (the shared-base setting of the paper and of the bundled default).
 """
 
@@ -97,8 +96,10 @@ def align_converter(
     from the model's candidate ratios. ``target``: ``mean``, the mean embedding of the window's
     tokens; ``salient``, the embedding of its rarest token (counted over ``contexts``), so that the
     latents read like a telegram of the context's names and numbers — which an untrained SmolLM2
-    decoder can use, where it cannot use mean embeddings (README). Returns the mean squared error
-    relative to the targets' variance before and after (1.0 = no better than their mean).
+    decoder can use, where it cannot use mean embeddings (docs/experiments.md). Returns the mean
+    squared error relative to the targets' variance before and after (1.0 = no better than their
+    mean). Raises ``ValueError`` for a backbone other than mean pooling, tokenizers that differ, or
+    no contexts.
     """
     if model.config.backbone != "mean_pooling":
         raise ValueError("converter alignment is defined for the mean_pooling backbone")

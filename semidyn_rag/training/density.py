@@ -1,8 +1,8 @@
 """Density labels without a teacher LLM, and a ratio head fitted to them in closed form.
 
-The paper's label (Eq. 6) is ``y = log2(L_ctx / L_sum)`` on a teacher's ultra-concise summary. The
-only LLM available offline here (SmolLM2-135M) cannot write usable summaries, so the label measures
-density directly: the information the base LM finds in a text, its surprisal. If one latent can
+The paper's label (Eq. 6) is ``y = log2(L_ctx / L_sum)`` on a teacher's ultra-concise summary. A
+small offline LM (SmolLM2-135M) cannot write usable summaries, so this label measures density
+directly: the information the base LM finds in a text, its surprisal. If one latent can
 carry ``B`` bits, a text of ``n`` tokens holding ``I`` bits needs ``I / B`` latents, so
 
     ratio = n / (I / B) = B / (I / n)        y = log2(B) - log2(mean bits per token)

@@ -5,8 +5,7 @@ Sequence-level knowledge distillation as in PISCO (Louis et al., ACL Findings 20
 its adapter off, reading the full text) gives, not on gold spans. What the student then learns is
 exactly what our metric measures: the share of full-context answers kept under compression, in the
 teacher's answer style. For token-level distillation each answer position also keeps the teacher's
-``top_k`` next-token log-probabilities (a sparse soft target; the loss is in
-`SemiDynamicCompressor.training_loss`).
+``top_k`` next-token log-probabilities (a sparse soft target for `loss.distillation_loss`).
 """
 
 from __future__ import annotations

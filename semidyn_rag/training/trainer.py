@@ -44,7 +44,8 @@ from .samples import TrainSample, to_examples
 logger = logging.getLogger(__name__)
 
 STATE_DIR = "trainer"
-"""Trainer state inside a checkpoint: the layout of earlier versions, still read when resuming."""
+"""Trainer state inside the checkpoint directory (``checkpoint-N/trainer/``): the older layout,
+read when resuming from such a checkpoint."""
 STATE_ROOT = "trainer-state"
 """Trainer state lives in ``output_dir/trainer-state/checkpoint-N/``, beside the checkpoints, so a
 ``checkpoint-N`` directory holds only what a user ships (config, adapters, our tensors)."""
@@ -72,19 +73,18 @@ class TrainConfig(BaseModel):
     """Learning-rate multiplier for the tensors that start from random weights outside the base
     models (converter, ratio head, memory tokens): LoRA adapters start as a no-op and move slowly
     at a pretrained model's learning rate, while a fresh converter must travel far to map encoder
-    states into the decoder's embedding space. (Above 1 it sped up the latent collapse on SmolLM2;
-    see the README.)"""
+    states into the decoder's embedding space. Above 1 it speeds up latent collapse
+    (docs/experiments.md)."""
     decoder_warmup_steps: int = Field(0, ge=0)
     """Keep the decoder's LoRA adapter fixed for the first this many steps (ICAE-style). A decoder
     that learns from the start can lower its loss by ignoring uninformative latents; held fixed, it
-    leaves encoder and converter only one way down, writing latents it can read. (On SmolLM2 in a
-    short CPU run they collapsed anyway; see the README.)"""
+    leaves encoder and converter only one way down, writing latents it can read."""
     encoder_warmup_steps: int = Field(0, ge=0)
     """Keep the encoder side (its LoRA adapter, converter, memory tokens) fixed for the first this
     many steps, which also spares its backward pass; the ratio head learns. Meant to follow
     ``align_steps``: the decoder first learns to read latents that cannot collapse while it does,
-    because nothing that makes them moves (the collapse we measured on SmolLM2 came from encoder
-    and converter; see the README)."""
+    because nothing that makes them moves (collapse comes from encoder and converter;
+    docs/experiments.md)."""
     align_steps: int = Field(0, ge=0)
     """Before step 0, fit the converter for this many steps to pooled decoder embeddings
     (`align.align_converter`, on up to ``align_contexts`` training contexts); 0: off."""
@@ -95,7 +95,7 @@ class TrainConfig(BaseModel):
     mse_weight: float = Field(1.0, ge=0)
     """λ of Eq. 7."""
     kd_weight: float = Field(0.0, ge=0)
-    """Weight of token-level distillation (`modeling.distillation_loss`) on samples that carry
+    """Weight of token-level distillation (`loss.distillation_loss`) on samples that carry
     teacher targets (`distill.teacher_answers`); 0: off."""
     ratio_sampling: Literal["multi", "mode"] = "multi"
     """``multi``: one ratio drawn from the model's candidate set per optimizer step (multi-ratio
@@ -565,7 +565,7 @@ class Trainer:
 
 def state_dir(checkpoint: str | Path) -> Path:
     """Where the trainer state of ``checkpoint`` lives: ``../trainer-state/<name>``, or inside
-    the checkpoint (``trainer/``) for checkpoints written by earlier versions."""
+    the checkpoint (``trainer/``) for checkpoints in the older layout."""
     checkpoint = Path(checkpoint)
     legacy = checkpoint / STATE_DIR
     if (legacy / "state.json").is_file():
