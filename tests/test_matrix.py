@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
 
-from semidyn_rag import pooling, selector
-from semidyn_rag.config import CompressorConfig
+from semidyn_rag import backbones, pooling, selector
+from semidyn_rag.config import Backbone, CompressorConfig, Mode
 from semidyn_rag.modeling import SemiDynamicCompressor
 from semidyn_rag.testing import randomize_lora
 
@@ -90,6 +91,13 @@ def expected_latents(
         return count
     limit = num_tokens if config.backbone == "last_tokens" else config.memory_tokens
     return max(1, min(count, limit))
+
+
+def test_the_matrix_covers_every_backbone_and_mode():
+    assert set(BACKBONES) == set(get_args(Backbone)) == set(backbones.BACKBONES)
+    assert set(MODES) == set(get_args(Mode))
+    with pytest.raises(ValueError, match="unknown backbone 'conv'"):
+        backbones.get("conv")
 
 
 def _segments(ids: list[int]) -> list[list[int]]:
