@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from llama_index.core.bridge.pydantic import ValidationError
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
+from llama_index.llms.semidyn import SemiDynamicLLM
 from semidyn_rag.modeling import LatentPrompt
 from semidyn_rag.service import MARKER_PATTERN, IncompleteContextError, LatentService
 
-from llama_index.llms.semidyn import SemiDynamicLLM
 from llama_index.postprocessor.semidyn import (
     EXPANDED,
     KEY,
@@ -30,17 +30,19 @@ def scored(nodes: list[TextNode]) -> list[NodeWithScore]:
 
 
 class DecoderInputs:
-    """Wraps the compressor's real ``embed_prompts``: keeps the prompts the decoder embedded."""
+    """Wraps the decoder's real ``embed_prompts`` (every generation path embeds through it):
+    keeps the prompts the decoder embedded."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, service: LatentService) -> None:
         self.prompts: list[LatentPrompt] = []
-        real = service.compressor.embed_prompts
+        decoder = service.compressor.latent_decoder
+        real = decoder.embed_prompts
 
         def embed(prompts, *args, **kwargs):
             self.prompts += list(prompts)
             return real(prompts, *args, **kwargs)
 
-        monkeypatch.setattr(service.compressor, "embed_prompts", embed)
+        monkeypatch.setattr(decoder, "embed_prompts", embed)
 
 
 @pytest.fixture

@@ -38,17 +38,19 @@ def expanded_ids(documents: list[Document]) -> list[str | None]:
 
 
 class DecoderInputs:
-    """Wraps the compressor's real ``embed_prompts``: keeps the prompts the decoder embedded."""
+    """Wraps the decoder's real ``embed_prompts`` (every generation path embeds through it):
+    keeps the prompts the decoder embedded."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, service: LatentService) -> None:
         self.prompts: list[LatentPrompt] = []
-        real = service.compressor.embed_prompts
+        decoder = service.compressor.latent_decoder
+        real = decoder.embed_prompts
 
         def embed(prompts, *args, **kwargs):
             self.prompts += list(prompts)
             return real(prompts, *args, **kwargs)
 
-        monkeypatch.setattr(service.compressor, "embed_prompts", embed)
+        monkeypatch.setattr(decoder, "embed_prompts", embed)
 
 
 @pytest.fixture
