@@ -58,7 +58,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 DEFAULT_CHECKPOINT = Path(__file__).parent / "default"
 
-_BACKBONES = {
+# the paper's feature_extract_method -> (our backbone, bidirectional encoder)
+_PAPER_METHODS = {
     "mean_pooling": ("mean_pooling", True),
     "mean_pooling_causal": ("mean_pooling", False),
     "last_tokens": ("last_tokens", False),
@@ -434,9 +435,9 @@ def official_config(
     path = source or Path(OFFICIAL_CONFIG)
     method = raw.get("feature_extract_method", raw.get("compress_method", "mean_pooling"))
     method = _ALIASES.get(method, method)
-    if method not in _BACKBONES:
+    if method not in _PAPER_METHODS:
         raise CheckpointError(f"{path}: unknown feature_extract_method {method!r}")
-    backbone, bidirectional = _BACKBONES[method]
+    backbone, bidirectional = _PAPER_METHODS[method]
     encoder = raw.get("base_encoder_model_path", raw.get("base_embed_model_path"))
     decoder = raw.get("base_decoder_model_path", raw.get("base_gen_model_path"))
     if not isinstance(encoder, str) or not encoder:
