@@ -4,8 +4,10 @@ Both models receive a prompt string whose ``[[latent:<slot>]]`` markers stand fo
 (only live markers this process issued for the call do: those of the call's ``latent_documents``,
 else those armed by `format_docs`; any other text, marker-like or not, a live marker pasted into
 a question included, is text).
-Generation itself is `LatentService`'s (it resolves markers into latent spans); this module adds
-what LangChain expects around it: stop sequences, usage accounting and the chosen ratios.
+Each call parses its prompt once (`semidyn_rag.prompting.prepare_prompt`: markers resolved into
+the `LatentPrompt` the decoder reads, positions counted, the window checked) before any slot is
+used; generation is `LatentService`'s. This module adds what LangChain expects around it: which
+markers the call reads, stop sequences, usage accounting and the chosen ratios.
 """
 
 from __future__ import annotations
@@ -23,18 +25,14 @@ import torch
 from langchain_core.documents import Document
 from langchain_core.language_models.base import LangSmithParams
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
-from semidyn_rag.modeling import LatentPrompt
-from semidyn_rag.precompress import decoder_positions
+from semidyn_rag.prompting import PreparedPrompt, prepare_prompt
 from semidyn_rag.service import (
-    ContextWindowError,
     IncompleteContextError,
     LatentService,
-    ResolvedPrompt,
     Slot,
     is_marker,
     parse_prompt,
 )
-from semidyn_rag.types import CompressedContext
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ._issued import issued
@@ -65,32 +63,6 @@ class TokenCounter(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-@dataclass(frozen=True)
-class PromptAccount:
-    """What the decoder reads for one prompt: its positions and the latent spans in it."""
-
-    prompt_tokens: int
-    """Decoder input positions: chat-template text tokens plus every latent position."""
-    prepared: ResolvedPrompt
-    """The resolved prompt, its slots not used yet (`LatentService.prepare`)."""
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return self.prepared.keys
-
-    @property
-    def contexts(self) -> tuple[CompressedContext, ...]:
-        return self.prepared.contexts
-
-    @property
-    def resolved(self) -> LatentPrompt:
-        return self.prepared.prompt
-
-    @property
-    def latent_positions(self) -> int:
-        return sum(c.num_latents for c in self.contexts)
-
-
 LATENT_DOCUMENTS = "latent_documents"
 """The call argument that delivers a call's compressed documents (see `delivered_slots`)."""
 
@@ -102,7 +74,9 @@ def delivered_slots(
 
     A compressed document (its ``page_content`` exactly one live marker) delivers its slot; an
     expanded document (``semidyn_expanded``), plain text and a marker already read deliver
-    nothing. A string is read as a document's ``page_content``.
+    nothing. A string is read as a document's ``page_content``. A document whose marker this
+    process issued but evicted before any call read it is an `UnknownMarkerError`: its chunk
+    cannot be delivered.
     """
     if documents is None:
         return None
@@ -121,13 +95,22 @@ def delivered_slots(
                 f"{LATENT_DOCUMENTS} takes the compressed Documents (or their page_content), "
                 f"got a {type(doc).__name__}"
             )
-        if is_marker(text):
-            ids.update(s.id for s in service.slots(text))
+        if (slot := _marker_slot(text)) is not None:
+            ids.add(slot.id)
     return frozenset(ids)
 
 
-class _ArmedSlots:
+def _marker_slot(text: str) -> Slot | None:
+    """The live slot when ``text`` is exactly one live marker (one parse), else ``None``."""
+    parts = parse_prompt(text.strip(), check_fragments=False)
+    return parts[0] if len(parts) == 1 and isinstance(parts[0], Slot) else None
+
+
+class _ArmedSlots(Collection[str]):
     """Live slots of compressed documents formatted into a prompt by `format_docs` (bounded).
+
+    A collection of slot ids, so that a call hands it to `LatentService.prepare` as the slots
+    delivered to it: the prompt is parsed once, and only armed live markers carry latents.
 
     Arming is what lets a call given no ``latent_documents`` tell the markers put in its prompt
     on purpose from a live marker pasted into a question or chat history (from a bare
@@ -152,9 +135,17 @@ class _ArmedSlots:
             while len(self._slots) > self.capacity:
                 self._slots.popitem(last=False)
 
-    def armed(self, slot_ids: Collection[str]) -> frozenset[str]:
+    def __contains__(self, slot_id: object) -> bool:
         with self._lock:
-            return frozenset(i for i in slot_ids if i in self._slots)
+            return slot_id in self._slots
+
+    def __iter__(self) -> Iterator[str]:
+        with self._lock:
+            return iter(list(self._slots))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._slots)
 
 
 _ARMED = _ArmedSlots()
@@ -174,27 +165,14 @@ def arm_documents(documents: Sequence[Document]) -> None:
         meta = doc.metadata
         if not issued(doc) or meta.get(PREFIX_EXPANDED) is not False:
             continue  # forged metadata on a copy arms nothing
-        if not is_marker(doc.page_content):
-            continue
-        parts = parse_prompt(doc.page_content.strip(), check_fragments=False)
-        armed += [p for p in parts if isinstance(p, Slot) and p.key == meta.get("semidyn_key")]
+        slot = _marker_slot(doc.page_content)
+        if slot is not None and slot.key == meta.get("semidyn_key"):
+            armed.append(slot)
     _ARMED.arm(armed)
 
 
-def account_prompt(
-    service: LatentService, prompt: str, delivered: frozenset[str] | None = None
-) -> PromptAccount:
-    """Resolve ``prompt`` (unknown markers raise here, before any decoding) and count positions.
-
-    Only the slots ``delivered`` to the call expand; without that, the armed ones (formatted by
-    `format_docs`); other live markers are text (`LatentService.prepare`). Uses no slot: the
-    call that decodes the prompt does (`LatentService.complete`/`stream`).
-    """
-    armed = None
-    if delivered is None:
-        live = [p.id for p in parse_prompt(prompt, check_fragments=False) if isinstance(p, Slot)]
-        armed = _ARMED.armed(live)
-    prepared = service.prepare(prompt, delivered=delivered if armed is None else armed)
+def warn_as_text(prepared: PreparedPrompt, delivered: frozenset[str] | None) -> None:
+    """Log the live markers that ``prepared`` reads as text (not issued for this call)."""
     if prepared.as_text:
         logger.warning(
             "%d latent marker(s) in the prompt were not issued for this call (%s) and are read "
@@ -202,11 +180,10 @@ def account_prompt(
             "langchain_semidyn.format_docs or pass them as %s=",
             len(prepared.as_text),
             "from another compression than the call's documents"
-            if armed is None
+            if delivered is not None
             else "not formatted by format_docs",
             LATENT_DOCUMENTS,
         )
-    return PromptAccount(service.compressor.prompt_positions(prepared.prompt), prepared)
 
 
 @dataclass(frozen=True)
@@ -214,7 +191,7 @@ class Outcome:
     """One finished generation: the text LangChain sees and everything callbacks report."""
 
     text: str
-    account: PromptAccount
+    prepared: PreparedPrompt
     completion_tokens: int
     finish_reason: str
     stop: str | None
@@ -223,7 +200,7 @@ class Outcome:
     @property
     def token_usage(self) -> dict[str, int]:
         """OpenAI-style counts, the shape LangChain callbacks read from ``llm_output``."""
-        prompt = self.account.prompt_tokens
+        prompt = self.prepared.positions
         return {
             "prompt_tokens": prompt,
             "completion_tokens": self.completion_tokens,
@@ -233,17 +210,17 @@ class Outcome:
     @property
     def info(self) -> dict[str, Any]:
         """Per-generation details: usage, finish reason and each latent span's chosen ratio."""
-        contexts = self.account.contexts
+        contexts = self.prepared.contexts
         return {
             "model_name": self.model_name,
             "finish_reason": self.finish_reason,
             "stop": self.stop,
             **self.token_usage,
-            "latent_positions": self.account.latent_positions,
+            "latent_positions": self.prepared.latent_positions,
             "latent_ratios": [c.ratio for c in contexts],
             "latent_counts": [c.num_latents for c in contexts],
             "latent_original_tokens": [c.num_tokens for c in contexts],
-            "latent_keys": list(self.account.keys),
+            "latent_keys": list(self.prepared.keys),
         }
 
 
@@ -384,29 +361,6 @@ class LatentDecoding(BaseModel):
         gen.update(call)
         return gen
 
-    def _check_window(self, account: PromptAccount, gen: dict[str, Any]) -> None:
-        """Refuse, before decoding, a prompt whose positions plus the answer's exceed the decoder's.
-
-        Raises `ContextWindowError` (a ``RuntimeError``) naming both numbers.
-        """
-        budget = decoder_positions(self.service.compressor)
-        if budget is None:
-            return
-        positions = account.prompt_tokens
-        if gen.get("max_new_tokens") is not None:
-            needed, answer = positions + int(gen["max_new_tokens"]), int(gen["max_new_tokens"])
-            what = f"plus max_tokens {answer} = {needed}"
-        else:  # HF max_length counts the prompt's positions
-            needed = max(positions + 1, int(gen["max_length"]))
-            what = f"with max_length {int(gen['max_length'])}: {needed}"
-        if needed > budget:
-            raise ContextWindowError(
-                f"the prompt needs {positions} decoder positions ({account.latent_positions} of "
-                f"them latents) {what}, more than the decoder's {budget} positions "
-                "(max_position_embeddings): retrieve fewer documents, compress harder (a higher "
-                "scale) or lower max_tokens"
-            )
-
     def _generate_kwargs(
         self, stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[dict[str, Any], TokenCounter, list[str]]:
@@ -443,39 +397,51 @@ class LatentDecoding(BaseModel):
     def _outcome(
         self,
         text: str,
-        account: PromptAccount,
+        prepared: PreparedPrompt,
         counter: TokenCounter,
         hit: str | None,
         gen: dict[str, Any],
     ) -> Outcome:
         return Outcome(
             text=text,
-            account=account,
+            prepared=prepared,
             completion_tokens=counter.generated,
-            finish_reason=self._finish_reason(counter, hit, gen, account.prompt_tokens),
+            finish_reason=self._finish_reason(counter, hit, gen, prepared.positions),
             stop=hit,
             model_name=self._model_name,
         )
 
     # ------------------------------------------------------------------ sync
-    def _accounts(
+    def _prepare(
         self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> list[tuple[PromptAccount, dict[str, Any], TokenCounter, list[str]]]:
-        """Every prompt of one call resolved and checked, before any decoding or slot use.
+    ) -> list[tuple[PreparedPrompt, dict[str, Any], TokenCounter, list[str]]]:
+        """Every prompt of one call prepared once, before any decoding or slot use.
 
+        Each prompt is parsed, its latents read and its positions counted once
+        (`semidyn_rag.prompting.prepare_prompt`); one that cannot fit the decoder's
+        ``max_position_embeddings`` with its answer is a `ContextWindowError`.
         ``kwargs[LATENT_DOCUMENTS]`` (taken out here) delivers the call's compressed documents:
-        only their slots expand, and each must reach one of the prompts.
+        only their slots expand, and each must reach one of the prompts; without it, only the
+        markers armed by `format_docs` do (the others are text, logged).
         """
         kwargs = dict(kwargs)
         delivered = delivered_slots(self.service, kwargs.pop(LATENT_DOCUMENTS, None))
+        window = self.service.compressor.latent_decoder.max_positions
         out = []
         for prompt in prompts:
             gen, counter, stops = self._generate_kwargs(stop, kwargs)
-            account = account_prompt(self.service, prompt, delivered)
-            self._check_window(account, gen)
-            out.append((account, gen, counter, stops))
+            prepared = prepare_prompt(
+                self.service,
+                prompt,
+                delivered=_ARMED if delivered is None else delivered,
+                window=window,
+                max_new_tokens=gen.get("max_new_tokens"),
+                max_length=gen.get("max_length"),
+            )
+            warn_as_text(prepared, delivered)
+            out.append((prepared, gen, counter, stops))
         if delivered:
-            read = {s.id for account, *_ in out for s in account.prepared.slots}
+            read = {s.id for prepared, *_ in out for s in prepared.slots}
             if lost := len(delivered - read):
                 raise IncompleteContextError(
                     f"{lost} of the {len(delivered)} compressed documents given as "
@@ -488,19 +454,19 @@ class LatentDecoding(BaseModel):
         self, prompts: list[str], stop: list[str] | None, **kwargs: Any
     ) -> list[Outcome]:
         """One call's prompts: their slots are used together (a shared one serves them all)."""
-        planned = self._accounts(prompts, stop, kwargs)
-        prepared = [account.prepared for account, *_ in planned]
-        self.service.use(*prepared)
+        planned = self._prepare(prompts, stop, kwargs)
+        resolved = [prepared.resolved for prepared, *_ in planned]
+        self.service.use(*resolved)
         outcomes = []
         try:
-            for account, gen, counter, stops in planned:
+            for prepared, gen, counter, stops in planned:
                 cutter = StopCutter(stops)
-                raw = self.service.complete(account.resolved, **gen)
+                raw = self.service.complete(prepared.prompt, **gen)
                 text = cutter.feed(raw) + cutter.flush()
-                outcomes.append(self._outcome(text, account, counter, cutter.hit, gen))
+                outcomes.append(self._outcome(text, prepared, counter, cutter.hit, gen))
         except BaseException:
             if not outcomes:  # the decoder read nothing: a retry may use the slots again
-                self.service.release(*prepared)
+                self.service.release(*resolved)
             raise
         return outcomes
 
@@ -511,10 +477,10 @@ class LatentDecoding(BaseModel):
         self, prompt: str, stop: list[str] | None, **kwargs: Any
     ) -> Iterator[str | Outcome]:
         """Text pieces as the decoder emits them (cut at a stop string), then the `Outcome`."""
-        [(account, gen, counter, stops)] = self._accounts([prompt], stop, kwargs)
+        [(prepared, gen, counter, stops)] = self._prepare([prompt], stop, kwargs)
         cutter = StopCutter(stops)
         emitted: list[str] = []
-        with contextlib.closing(self.service.stream(account.prepared, **gen)) as pieces:
+        with contextlib.closing(self.service.stream(prepared.resolved, **gen)) as pieces:
             for piece in pieces:
                 if text := cutter.feed(piece):
                     emitted.append(text)
@@ -524,26 +490,26 @@ class LatentDecoding(BaseModel):
         if tail := cutter.flush():
             emitted.append(tail)
             yield tail
-        yield self._outcome("".join(emitted), account, counter, cutter.hit, gen)
+        yield self._outcome("".join(emitted), prepared, counter, cutter.hit, gen)
 
     # ------------------------------------------------------------------ async
     async def _adecode_many(
         self, prompts: list[str], stop: list[str] | None, **kwargs: Any
     ) -> list[Outcome]:
         """Async `_decode_many`: resolution and the decoder run in worker threads."""
-        planned = await asyncio.to_thread(self._accounts, prompts, stop, kwargs)
-        prepared = [account.prepared for account, *_ in planned]
-        self.service.use(*prepared)
+        planned = await asyncio.to_thread(self._prepare, prompts, stop, kwargs)
+        resolved = [prepared.resolved for prepared, *_ in planned]
+        self.service.use(*resolved)
         outcomes = []
         try:
-            for account, gen, counter, stops in planned:
+            for prepared, gen, counter, stops in planned:
                 cutter = StopCutter(stops)
-                raw = await self.service.acomplete(account.resolved, **gen)
+                raw = await self.service.acomplete(prepared.prompt, **gen)
                 text = cutter.feed(raw) + cutter.flush()
-                outcomes.append(self._outcome(text, account, counter, cutter.hit, gen))
+                outcomes.append(self._outcome(text, prepared, counter, cutter.hit, gen))
         except BaseException:
             if not outcomes:
-                self.service.release(*prepared)
+                self.service.release(*resolved)
             raise
         return outcomes
 
@@ -554,12 +520,12 @@ class LatentDecoding(BaseModel):
         self, prompt: str, stop: list[str] | None, **kwargs: Any
     ) -> AsyncIterator[str | Outcome]:
         """Async `_decode_stream`: the decoder runs in a worker thread of `LatentService`."""
-        [(account, gen, counter, stops)] = await asyncio.to_thread(
-            self._accounts, [prompt], stop, kwargs
+        [(prepared, gen, counter, stops)] = await asyncio.to_thread(
+            self._prepare, [prompt], stop, kwargs
         )
         cutter = StopCutter(stops)
         emitted: list[str] = []
-        pieces = self.service.astream(account.prepared, **gen)
+        pieces = self.service.astream(prepared.resolved, **gen)
         try:
             async for piece in pieces:
                 if text := cutter.feed(piece):
@@ -572,4 +538,4 @@ class LatentDecoding(BaseModel):
         if tail := cutter.flush():
             emitted.append(tail)
             yield tail
-        yield self._outcome("".join(emitted), account, counter, cutter.hit, gen)
+        yield self._outcome("".join(emitted), prepared, counter, cutter.hit, gen)

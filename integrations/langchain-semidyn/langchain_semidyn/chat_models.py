@@ -12,7 +12,6 @@ history from an earlier compression is text.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -21,12 +20,10 @@ from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from semidyn_rag import prompting
 
 from ._decoding import LatentDecoding, Outcome
 
-logger = logging.getLogger(__name__)
-
-_USER_ROLES = {"system", "human", "user"}
 _LAST: dict[str, Any] = (
     {"chunk_position": "last"} if "chunk_position" in AIMessageChunk.model_fields else {}
 )
@@ -54,19 +51,19 @@ def _text(message: BaseMessage) -> str:
 
 
 def render_messages(messages: Sequence[BaseMessage]) -> str:
-    """The single user prompt for ``messages``: system and human texts in order, blank-line joined."""
-    kept, dropped = [], 0
-    for message in messages:
-        if _role(message) in _USER_ROLES:
-            if text := _text(message):
-                kept.append(text)
-        else:
-            dropped += 1
-    if dropped:
-        logger.debug("left %d assistant/tool message(s) out of the prompt", dropped)
-    if not kept:
-        raise ValueError("ChatSemiDynamic needs at least one system or human message with text")
-    return "\n\n".join(kept)
+    """The single user prompt for ``messages``: system and human texts in order, blank-line joined.
+
+    `semidyn_rag.prompting.render_messages` over each message's role and text (assistant and tool
+    messages left out). Raises ``ValueError`` for non-text content and for a chat without any
+    system or human text.
+    """
+    return prompting.render_messages(_turn(m) for m in messages)
+
+
+def _turn(message: BaseMessage) -> tuple[str | None, str | None]:
+    """``(role, text)``; the text of a message left out is not read (whatever its content)."""
+    role = _role(message)
+    return role, _text(message) if role in prompting.USER_ROLES else None
 
 
 def _usage(outcome: Outcome) -> UsageMetadata:

@@ -132,6 +132,10 @@ def test_chat_goes_through_completion(llm, make_prompt):
     assert reply.message.content == llm.complete(make_prompt(), formatted=True).text
     streamed = list(llm.stream_chat(messages(make_prompt())))
     assert streamed[-1].message.content == reply.message.content
+    with pytest.raises(ValueError, match="at least one system or user"):  # nothing to answer
+        llm.chat([ChatMessage(role=MessageRole.ASSISTANT, content="only me")])
+    with pytest.raises(ValueError, match="at least one system or user"):
+        render_messages([])
 
 
 def test_base_decoder_baseline(service):

@@ -16,7 +16,6 @@ swallow) otherwise.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,39 +31,26 @@ from llama_index.core.base.llms.types import (
     CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
-    MessageRole,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.indices.prompt_helper import PromptHelper
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
-from semidyn_rag.service import (
-    ContextWindowError,
-    LatentDeliveryError,
-    LatentService,
-    MalformedMarkerError,
-    ResolvedPrompt,
-    Slot,
-    parse_prompt,
-)
+from semidyn_rag import prompting
+from semidyn_rag.prompting import PreparedPrompt, prepare_prompt
+from semidyn_rag.service import LatentService, MalformedMarkerError, Slot, parse_prompt
 
-logger = logging.getLogger(__name__)
-
-_USER_ROLES = (MessageRole.SYSTEM, MessageRole.USER)
 __all__ = ["MalformedMarkerError", "SemiDynamicLLM", "render_messages"]
 
 
 def render_messages(messages: Sequence[ChatMessage]) -> str:
     """One prompt for a chat: system and user texts in order, joined by blank lines.
 
-    The decoder was trained on single-turn prompts (one user message, rendered with its own chat
-    template), so a conversation becomes one user message. Assistant and tool messages are left
-    out: the decoder never saw multi-turn histories, and an earlier answer is not evidence.
+    `semidyn_rag.prompting.render_messages` over each message's role and text: the decoder was
+    trained on single-turn prompts, so a conversation becomes one user message; assistant and
+    tool messages are left out. Raises ``ValueError`` for a chat without system or user text.
     """
-    kept = [m.content for m in messages if m.role in _USER_ROLES and m.content]
-    if dropped := len(messages) - len(kept):
-        logger.debug("left %d non-user or empty message(s) out of the prompt", dropped)
-    return "\n\n".join(kept)
+    return prompting.render_messages((m.role.value, m.content) for m in messages)
 
 
 class SemiDynamicLLM(CustomLLM):
@@ -184,35 +170,25 @@ class SemiDynamicLLM(CustomLLM):
     # ------------------------------------------------------------------ helpers
     def _prepare(
         self, prompt: str, formatted: bool, gen: dict[str, Any]
-    ) -> tuple[ResolvedPrompt, dict[str, Any]]:
-        """Resolve a prompt for the decoder, refusing one that lost a chunk or overflows.
+    ) -> tuple[PreparedPrompt, dict[str, Any]]:
+        """Prepare a prompt for the decoder once, refusing one that lost a chunk or overflows.
 
-        Every chunk of each query the prompt touches must be there, whole (a response mode that
-        splits them over calls or truncates them fails here), and prompt plus answer must fit
-        ``context_window``. The slots are used when decoding starts (`LatentService.complete`).
+        One pass (`semidyn_rag.prompting.prepare_prompt`): every chunk of each query the prompt
+        touches must be there, whole (a response mode that splits them over calls or truncates
+        them fails here), and prompt plus answer must fit ``context_window``. The slots are used
+        when decoding starts (`LatentService.complete`).
         """
         if not formatted:
             prompt = self.completion_to_prompt(prompt)
-        prepared = self._service.prepare(prompt, whole_groups=True)
-        resolved = prepared.prompt
-        if resolved.latents and not self.adapter:  # not a ValueError: Refine would swallow it
-            raise LatentDeliveryError(
-                "adapter=False runs the base decoder, which cannot read latent markers; give it "
-                "the chunks' plain text"
-            )
-        positions = self._service.compressor.prompt_positions(resolved)
-        if gen.get("max_new_tokens") is not None:
-            needed = positions + int(gen["max_new_tokens"])
-        else:
-            needed = max(positions, int(gen.get("max_length") or 0))
-        if needed > self.context_window:
-            latents = sum(int(t.shape[0]) for t in resolved.latents)
-            raise ContextWindowError(
-                f"the prompt needs {positions} decoder positions ({latents} of them latents) "
-                f"plus the answer's, {needed} in all, more "
-                f"than the context window of {self.context_window}: retrieve fewer chunks, "
-                "compress harder (a higher scale) or lower max_new_tokens"
-            )
+        prepared = prepare_prompt(
+            self._service,
+            prompt,
+            whole_groups=True,
+            window=self.context_window,
+            max_new_tokens=gen.get("max_new_tokens"),
+            max_length=gen.get("max_length"),
+            adapter=self.adapter,
+        )
         return prepared, {"latent_keys": list(prepared.keys)}
 
     def _kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -255,7 +231,7 @@ class SemiDynamicLLM(CustomLLM):
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         gen = self._kwargs(kwargs)
         prepared, info = self._prepare(prompt, formatted, gen)
-        text = self._service.complete(prepared, **gen)
+        text = self._service.complete(prepared.resolved, **gen)
         return CompletionResponse(text=text, additional_kwargs=info)
 
     @llm_completion_callback()
@@ -265,7 +241,7 @@ class SemiDynamicLLM(CustomLLM):
         """Decoder tokens as they are produced (markers are resolved before the first one)."""
         gen = self._kwargs(kwargs)
         prepared, info = self._prepare(prompt, formatted, gen)
-        pieces = self._service.stream(prepared, **gen)
+        pieces = self._service.stream(prepared.resolved, **gen)
 
         def gen() -> CompletionResponseGen:
             text = ""
@@ -286,7 +262,7 @@ class SemiDynamicLLM(CustomLLM):
         """Async completion: the decoder runs in a worker thread, the event loop stays free."""
         gen = self._kwargs(kwargs)
         prepared, info = self._prepare(prompt, formatted, gen)
-        text = await self._service.acomplete(prepared, **gen)
+        text = await self._service.acomplete(prepared.resolved, **gen)
         return CompletionResponse(text=text, additional_kwargs=info)
 
     @llm_completion_callback()
@@ -296,7 +272,7 @@ class SemiDynamicLLM(CustomLLM):
         """Async token stream; an unknown marker raises at the first iteration."""
         gen = self._kwargs(kwargs)
         prepared, info = self._prepare(prompt, formatted, gen)
-        pieces = self._service.astream(prepared, **gen)
+        pieces = self._service.astream(prepared.resolved, **gen)
 
         async def gen() -> CompletionResponseAsyncGen:
             text = ""
