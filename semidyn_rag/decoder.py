@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -165,6 +166,10 @@ class LatentDecoder:
         self.tokenizer = tokenizer
         self.config = config
         self.lock = lock
+        self._rendered: weakref.WeakKeyDictionary[LatentPrompt, tuple[tuple[str, ...], Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._rendered_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -243,9 +248,27 @@ class LatentDecoder:
 
     def prompt_positions(self, prompt: LatentPrompt) -> int:
         """Decoder input positions of ``prompt``: its rendered text tokens plus every latent."""
-        pieces = self.render_pieces(prompt.pieces)
-        ids = self.tokenizer(pieces, add_special_tokens=False)["input_ids"]
+        ids = self._piece_ids([prompt])[0]
         return sum(len(i) for i in ids) + sum(int(lat.shape[0]) for lat in prompt.latents)
+
+    def _piece_ids(self, prompts: Sequence[LatentPrompt]) -> list[list[list[int]]]:
+        """Token ids of each prompt's rendered pieces; the prompts not seen yet in one batch.
+
+        Remembered per prompt object (weakly) and its pieces: a framework call counts a prompt's
+        positions (window check, usage) and then embeds it, and renders it once for both.
+        """
+        with self._rendered_lock:
+            seen = [self._rendered.get(p) for p in prompts]
+        out = [s[1] if s is not None and s[0] is p.pieces else None for s, p in zip(seen, prompts)]
+        todo = [i for i, ids in enumerate(out) if ids is None]
+        pieces = [self.render_pieces(prompts[i].pieces) for i in todo]
+        flat = [piece for ps in pieces for piece in ps]
+        flat_ids = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+        for i, ps in zip(todo, pieces, strict=True):
+            out[i] = [next(flat_ids) for _ in ps]
+            with self._rendered_lock:
+                self._rendered[prompts[i]] = (prompts[i].pieces, out[i])
+        return out  # type: ignore[return-value]
 
     def embed_prompts(
         self, prompts: Sequence[LatentPrompt], answers: Sequence[list[int]] | None = None
@@ -257,15 +280,10 @@ class LatentDecoder:
         it is right-padded and the labels ``[B, T]`` mark only the answer tokens (-100 elsewhere:
         the LM loss ignores prompt and latents).
         """
-        tok = self.tokenizer
         device = self.device
-        pieces = [self.render_pieces(p.pieces) for p in prompts]
-        flat = [piece for ps in pieces for piece in ps]
-        flat_ids = iter(tok(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
         table = self.model.get_input_embeddings()
         rows, labels = [], []
-        for i, (prompt, ps) in enumerate(zip(prompts, pieces, strict=True)):
-            ids = [next(flat_ids) for _ in ps]
+        for i, (prompt, ids) in enumerate(zip(prompts, self._piece_ids(prompts), strict=True)):
             parts, part_labels = [], []
             for j, piece_ids in enumerate(ids):
                 parts.append(table(torch.as_tensor(piece_ids, dtype=torch.long, device=device)))

@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from . import service as service_module
 from .config import CompressorConfig
+from .decoder import LatentDecoder
 from .modeling import SemiDynamicCompressor
 from .service import LatentService
 from .store import LatentStore
@@ -167,6 +169,59 @@ class EncodeCounter:
         return self._encode(contexts)
 
 
+class PassCounter:
+    """Counts the passes framework calls make over their prompts, for every compressor and service.
+
+    Installed with a ``pytest.MonkeyPatch`` (undone with it); `reset` starts a new count.
+
+    * ``marker_scans``: the texts the marker pattern read, in order (every marker parse and check
+      goes through ``semidyn_rag.service.MARKER_PATTERN``);
+    * ``renders``: prompts rendered and tokenized for the decoder (`LatentDecoder.render_pieces`);
+    * ``embeds``: `LatentDecoder.embed_prompts` calls (each builds one batch's ``inputs_embeds``);
+    * ``lookups``: latent reads from memory and store (`LatentService.lookup`);
+    * ``encodes``: encoder passes (`SemiDynamicCompressor.encode`).
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reset()
+        pattern = service_module.MARKER_PATTERN
+        counter = self
+
+        class CountedPattern:
+            def __getattr__(self, name: str) -> object:
+                attr = getattr(pattern, name)
+                if not callable(attr):
+                    return attr
+
+                def scan(text: str, *args: object, **kwargs: object) -> object:
+                    counter.marker_scans.append(text)
+                    return attr(text, *args, **kwargs)
+
+                return scan
+
+        monkeypatch.setattr(service_module, "MARKER_PATTERN", CountedPattern())
+        self._count(monkeypatch, LatentDecoder, "render_pieces", "renders")
+        self._count(monkeypatch, LatentDecoder, "embed_prompts", "embeds")
+        self._count(monkeypatch, LatentService, "lookup", "lookups")
+        self._count(monkeypatch, SemiDynamicCompressor, "encode", "encodes")
+
+    def reset(self) -> None:
+        self.marker_scans: list[str] = []
+        self.renders = 0
+        self.embeds = 0
+        self.lookups = 0
+        self.encodes = 0
+
+    def _count(self, monkeypatch: pytest.MonkeyPatch, owner: type, name: str, field: str) -> None:
+        real = getattr(owner, name)
+
+        def counted(*args: object, **kwargs: object) -> object:
+            setattr(self, field, getattr(self, field) + 1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
 def hashing_embedding(text: str, dim: int = 256) -> list[float]:
     """Signed feature hashing of lower-cased words, L2-normalised (deterministic across runs).
 
@@ -222,6 +277,12 @@ def encode_counter(compressor: SemiDynamicCompressor) -> Iterator[EncodeCounter]
 def count_encodes() -> type[EncodeCounter]:
     """``count_encodes(compressor)`` wraps another compressor's ``encode`` (e.g. a new session's)."""
     return EncodeCounter
+
+
+@pytest.fixture
+def count_passes(monkeypatch: pytest.MonkeyPatch) -> PassCounter:
+    """A `PassCounter` installed for the test (marker scans, renders, embeddings, lookups)."""
+    return PassCounter(monkeypatch)
 
 
 @pytest.fixture

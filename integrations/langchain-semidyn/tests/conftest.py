@@ -17,6 +17,7 @@ from semidyn_rag.testing import (
     PASSAGES,
     compressor_dir,
     count_encodes,
+    count_passes,
     encode_counter,
     hashing_embedding,
     load_compressor,
@@ -31,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 __all__ = [  # fixtures used by this suite, imported from the one shared place
     "compressor_dir",
     "count_encodes",
+    "count_passes",
     "encode_counter",
     "load_compressor",
     "one_torch_thread",

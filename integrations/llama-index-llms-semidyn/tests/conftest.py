@@ -12,12 +12,20 @@ from pathlib import Path
 import pytest
 from semidyn_rag.modeling import SemiDynamicCompressor
 from semidyn_rag.service import expect_delivery
-from semidyn_rag.testing import compressor_dir, one_torch_thread, service, store, store_path
+from semidyn_rag.testing import (
+    compressor_dir,
+    count_passes,
+    one_torch_thread,
+    service,
+    store,
+    store_path,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 __all__ = [  # fixtures used by this suite, imported from the one shared place
     "compressor_dir",
+    "count_passes",
     "one_torch_thread",
     "service",
     "store",
