@@ -351,7 +351,7 @@ FIELDS = json.loads(
    "metavar": "NUMBER",
    "syntax": "a number",
    "default": "0.0",
-   "help": "Weight of token-level distillation (`modeling.distillation_loss`) on samples that carry teacher targets (`distill.teacher_answers`); 0: off"
+   "help": "Weight of token-level distillation (`loss.distillation_loss`) on samples that carry teacher targets (`distill.teacher_answers`); 0: off"
   },
   {
    "name": "ratio_sampling",
