@@ -67,9 +67,7 @@ LATENT_DOCUMENTS = "latent_documents"
 """The call argument that delivers a call's compressed documents (see `delivered_slots`)."""
 
 
-def delivered_slots(
-    service: LatentService, documents: Sequence[Document | str] | None
-) -> frozenset[str] | None:
+def delivered_slots(documents: Sequence[Document | str] | None) -> frozenset[str] | None:
     """The slot ids that ``documents`` deliver to one model call; ``None`` when not given.
 
     A compressed document (its ``page_content`` exactly one live marker) delivers its slot; an
@@ -158,7 +156,8 @@ def arm_documents(documents: Sequence[Document]) -> None:
     with the same metadata is not), its ``page_content`` is exactly one live marker and its metadata
     say the compressor made it for that very chunk (``semidyn_expanded`` false, ``semidyn_key``
     the slot's key); expanded documents, plain text and marker text in any other document
-    (a retrieved document whose text is a marker) arm nothing.
+    (a retrieved document whose text is a marker) arm nothing. A marker of ours evicted before
+    any call read it is an `UnknownMarkerError` (its chunk's latents are gone).
     """
     armed: list[Slot] = []
     for doc in documents:
@@ -425,7 +424,7 @@ class LatentDecoding(BaseModel):
         markers armed by `format_docs` do (the others are text, logged).
         """
         kwargs = dict(kwargs)
-        delivered = delivered_slots(self.service, kwargs.pop(LATENT_DOCUMENTS, None))
+        delivered = delivered_slots(kwargs.pop(LATENT_DOCUMENTS, None))
         window = self.service.compressor.latent_decoder.max_positions
         out = []
         for prompt in prompts:

@@ -20,8 +20,9 @@ from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import RunnablePassthrough
+from semidyn_rag import service as service_module
 from semidyn_rag.modeling import LatentPrompt
-from semidyn_rag.service import IncompleteContextError, is_marker
+from semidyn_rag.service import IncompleteContextError, UnknownMarkerError, _SlotRegistry, is_marker
 
 from langchain_semidyn import (
     ChatSemiDynamic,
@@ -201,6 +202,20 @@ def test_direct_invoke_with_latent_documents(
     with pytest.raises(IncompleteContextError, match="1 of the 2 compressed documents"):
         llm.invoke(lacking, latent_documents=fresh)
     assert len(decoder_inputs.prompts) == 2
+
+
+def test_a_delivered_document_whose_slot_expired_is_an_error(
+    service, doc_compressor, documents, monkeypatch
+):
+    """Its latents are gone: an error even when the prompt leaves the document out."""
+    monkeypatch.setattr(service_module, "_SLOTS", _SlotRegistry(capacity=2, remembered=64))
+    llm = SemiDynamicLLM(service=service, max_new_tokens=4)
+    expired = doc_compressor.compress_documents(documents[:2], QUESTION)
+    doc_compressor.compress_documents(documents[2:4], QUESTION)  # pushes them out
+    with pytest.raises(UnknownMarkerError, match="expired before any call read it"):
+        llm.invoke(f"Question: {QUESTION}", latent_documents=expired)
+    with pytest.raises(UnknownMarkerError, match="expired before any call read it"):
+        format_docs(expired)
 
 
 def test_hand_built_prompt_still_reads_its_documents(
