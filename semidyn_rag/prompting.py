@@ -2,6 +2,8 @@
 
 The LangChain and LlamaIndex packages translate their objects and call these:
 
+* `chunk_metadata` / `expanded_metadata`: what a compressed (or expanded) chunk's document or
+  node carries, the same keys in both frameworks;
 * `render_messages`: a chat becomes the one user prompt the decoder was trained on;
 * `prepare_prompt`: **one pass per call** over the prompt text. It parses the markers once
   (`LatentService.prepare`: live slots checked, their latents read from memory or the store
@@ -14,11 +16,14 @@ The LangChain and LlamaIndex packages translate their objects and call these:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .modeling import LatentPrompt
 from .service import (
+    ChunkLatents,
     ContextWindowError,
     LatentDeliveryError,
     LatentService,
@@ -28,6 +33,46 @@ from .service import (
 from .types import CompressedContext
 
 logger = logging.getLogger(__name__)
+
+METADATA_PREFIX = "semidyn_"
+"""Every metadata key the integrations add starts with it (flat keys suit metadata filters)."""
+
+
+def chunk_metadata(
+    chunk: ChunkLatents, *, scale: float | None, original_text: str | None
+) -> dict[str, Any]:
+    """Metadata for a chunk that reaches the LLM as its marker, keys prefixed ``semidyn_``.
+
+    ``key`` (cache key), ``ratio``, ``segment_ratios``, ``num_latents``, ``original_tokens``,
+    ``source`` (``encoder``, ``store`` or ``memory``), ``scale`` (``None`` under a fixed ratio),
+    ``expanded`` (``False``), the ratio head's ``predicted_y`` when it ran, and the chunk's
+    ``original_text`` unless ``None`` (for citations; it never reaches the prompt).
+    """
+    ctx = chunk.context
+    extra: dict[str, Any] = {
+        "key": chunk.key,
+        "ratio": ctx.ratio,
+        "segment_ratios": list(ctx.segment_ratios),
+        "num_latents": ctx.num_latents,
+        "original_tokens": ctx.num_tokens,
+        "source": chunk.source,
+        "scale": scale,
+        "expanded": False,
+    }
+    if math.isfinite(ctx.predicted_y):
+        extra["predicted_y"] = ctx.predicted_y
+    if original_text is not None:
+        extra["original_text"] = original_text
+    return {METADATA_PREFIX + k: v for k, v in extra.items()}
+
+
+def expanded_metadata(original_text: str | None) -> dict[str, Any]:
+    """Metadata for a chunk that reaches the LLM as its plain text (selective expansion)."""
+    extra: dict[str, Any] = {"expanded": True}
+    if original_text is not None:
+        extra["original_text"] = original_text
+    return {METADATA_PREFIX + k: v for k, v in extra.items()}
+
 
 USER_ROLES = frozenset({"system", "user", "human"})
 """Roles whose text reaches the decoder (``human`` is LangChain's name for ``user``)."""

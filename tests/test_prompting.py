@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from semidyn_rag.prompting import check_window, prepare_prompt, render_messages
+from semidyn_rag.prompting import (
+    METADATA_PREFIX,
+    check_window,
+    chunk_metadata,
+    expanded_metadata,
+    prepare_prompt,
+    render_messages,
+)
 from semidyn_rag.service import (
     ContextWindowError,
     LatentDeliveryError,
@@ -69,3 +76,15 @@ def test_prepare_raises_for_a_marker_without_latents(compressor) -> None:
     service = LatentService(compressor)
     with pytest.raises(UnknownMarkerError):
         prepare_prompt(service, f"Context: {marker('f' * 64)}")
+
+
+def test_chunk_metadata_is_the_same_for_both_frameworks(compressor) -> None:
+    [chunk] = LatentService(compressor).compress(TEXTS[:1])
+    meta = chunk_metadata(chunk, scale=0.5, original_text=TEXTS[0])
+    assert meta["semidyn_key"] == chunk.key
+    assert meta["semidyn_num_latents"] == chunk.context.num_latents
+    assert meta["semidyn_expanded"] is False and meta["semidyn_scale"] == 0.5
+    assert meta["semidyn_original_text"] == TEXTS[0]
+    assert all(k.startswith(METADATA_PREFIX) for k in meta)
+    assert "semidyn_original_text" not in chunk_metadata(chunk, scale=None, original_text=None)
+    assert expanded_metadata(None) == {"semidyn_expanded": True}

@@ -12,7 +12,6 @@ be compressed once, offline, into a store shared with the LlamaIndex integration
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,13 +19,14 @@ from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field
 from semidyn_rag.expansion import ExpansionPolicy, TopScorePolicy
+from semidyn_rag.prompting import METADATA_PREFIX, chunk_metadata, expanded_metadata
 from semidyn_rag.service import ChunkLatents, LatentService, SelectiveCompression
 
 from ._issued import register
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "semidyn_"
+PREFIX = METADATA_PREFIX
 """Every metadata key this compressor adds starts with it (flat keys suit vector-store filters)."""
 
 
@@ -195,9 +195,7 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
 
     def _expanded(self, doc: Document) -> Document:
         """``doc`` with its text kept for the decoder, marked as expanded."""
-        extra: dict[str, Any] = {PREFIX + "expanded": True}
-        if self.keep_original_text:
-            extra[PREFIX + "original_text"] = doc.page_content
+        extra = expanded_metadata(doc.page_content if self.keep_original_text else None)
         return Document(
             page_content=doc.page_content, metadata={**doc.metadata, **extra}, id=doc.id
         )
@@ -205,22 +203,12 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
     def _document(
         self, doc: Document, chunk: ChunkLatents, scale: float, ratio: float | None
     ) -> Document:
-        ctx = chunk.context
-        extra: dict[str, Any] = {
-            "key": chunk.key,
-            "ratio": ctx.ratio,
-            "segment_ratios": list(ctx.segment_ratios),
-            "num_latents": ctx.num_latents,
-            "original_tokens": ctx.num_tokens,
-            "source": chunk.source,
-            "scale": None if ratio is not None else scale,
-            "expanded": False,
-        }
-        if math.isfinite(ctx.predicted_y):
-            extra["predicted_y"] = ctx.predicted_y
-        if self.keep_original_text:
-            extra["original_text"] = doc.page_content
-        metadata = {**doc.metadata, **{PREFIX + k: v for k, v in extra.items()}}
+        extra = chunk_metadata(
+            chunk,
+            scale=None if ratio is not None else scale,
+            original_text=doc.page_content if self.keep_original_text else None,
+        )
+        metadata = {**doc.metadata, **extra}
         compressed = Document(page_content=chunk.marker, metadata=metadata, id=doc.id)
         register([compressed])  # what `format_docs` may arm: this object, not a copy of it
         return compressed

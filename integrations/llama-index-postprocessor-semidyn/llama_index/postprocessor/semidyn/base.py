@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle
 from semidyn_rag.expansion import ExpansionPolicy, TopScorePolicy, check_budget
 from semidyn_rag.precompress import Chunk, PrecompressConfig, PrecompressReport, precompress
+from semidyn_rag.prompting import METADATA_PREFIX, chunk_metadata, expanded_metadata
 from semidyn_rag.service import (
     ChunkLatents,
     LatentService,
@@ -32,7 +32,7 @@ from semidyn_rag.service import (
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "semidyn_"
+PREFIX = METADATA_PREFIX
 """Every metadata key the postprocessor adds starts with it (flat keys suit metadata filters)."""
 KEY = PREFIX + "key"
 RATIO = PREFIX + "ratio"
@@ -297,30 +297,19 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
 
     def _expand(self, node: NodeWithScore, text: str) -> NodeWithScore:
         """A copy of the node whose LLM-visible content is ``text`` (``node_text``) alone."""
-        extra: dict[str, Any] = {EXPANDED: True}
-        if self.keep_original_text:
-            extra[ORIGINAL_TEXT] = node.node.get_content(metadata_mode=MetadataMode.NONE)
+        extra = expanded_metadata(self._original_text(node))
         return self._copy(node, extra, text)
+
+    def _original_text(self, node: NodeWithScore) -> str | None:
+        if not self.keep_original_text:
+            return None
+        return node.node.get_content(metadata_mode=MetadataMode.NONE)
 
     def _replace(
         self, node: NodeWithScore, chunk: ChunkLatents, scale: float | None
     ) -> NodeWithScore:
         """A copy of the node whose LLM-visible content is the marker and nothing else."""
-        ctx = chunk.context
-        extra: dict[str, Any] = {
-            KEY: chunk.key,
-            RATIO: ctx.ratio,
-            SEGMENT_RATIOS: list(ctx.segment_ratios),
-            NUM_LATENTS: ctx.num_latents,
-            ORIGINAL_TOKENS: ctx.num_tokens,
-            SOURCE: chunk.source,
-            SCALE: scale,
-            EXPANDED: False,
-        }
-        if math.isfinite(ctx.predicted_y):
-            extra[PREDICTED_Y] = ctx.predicted_y
-        if self.keep_original_text:
-            extra[ORIGINAL_TEXT] = node.node.get_content(metadata_mode=MetadataMode.NONE)
+        extra = chunk_metadata(chunk, scale=scale, original_text=self._original_text(node))
         return self._copy(node, extra, chunk.marker)
 
     def _copy(self, node: NodeWithScore, extra: dict[str, Any], content: str) -> NodeWithScore:
