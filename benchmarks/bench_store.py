@@ -34,6 +34,7 @@ import torch
 from _common import Report, load_model, parser, setup, squad_passages
 from _timing import interleave
 
+from semidyn_rag.backbones import segment_count
 from semidyn_rag.config import CompressorConfig
 from semidyn_rag.modeling import SemiDynamicCompressor
 from semidyn_rag.precompress import (
@@ -43,7 +44,6 @@ from semidyn_rag.precompress import (
     pass_budget,
     plan_batches,
     precompress,
-    segment_count,
 )
 from semidyn_rag.service import LatentService
 from semidyn_rag.store import _COLUMNS, LatentStore, _decode

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from .backbones import segment_count
 from .extras import require
 from .precompress import (
     Chunk,
@@ -46,7 +47,6 @@ from .precompress import (
     WorkPlan,
     plan_batches,
     precompress,
-    segment_count,
 )
 from .store import DTYPES, LatentStore, atomic_write, text_hash
 from .types import CompressedContext

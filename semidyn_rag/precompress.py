@@ -24,7 +24,6 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -36,6 +35,7 @@ from filelock import Timeout
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from .backbones import min_latents, segment_count
 from .policy import CompressionPolicy
 from .readers import ReadError, json_lines, parquet_rows, parse_json_line, read_text
 from .store import (
@@ -702,26 +702,6 @@ def settled_plan(
     return plan if set(stored) == set(plan.manifest_rows()) else None
 
 
-def decoder_positions(compressor: SemiDynamicCompressor) -> int | None:
-    """The decoder's position budget (``max_position_embeddings``), if its config has one."""
-    base = compressor.decoder.get_base_model().config
-    value = getattr(base, "max_position_embeddings", None)
-    return int(value) if value else None
-
-
-def min_latents(compressor: SemiDynamicCompressor, num_tokens: int, ratio: float | None) -> int:
-    """A lower bound on the latents ``num_tokens`` tokens become: at the largest ratio the
-    selector may pick (or the fixed one), one or more per segment."""
-    cfg = compressor.config
-    segments = segment_count(num_tokens, cfg.max_segment_tokens)
-    if cfg.backbone != "mean_pooling":
-        return segments
-    if ratio is None and cfg.mode in ("fixed_ratio", "multi_ratio"):
-        ratio = cfg.fixed_ratio
-    top = ratio if ratio is not None else max(cfg.ratios)
-    return max(segments, math.ceil(num_tokens / top))
-
-
 def prepare_work(
     compressor: SemiDynamicCompressor,
     chunks: Sequence[Chunk],
@@ -751,10 +731,10 @@ def prepare_work(
     if plan.todo:
         keys = list(plan.todo)
         token_lists = compressor.tokenize([plan.todo[k] for k in keys])
-        budget = decoder_positions(compressor)
+        budget = compressor.latent_decoder.max_positions
         too_long = {}
         for key, ids in zip(keys, token_lists):
-            need = min_latents(compressor, len(ids), config.ratio)
+            need = min_latents(compressor.config, len(ids), config.ratio)
             if budget is not None and need > budget:
                 too_long[key] = (
                     f"{len(ids):,} tokens give at least {need:,} latents, more than the "
@@ -827,11 +807,6 @@ def pass_budget(config: PrecompressConfig, device: str) -> int:
     if device.startswith("cpu") and "batch_tokens" not in config.model_fields_set:
         return min(config.batch_tokens, CPU_BATCH_TOKENS)
     return config.batch_tokens
-
-
-def segment_count(num_tokens: int, segment_tokens: int) -> int:
-    """How many encoder segments a text of ``num_tokens`` tokens becomes (see ``compress_tokens``)."""
-    return max(1, math.ceil(num_tokens / segment_tokens))
 
 
 def open_store(
