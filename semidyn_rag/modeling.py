@@ -228,7 +228,6 @@ class SemiDynamicCompressor(nn.Module):
         """The model lock, held by every encoder and decoder pass (re-entrant)."""
         return self.adapter_lock.lock
 
-    _lock = lock  # alias: the LlamaIndex LLM integration's tests read the lock by this name
 
     def adapter(self, name: str) -> contextlib.AbstractContextManager[PeftModel]:
         """The ``encoder`` or ``decoder`` model with that adapter active, under :attr:`lock`

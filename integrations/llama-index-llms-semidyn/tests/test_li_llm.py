@@ -175,7 +175,7 @@ async def test_async_stream_stopped_early_stops_the_decoder(service, prompt):
     pieces = service.astream(prompt, max_new_tokens=400, min_new_tokens=400)
     await anext(pieces)
     await pieces.aclose()  # returns once the worker thread and its decoder have ended
-    lock = service.compressor._lock
+    lock = service.compressor.lock
     assert lock.acquire(blocking=False)  # the decoder lock is free again: generation stopped
     lock.release()
 
