@@ -366,6 +366,22 @@ def _local_bases(raw: dict, directory: Path) -> dict:
     return raw
 
 
+def read_config(directory: str | Path, **overrides: object) -> CompressorConfig:
+    """The config of a checkpoint in our layout (``directory / CONFIG_NAME``), without loading
+    weights: ``./`` base paths resolved against ``directory``, the checkpoint's own
+    ``trust_remote_code`` dropped (only an override enables remote code), ``overrides`` applied.
+
+    Raises `CheckpointError` naming the file when it is missing, unreadable or not a valid config.
+    """
+    directory = Path(directory)
+    raw = _local_bases(_read_json(directory / CONFIG_NAME), directory)
+    raw.pop("trust_remote_code", None)
+    try:
+        return CompressorConfig.model_validate({**raw, **overrides})
+    except ValueError as exc:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: {exc}") from exc
+
+
 def load_checkpoint(
     name_or_path: str | Path | None = None,
     *,
@@ -383,13 +399,7 @@ def load_checkpoint(
     directory = _resolve(name_or_path)
     if (directory / CONFIG_NAME).exists():
         _require(directory, MODULES_NAME)
-        raw = _local_bases(_read_json(directory / CONFIG_NAME), directory)
-        # only the caller may enable remote code (an override); a checkpoint's own flag never does
-        raw.pop("trust_remote_code", None)
-        try:
-            config = CompressorConfig.model_validate({**raw, **overrides})
-        except ValueError as exc:
-            raise CheckpointError(f"{directory / CONFIG_NAME}: {exc}") from exc
+        config = read_config(directory, **overrides)
         encoder, decoder = _with_adapters(config, directory, device, dtype)
         try:
             state = load_file(directory / MODULES_NAME)

@@ -262,18 +262,12 @@ class CheckpointRef:
 
     def _read_config(self) -> CompressorConfig:
         directory = self._directory
-        if directory is not None and (directory / "semidyn_config.json").is_file():
-            raw = json.loads((directory / "semidyn_config.json").read_text())
-            for key in ("encoder_model", "decoder_model"):  # as checkpoint._local_bases does
-                value = raw.get(key)
-                if isinstance(value, str) and value.startswith("./"):
-                    raw[key] = str(directory / value[2:])
-            raw.pop("trust_remote_code", None)
-            return CompressorConfig.model_validate(raw)
-        if directory is not None and (directory / "config.json").is_file():
-            from .checkpoint import official_config
+        from .checkpoint import CONFIG_NAME, OFFICIAL_CONFIG, official_config, read_config
 
-            return official_config(json.loads((directory / "config.json").read_text()))
+        if directory is not None and (directory / CONFIG_NAME).is_file():
+            return read_config(directory)
+        if directory is not None and (directory / OFFICIAL_CONFIG).is_file():
+            return official_config(json.loads((directory / OFFICIAL_CONFIG).read_text()))
         return self.load().config
 
     @functools.cached_property

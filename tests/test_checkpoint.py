@@ -1,9 +1,11 @@
+import json
 import re
 
 import pytest
 import torch
 
-from semidyn_rag.checkpoint import CheckpointError, load_official
+from semidyn_rag.checkpoint import CheckpointError, load_official, read_config
+from semidyn_rag.evaluation import CheckpointRef
 from semidyn_rag.modeling import SemiDynamicCompressor
 from semidyn_rag.testing import save_paper_layout
 
@@ -119,3 +121,18 @@ def test_missing_checkpoint_is_named(tmp_path, monkeypatch, name):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match=rf"compressor {re.escape(name)}: no such local"):
         SemiDynamicCompressor.from_pretrained(name)
+
+
+def test_config_is_read_without_weights_the_way_loading_reads_it(tmp_path):
+    """``./`` bases resolve against the checkpoint, its own remote-code flag is dropped, and the
+    evaluator's `CheckpointRef` reads the same config (no copy of these rules of its own)."""
+    config = {"encoder_model": "./base", "decoder_model": "./base", "trust_remote_code": True}
+    (tmp_path / "semidyn_config.json").write_text(json.dumps(config))
+    read = read_config(tmp_path)
+    assert read.encoder_model == read.decoder_model == str(tmp_path / "base")
+    assert read.trust_remote_code is False
+    assert read_config(tmp_path, trust_remote_code=True).trust_remote_code is True
+    assert CheckpointRef(tmp_path).config == read
+    (tmp_path / "semidyn_config.json").write_text(json.dumps({**config, "mode": "nope"}))
+    with pytest.raises(CheckpointError, match=r"semidyn_config\.json"):
+        read_config(tmp_path)
