@@ -285,6 +285,14 @@ def count_passes(monkeypatch: pytest.MonkeyPatch) -> PassCounter:
     return PassCounter(monkeypatch)
 
 
+@pytest.fixture(autouse=True)
+def no_pending_query() -> None:
+    """Each test is its own query: no chunks a previous test retrieved are still expected
+    (`semidyn_rag.service.expect_delivery`). Autouse in the suites that import it (LlamaIndex's,
+    whose LLM checks that a query's prompt holds what its retrieval compressed)."""
+    service_module.expect_delivery([], "")
+
+
 @pytest.fixture
 def store_path(tmp_path: Path) -> Path:
     return tmp_path / "latents"

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from semidyn_rag.modeling import SemiDynamicCompressor
-from semidyn_rag.service import expect_delivery
 from semidyn_rag.testing import (
     compressor_dir,
     count_passes,
+    no_pending_query,
     one_torch_thread,
     service,
     store,
@@ -26,17 +26,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 __all__ = [  # fixtures used by this suite, imported from the one shared place
     "compressor_dir",
     "count_passes",
+    "no_pending_query",
     "one_torch_thread",
     "service",
     "store",
     "store_path",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _no_pending_query() -> None:
-    """Each test is its own query: no chunks a previous test retrieved are still expected."""
-    expect_delivery([], "")
 
 
 @pytest.fixture(scope="session")

@@ -19,13 +19,13 @@ from llama_index.core.bridge.pydantic import Field
 from llama_index.core.schema import TextNode
 from llama_index.vector_stores.faiss import FaissVectorStore
 from semidyn_rag.modeling import SemiDynamicCompressor
-from semidyn_rag.service import expect_delivery
 from semidyn_rag.testing import (
     PASSAGES,
     compressor_dir,
     encode_counter,
     hashing_embedding,
     load_compressor,
+    no_pending_query,
     one_torch_thread,
     service,
     store,
@@ -38,6 +38,7 @@ __all__ = [  # fixtures used by this suite, imported from the one shared place
     "compressor_dir",
     "encode_counter",
     "load_compressor",
+    "no_pending_query",
     "one_torch_thread",
     "service",
     "store",
@@ -58,12 +59,6 @@ class HashingEmbedding(BaseEmbedding):
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
         return hashing_embedding(query, self.dim)
-
-
-@pytest.fixture(autouse=True)
-def _no_pending_query() -> None:
-    """Each test is its own query: no chunks a previous test retrieved are still expected."""
-    expect_delivery([], "")
 
 
 @pytest.fixture(scope="session")
