@@ -381,10 +381,12 @@ def token_chunks(
 
 
 def split_with(splitter: Splitter, documents: Sequence[Document]) -> list[list[str]]:
-    """Each document's chunk texts from a user's splitter, duck-typed (no framework import here).
+    """Each document's chunk texts from a user's splitter, duck-typed (no framework is needed
+    unless its splitter is given).
 
     ``split_text`` (LangChain ``TextSplitter``, LlamaIndex text splitters) is preferred; a LlamaIndex
-    ``NodeParser`` without it gets LlamaIndex ``Document``s; any other callable is called per text.
+    ``NodeParser`` without it gets LlamaIndex ``Document``s (so LlamaIndex is imported then); any
+    other callable is called per text.
     """
     if hasattr(splitter, "split_text"):
         return [list(splitter.split_text(doc.text)) for doc in documents]
