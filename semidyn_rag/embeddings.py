@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .extras import require
+
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -27,11 +29,14 @@ def default_model_path() -> str:
 
 
 def load_sentence_model(model: str | Path | Any | None, device: str = "cpu") -> Any:
-    """A ``SentenceTransformer`` from a name or path (``None``: the default), or ``model`` as is."""
-    if model is None or isinstance(model, (str, Path)):
-        from sentence_transformers import SentenceTransformer
+    """A ``SentenceTransformer`` from a name or path (``None``: the default), or ``model`` as is.
 
-        return SentenceTransformer(str(model or default_model_path()), device=device)
+    Raises `semidyn_rag.extras.MissingExtraError` naming the ``examples`` extra (whose HF
+    embedding integrations bring sentence-transformers) when it is not installed.
+    """
+    if model is None or isinstance(model, (str, Path)):
+        st = require("sentence_transformers", "the sentence embedding model", extra="examples")
+        return st.SentenceTransformer(str(model or default_model_path()), device=device)
     return model
 
 

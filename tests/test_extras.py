@@ -107,6 +107,15 @@ def test_parquet_readers_without_pyarrow(hide, tmp_path) -> None:
         assert_names_extra(info, "parquet")
 
 
+def test_sentence_model_without_sentence_transformers(hide) -> None:
+    from semidyn_rag.embeddings import load_sentence_model
+
+    hide("sentence_transformers")
+    with pytest.raises(MissingExtraError) as info:
+        load_sentence_model(None)
+    assert_names_extra(info, "examples")
+
+
 def test_openai_teacher_without_httpx(hide) -> None:
     from semidyn_rag.training.synth import OpenAITeacher
 
