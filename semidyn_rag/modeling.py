@@ -228,7 +228,6 @@ class SemiDynamicCompressor(nn.Module):
         """The model lock, held by every encoder and decoder pass (re-entrant)."""
         return self.adapter_lock.lock
 
-
     def adapter(self, name: str) -> contextlib.AbstractContextManager[PeftModel]:
         """The ``encoder`` or ``decoder`` model with that adapter active, under :attr:`lock`
         (for a pass of your own, e.g. a benchmark or a test reference)."""
