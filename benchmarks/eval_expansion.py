@@ -215,7 +215,7 @@ def main() -> None:
     out_rows = []
     for setting in settings:
         summary = results[setting.name].summary
-        records = evaluator._load(setting)
+        records = evaluator.records(setting)
         positions = statistics.fmean(records[s.id].num_latents for s in samples)
         as_text = (
             "all (base decoder)"

@@ -539,7 +539,9 @@ class Evaluator:
     def _records_path(self, setting: EvalSetting) -> Path:
         return self.out_dir / "records" / f"{setting.name}.jsonl"
 
-    def _load(self, setting: EvalSetting) -> dict[str, EvalRecord]:
+    def records(self, setting: EvalSetting) -> dict[str, EvalRecord]:
+        """The answers recorded for ``setting`` so far, by sample id (``records/<name>.jsonl``;
+        a line cut short by an interruption is left out, so a resumed run answers it again)."""
         path = self._records_path(setting)
         if not path.exists():
             return {}
@@ -593,7 +595,7 @@ class Evaluator:
         shows its own bar.
         """
         self._claim(setting)
-        done = self._load(setting)
+        done = self.records(setting)
         todo = [s for s in self.samples if s.id not in done]
         own = progress is None
         bar = progress or tqdm(total=len(self.samples), desc=setting.name, unit="q")
@@ -629,7 +631,7 @@ class Evaluator:
         require("matplotlib", "the evaluation's Pareto plot")
         unique = list({s.name: s for s in settings}.values())
         ids = {s.id for s in self.samples}
-        recorded = {s.name: len(ids & self._load(s).keys()) for s in unique}
+        recorded = {s.name: len(ids & self.records(s).keys()) for s in unique}
         if any(s.kind in _LINGUA and recorded[s.name] < len(ids) for s in unique):
             from .lingua import llmlingua_version
 

@@ -278,7 +278,7 @@ def test_expand_setting_answers_from_mixed_prompts(compressor, tmp_path, monkeyp
     for k in (0, 1, 4):
         setting = parse_setting(f"expand_top_{k}")
         results[k] = evaluator.run_setting(setting)
-        records = evaluator._load(setting)
+        records = evaluator.records(setting)
         prompts = seen[-1]
         for s, prompt in zip(samples, prompts, strict=True):
             # the first k contexts (retrieval order) are read as text, the rest as latents
