@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .modeling import LatentPrompt
+from .policy import CompressionPolicy
 from .service import (
     ChunkLatents,
     ContextWindowError,
@@ -39,14 +40,16 @@ METADATA_PREFIX = "semidyn_"
 
 
 def chunk_metadata(
-    chunk: ChunkLatents, *, scale: float | None, original_text: str | None
+    chunk: ChunkLatents, *, compression: CompressionPolicy, original_text: str | None
 ) -> dict[str, Any]:
     """Metadata for a chunk that reaches the LLM as its marker, keys prefixed ``semidyn_``.
 
-    ``key`` (cache key), ``ratio``, ``segment_ratios``, ``num_latents``, ``original_tokens``,
-    ``source`` (``encoder``, ``store`` or ``memory``), ``scale`` (``None`` under a fixed ratio),
-    ``expanded`` (``False``), the ratio head's ``predicted_y`` when it ran, and the chunk's
-    ``original_text`` unless ``None`` (for citations; it never reaches the prompt).
+    ``compression`` is the ratio policy the chunk was compressed under. Keys: ``key`` (cache
+    key), ``ratio``, ``segment_ratios``, ``num_latents``, ``original_tokens``, ``source``
+    (``encoder``, ``store`` or ``memory``), ``scale`` (the policy's
+    `~CompressionPolicy.selector_scale`: ``None`` under a fixed ratio), ``expanded``
+    (``False``), the ratio head's ``predicted_y`` when it ran, and the chunk's ``original_text``
+    unless ``None`` (for citations; it never reaches the prompt).
     """
     ctx = chunk.context
     extra: dict[str, Any] = {
@@ -56,7 +59,7 @@ def chunk_metadata(
         "num_latents": ctx.num_latents,
         "original_tokens": ctx.num_tokens,
         "source": chunk.source,
-        "scale": scale,
+        "scale": compression.selector_scale,
         "expanded": False,
     }
     if math.isfinite(ctx.predicted_y):

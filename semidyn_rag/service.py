@@ -506,9 +506,14 @@ class LatentService:
         together: a prompt resolved with ``whole_groups`` must then hold all of them. No texts:
         ``[]``.
         """
+        return self._compress(texts, self.policy_for(scale, ratio), group)
+
+    def _compress(
+        self, texts: Sequence[str], policy: CompressionPolicy, group: bool
+    ) -> list[ChunkLatents]:
+        """`compress` under a resolved ``policy`` (the one place latents are looked up or made)."""
         if not texts:
             return []
-        policy = self.policy_for(scale, ratio)
         keys = self._keys(texts, policy)
         found: dict[str, tuple[CompressedContext, str]] = {
             k: (self._memory[k], "memory") for k in keys if k in self._memory
@@ -568,8 +573,7 @@ class LatentService:
         expand_top_k: int,
         scores: Sequence[float | None] | None = None,
         policy: ExpansionPolicy | None = None,
-        scale: float | None = None,
-        ratio: float | None = None,
+        compression: CompressionPolicy | None = None,
         group: bool = False,
     ) -> SelectiveCompression:
         """Compress the retrieved ``texts`` except the ones ``policy`` expands to plain text.
@@ -579,16 +583,19 @@ class LatentService:
         ``policy`` defaults to `TopScorePolicy` over ``scores`` (retrieval order where they tie or
         are ``None``). A policy with ``needs_contexts`` reads every chunk's latents first (store
         and memory hits skip the encoder); otherwise only the chunks left compressed are
-        compressed. With ``group`` the compressed chunks form one group, as in `compress`.
+        compressed. ``compression`` is the ratio policy of the call, already resolved (a
+        framework component's `policy_for` and its per-call override); ``None``: the service's
+        default `policy`. With ``group`` the compressed chunks form one group, as in `compress`.
         """
         budget = check_budget(expand_top_k)
         policy = TopScorePolicy() if policy is None else policy
+        compression = self.policy if compression is None else compression
         if scores is not None and len(scores) != len(texts):
             raise ValueError(f"{len(scores)} scores for {len(texts)} texts")
         n = len(texts)
         every: list[ChunkLatents] | None = None
         if policy.needs_contexts and 0 < budget < n:
-            every = self.compress(texts, scale=scale, ratio=ratio)
+            every = self._compress(texts, compression, group=False)
         candidates = [
             Candidate(
                 text=t,
@@ -603,9 +610,7 @@ class LatentService:
             kept = [every[i] for i in keep]
             compressed = self.regroup(kept) if group else kept
         else:
-            compressed = self.compress(
-                [texts[i] for i in keep], scale=scale, ratio=ratio, group=group
-            )
+            compressed = self._compress([texts[i] for i in keep], compression, group)
         chunks: list[ChunkLatents | None] = [None] * n
         for i, chunk in zip(keep, compressed, strict=True):
             chunks[i] = chunk
@@ -619,8 +624,7 @@ class LatentService:
         expand_top_k: int,
         scores: Sequence[float | None] | None = None,
         policy: ExpansionPolicy | None = None,
-        scale: float | None = None,
-        ratio: float | None = None,
+        compression: CompressionPolicy | None = None,
         group: bool = False,
     ) -> SelectiveCompression:
         """Async `compress_selectively`: the policy and the encoder run in a worker thread."""
@@ -632,8 +636,7 @@ class LatentService:
                 expand_top_k=expand_top_k,
                 scores=scores,
                 policy=policy,
-                scale=scale,
-                ratio=ratio,
+                compression=compression,
                 group=group,
             )
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from semidyn_rag.policy import CompressionPolicy
 from semidyn_rag.prompting import (
     METADATA_PREFIX,
     check_window,
@@ -80,11 +81,12 @@ def test_prepare_raises_for_a_marker_without_latents(compressor) -> None:
 
 def test_chunk_metadata_is_the_same_for_both_frameworks(compressor) -> None:
     [chunk] = LatentService(compressor).compress(TEXTS[:1])
-    meta = chunk_metadata(chunk, scale=0.5, original_text=TEXTS[0])
+    meta = chunk_metadata(chunk, compression=CompressionPolicy(scale=0.5), original_text=TEXTS[0])
     assert meta["semidyn_key"] == chunk.key
     assert meta["semidyn_num_latents"] == chunk.context.num_latents
     assert meta["semidyn_expanded"] is False and meta["semidyn_scale"] == 0.5
     assert meta["semidyn_original_text"] == TEXTS[0]
     assert all(k.startswith(METADATA_PREFIX) for k in meta)
-    assert "semidyn_original_text" not in chunk_metadata(chunk, scale=None, original_text=None)
+    fixed = chunk_metadata(chunk, compression=CompressionPolicy(ratio=4), original_text=None)
+    assert "semidyn_original_text" not in fixed and fixed["semidyn_scale"] is None
     assert expanded_metadata(None) == {"semidyn_expanded": True}

@@ -19,6 +19,7 @@ from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field
 from semidyn_rag.expansion import ExpansionPolicy, TopScorePolicy
+from semidyn_rag.policy import CompressionPolicy
 from semidyn_rag.prompting import METADATA_PREFIX, chunk_metadata, expanded_metadata
 from semidyn_rag.service import ChunkLatents, LatentService, SelectiveCompression
 
@@ -99,8 +100,7 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
         self,
         todo: list[Document],
         query: str,
-        scale: float,
-        ratio: float | None,
+        compression: CompressionPolicy,
         expand_top_k: int | None,
     ) -> dict[str, Any]:
         return {
@@ -108,14 +108,14 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
             "expand_top_k": self.expand_top_k if expand_top_k is None else expand_top_k,
             "scores": self._scores(todo),
             "policy": self.expansion_policy,
-            "scale": scale,
-            "ratio": ratio,
+            "compression": compression,
             "group": True,  # one compression call: what a model call reads by default
         }
 
-    def _settings(self, scale: float | None, ratio: float | None) -> tuple[float, float | None]:
-        policy = self.service.policy_for(self.scale, self.ratio).override(scale, ratio)
-        return policy.scale, policy.ratio
+    def _compression(self, scale: float | None, ratio: float | None) -> CompressionPolicy:
+        """The ratio policy of one call: its ``scale``/``ratio``, then the fields, then the
+        service's default (``None`` keeps the wider value); invalid values are a ``ValueError``."""
+        return self.service.policy_for(self.scale, self.ratio).override(scale, ratio)
 
     def _split(self, documents: Sequence[Document]) -> tuple[list[Document], list[Document]]:
         """Documents to compress (every one with text) and the empty ones, set aside.
@@ -146,10 +146,10 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
         ``expand_top_k`` is a ``ValueError``.
         """
         todo, _ = self._split(documents)
-        used_scale, used_ratio = self._settings(scale, ratio)
-        args = self._selection_args(todo, query, used_scale, used_ratio, expand_top_k)
+        compression = self._compression(scale, ratio)
+        args = self._selection_args(todo, query, compression, expand_top_k)
         selection = self.service.compress_selectively([d.page_content for d in todo], **args)
-        return self._merge(documents, todo, selection, used_scale, used_ratio)
+        return self._merge(documents, todo, selection, compression)
 
     async def acompress_documents(
         self,
@@ -163,18 +163,17 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
     ) -> list[Document]:
         """Async `compress_documents`: the encoder runs in a worker thread."""
         todo, _ = self._split(documents)
-        used_scale, used_ratio = self._settings(scale, ratio)
-        args = self._selection_args(todo, query, used_scale, used_ratio, expand_top_k)
+        compression = self._compression(scale, ratio)
+        args = self._selection_args(todo, query, compression, expand_top_k)
         selection = await self.service.acompress_selectively([d.page_content for d in todo], **args)
-        return self._merge(documents, todo, selection, used_scale, used_ratio)
+        return self._merge(documents, todo, selection, compression)
 
     def _merge(
         self,
         documents: Sequence[Document],
         todo: list[Document],
         selection: SelectiveCompression,
-        scale: float,
-        ratio: float | None,
+        compression: CompressionPolicy,
     ) -> list[Document]:
         by_id = {id(doc): chunk for doc, chunk in zip(todo, selection.chunks, strict=True)}
         chunks = [c for c in selection.chunks if c is not None]
@@ -186,7 +185,7 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
             if chunk is None:
                 out.append(self._expanded(doc))
             else:
-                out.append(self._document(doc, chunk, scale, ratio))
+                out.append(self._document(doc, chunk, compression))
         if dropped := len(documents) - len(out):
             logger.debug("dropped %d empty document(s)", dropped)
         encoded = sum(not c.cached for c in chunks)
@@ -201,11 +200,11 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
         )
 
     def _document(
-        self, doc: Document, chunk: ChunkLatents, scale: float, ratio: float | None
+        self, doc: Document, chunk: ChunkLatents, compression: CompressionPolicy
     ) -> Document:
         extra = chunk_metadata(
             chunk,
-            scale=None if ratio is not None else scale,
+            compression=compression,
             original_text=doc.page_content if self.keep_original_text else None,
         )
         metadata = {**doc.metadata, **extra}

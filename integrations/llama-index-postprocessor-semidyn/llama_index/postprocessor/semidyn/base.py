@@ -21,6 +21,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle
 from semidyn_rag.expansion import ExpansionPolicy, TopScorePolicy, check_budget
+from semidyn_rag.policy import CompressionPolicy
 from semidyn_rag.precompress import Chunk, PrecompressConfig, PrecompressReport, precompress
 from semidyn_rag.prompting import METADATA_PREFIX, chunk_metadata, expanded_metadata
 from semidyn_rag.service import (
@@ -194,9 +195,9 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         """
         if self._service.store is None:
             raise ValueError("precompression needs a LatentService with a LatentStore")
-        scale, ratio = self._policy()
+        compression = self._compression()
         config = (config or PrecompressConfig(progress=False)).model_copy(
-            update={"scale": scale, "ratio": ratio}
+            update={"scale": compression.scale, "ratio": compression.ratio}
         )
         chunks = []
         for item in nodes:
@@ -208,10 +209,10 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
                 )
         return precompress(self._service.compressor, chunks, self._service.store, config, **kwargs)
 
-    def _policy(self) -> tuple[float, float | None]:
-        """The (scale, ratio) of this query: context override, then fields, then the service."""
-        policy = self._service.policy_for(self.scale, self.ratio).override(_scale_override.get())
-        return policy.scale, policy.ratio
+    def _compression(self) -> CompressionPolicy:
+        """The ratio policy of this query: the `compression_scale` override, then the fields,
+        then the service's default (``None`` keeps the wider value)."""
+        return self._service.policy_for(self.scale, self.ratio).override(_scale_override.get())
 
     def _todo(self, nodes: Sequence[NodeWithScore]) -> tuple[list[int], list[str]]:
         """Positions and texts of the nodes to compress: every node with text (empty ones pass).
@@ -230,14 +231,12 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
     def _selection_args(
         self, nodes: list[NodeWithScore], positions: list[int], query: str
     ) -> dict[str, Any]:
-        scale, ratio = self._policy()
         return {
             "query": query,
             "expand_top_k": self._budget(),
             "scores": [nodes[i].score for i in positions],
             "policy": self._policy_obj,
-            "scale": scale,
-            "ratio": ratio,
+            "compression": self._compression(),
             "group": True,
         }
 
@@ -248,7 +247,7 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         query = query_bundle.query_str if query_bundle is not None else ""
         args = self._selection_args(nodes, positions, query)
         selection = self._service.compress_selectively(texts, **args)
-        return self._merge(nodes, positions, texts, selection, args["scale"], args["ratio"], query)
+        return self._merge(nodes, positions, texts, selection, args["compression"], query)
 
     async def _apostprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
@@ -258,7 +257,7 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         query = query_bundle.query_str if query_bundle is not None else ""
         args = self._selection_args(nodes, positions, query)
         selection = await self._service.acompress_selectively(texts, **args)
-        return self._merge(nodes, positions, texts, selection, args["scale"], args["ratio"], query)
+        return self._merge(nodes, positions, texts, selection, args["compression"], query)
 
     def _merge(
         self,
@@ -266,8 +265,7 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         positions: list[int],
         texts: list[str],
         selection: SelectiveCompression,
-        scale: float,
-        ratio: float | None,
+        compression: CompressionPolicy,
         query: str,
     ) -> list[NodeWithScore]:
         out = list(nodes)
@@ -278,7 +276,7 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
                 out[i] = self._expand(nodes[i], texts[j])
                 expanded.append(texts[j])
             else:
-                out[i] = self._replace(nodes[i], chunk, None if ratio is not None else scale)
+                out[i] = self._replace(nodes[i], chunk, compression)
                 chunks.append(chunk)
         # this query's LLM call must then hold every one of them, whole (SemiDynamicLLM checks)
         expect_delivery([c.slot for c in chunks], query, expanded)
@@ -306,10 +304,12 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         return node.node.get_content(metadata_mode=MetadataMode.NONE)
 
     def _replace(
-        self, node: NodeWithScore, chunk: ChunkLatents, scale: float | None
+        self, node: NodeWithScore, chunk: ChunkLatents, compression: CompressionPolicy
     ) -> NodeWithScore:
         """A copy of the node whose LLM-visible content is the marker and nothing else."""
-        extra = chunk_metadata(chunk, scale=scale, original_text=self._original_text(node))
+        extra = chunk_metadata(
+            chunk, compression=compression, original_text=self._original_text(node)
+        )
         return self._copy(node, extra, chunk.marker)
 
     def _copy(self, node: NodeWithScore, extra: dict[str, Any], content: str) -> NodeWithScore:
