@@ -13,7 +13,7 @@ _EXPORTS = {
     "PLACEHOLDER": "modeling",
     "LatentPrompt": "modeling",
     "SemiDynamicCompressor": "modeling",
-    "TrainExample": "modeling",
+    "TrainExample": "training.loss",
     "CompressorConfig": "config",
     "LoraSettings": "config",
     "CompressedContext": "types",
@@ -35,9 +35,10 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .config import CompressorConfig, LoraSettings
-    from .modeling import PLACEHOLDER, LatentPrompt, SemiDynamicCompressor, TrainExample
+    from .modeling import PLACEHOLDER, LatentPrompt, SemiDynamicCompressor
     from .service import LatentService
     from .store import LatentStore
+    from .training.loss import TrainExample
     from .types import CompressedContext
 
 

@@ -417,11 +417,11 @@ def run_train_regressor(args: argparse.Namespace) -> int:
             "no sample carries a density label y: the regressor learns from labels only "
             "(semidyn synth writes them; SQuAD/HotpotQA files carry none)"
         )
-    from .training import RatioRegressor, Trainer
+    from .training import RatioRegressor, Trainer, regressor_loss
 
     _configure_hf_output(args)
     regressor = RatioRegressor.from_config(config)
-    Trainer(regressor, samples, train_config).train()
+    Trainer(regressor, samples, train_config, loss_fn=regressor_loss).train()
     if train_config.output_dir:
         logger.info("checkpoints (RatioRegressor.from_pretrained) in %s", train_config.output_dir)
     return 0

@@ -7,7 +7,8 @@ slot in its prompt, expanded to that context's latent positions.
 The class composes one unit per step of that path and owns their weights: `encoder.Encoder` (the
 LoRA encoder pass), `backbones` (the mode's ratio or length choice and the features it keeps),
 `converter.Converter`, `decoder.LatentDecoder` (prompts, embedding, generation). Files go through
-`checkpoint`, the training objective is `training.loss.compressor_loss`.
+`checkpoint`. The class knows nothing of training: the objective is the function
+`training.loss.compressor_loss(model, examples, ...)`, and nothing here imports `training`.
 """
 
 from __future__ import annotations
@@ -29,17 +30,13 @@ from .converter import Converter
 from .decoder import PLACEHOLDER, AdapterLock, LatentDecoder, LatentPrompt
 from .encoder import Encoder, eos_states, lora_config, predict_y
 from .loading import load_base, load_tokenizer
-from .training.loss import LossOutput, TrainExample, compressor_loss, distillation_loss
 from .types import CompressedContext
 
 __all__ = [
     "PLACEHOLDER",
     "ContextTooLongError",
     "LatentPrompt",
-    "LossOutput",
     "SemiDynamicCompressor",
-    "TrainExample",
-    "distillation_loss",
 ]
 
 logger = logging.getLogger(__name__)
@@ -472,18 +469,6 @@ class SemiDynamicCompressor(nn.Module):
     ) -> list[str]:
         """:meth:`generate` for many questions: one encoder batch, one ``generate`` call."""
         return self.complete(self.prompts_for(questions, contexts, scale, ratio), **generate_kwargs)
-
-    # ------------------------------------------------------------------ training
-    def training_loss(
-        self,
-        examples: Sequence[TrainExample],
-        ratio: float | None = None,
-        mse_weight: float = 1.0,
-        encoder_grad: bool = True,
-        kd_weight: float = 0.0,
-    ) -> LossOutput:
-        """Eq. 7 on one batch (`training.loss.compressor_loss`, which documents the arguments)."""
-        return compressor_loss(self, examples, ratio, mse_weight, encoder_grad, kd_weight)
 
 
 def _tokenizers(

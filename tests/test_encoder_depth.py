@@ -9,7 +9,7 @@ from semidyn_rag.config import CompressorConfig
 from semidyn_rag.modeling import SemiDynamicCompressor
 from semidyn_rag.testing import randomize_lora
 from semidyn_rag.tiny import build_qwen3
-from semidyn_rag.training.loss import TrainExample
+from semidyn_rag.training.loss import TrainExample, compressor_loss
 
 TEXTS = ["Paris is the capital of France.", "The quick brown fox jumps over the lazy dog."]
 
@@ -121,7 +121,7 @@ def test_the_head_still_learns_at_an_early_layer(deep_dir):
         TrainExample(contexts=[x], question="q", answer=[5, model.tokenizer.eos_token_id], y=[2.0])
         for x in ids
     ]
-    out = model.training_loss(examples, ratio=2, encoder_grad=False)
+    out = compressor_loss(model, examples, ratio=2, encoder_grad=False)
     out.loss.backward()
     assert model.ratio_head.weight.grad is not None
     assert model.ratio_head.weight.grad.abs().sum() > 0

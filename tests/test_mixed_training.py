@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from semidyn_rag.training.loss import TrainExample
+from semidyn_rag.training.loss import TrainExample, compressor_loss
 from semidyn_rag.training.samples import TrainSample, read_jsonl, to_examples, write_jsonl
 
 CONTEXTS = [
@@ -67,7 +67,7 @@ def test_expanded_flags_round_trip_and_are_validated(tmp_path):
 def test_the_decoder_reads_expanded_contexts_as_text_in_retrieval_order(compressor, monkeypatch):
     spy = _Spy(compressor, monkeypatch)
     [ex] = to_examples(compressor, [_sample([False, True, False])])
-    compressor.training_loss([ex], ratio=2)
+    compressor_loss(compressor, [ex], ratio=2)
     assert spy.encoded == [ex.contexts[0], ex.contexts[2]]  # the expanded one is not encoded
     [prompt] = spy.prompts
     assert len(prompt.latents) == 2
@@ -80,7 +80,7 @@ def test_the_decoder_reads_expanded_contexts_as_text_in_retrieval_order(compress
 def test_mixed_loss_equals_the_loss_on_the_prompt_inference_builds(compressor):
     """Training sees what `expand_top_k` sends at inference: the same latents, the same text."""
     [ex] = to_examples(compressor, [_sample([True, False, False])])
-    got = compressor.training_loss([ex], ratio=2, mse_weight=0.0).lm_loss
+    got = compressor_loss(compressor, [ex], ratio=2, mse_weight=0.0).lm_loss
     done = compressor.compress(CONTEXTS[1:], ratio=2)
     prompt = compressor.latent_prompt(ex.question, [CONTEXTS[0], *(c.latents for c in done)])
     embeds, mask, targets = compressor.embed_prompts([prompt], [ex.answer])
@@ -92,10 +92,10 @@ def test_mixed_loss_equals_the_loss_on_the_prompt_inference_builds(compressor):
 
 def test_mse_counts_only_compressed_contexts(compressor):
     [ex] = to_examples(compressor, [_sample([False, True, True])])
-    out = compressor.training_loss([ex], ratio=2)
+    out = compressor_loss(compressor, [ex], ratio=2)
     [only] = to_examples(compressor, [_sample(None)])
     only.contexts, only.y = only.contexts[:1], only.y[:1]  # the compressed context alone
-    alone = compressor.training_loss([only], ratio=2)
+    alone = compressor_loss(compressor, [only], ratio=2)
     torch.testing.assert_close(out.mse_loss, alone.mse_loss)
 
 
@@ -103,7 +103,7 @@ def test_a_fully_expanded_batch_trains_the_decoder_without_encoding(compressor, 
     spy = _Spy(compressor, monkeypatch)
     [ex] = to_examples(compressor, [_sample([True, True, True])])
     compressor.train()
-    out = compressor.training_loss([ex], ratio=2)
+    out = compressor_loss(compressor, [ex], ratio=2)
     assert spy.encoded == [] and spy.prompts[0].latents == ()
     assert math.isfinite(out.loss.item()) and float(out.mse_loss) == 0.0
     out.loss.backward()
@@ -114,7 +114,7 @@ def test_a_fully_expanded_batch_trains_the_decoder_without_encoding(compressor, 
 def test_mixed_and_compressed_examples_share_a_batch(compressor):
     examples = to_examples(compressor, [_sample([False, True, False]), _sample(None)])
     compressor.train()
-    out = compressor.training_loss(examples, ratio=4)
+    out = compressor_loss(compressor, examples, ratio=4)
     out.loss.backward()
     enc = [p.grad for n, p in compressor.encoder.named_parameters() if "lora" in n]
     assert any(g is not None and g.abs().sum() > 0 for g in enc)  # latents still train the encoder

@@ -23,6 +23,7 @@ from semidyn_rag.training import (
     read_jsonl,
     reconstruction_sample,
     reconstruction_samples,
+    regressor_loss,
     to_examples,
     write_jsonl,
 )
@@ -246,11 +247,13 @@ def test_ratio_regressor_two_stage(tiny_dir, compressor, tmp_path):
         for ctx, _, _ in FACTS
     ]
     examples = to_examples(reg, samples)
-    before = float(evaluate_loss(reg, examples).mse_loss)
+    before = float(evaluate_loss(reg, examples, loss_fn=regressor_loss).mse_loss)
     config = TrainConfig(steps=25, batch_size=6, lr=1e-2, ratio_sampling="mode", progress=False)
-    Trainer(reg, examples, config).train()
-    after = float(evaluate_loss(reg, examples).mse_loss)
+    Trainer(reg, examples, config, loss_fn=regressor_loss).train()
+    after = float(evaluate_loss(reg, examples, loss_fn=regressor_loss).mse_loss)
     assert after < 0.5 * before
+    with pytest.raises(ValueError, match="no decoder to distil into"):
+        regressor_loss(reg, examples, kd_weight=0.5)
     reg.save_pretrained(tmp_path)
     loaded = RatioRegressor.from_pretrained(tmp_path)
     texts = [ctx for ctx, _, _ in FACTS]

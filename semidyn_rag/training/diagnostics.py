@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from .loss import LossOutput, TrainExample
+from .loss import LossFn, LossOutput, TrainExample, compressor_loss
 
 
 class LatentUse(BaseModel):
@@ -39,14 +39,18 @@ def evaluate_loss(
     ratio: float | None = None,
     mse_weight: float = 1.0,
     batch_size: int = 8,
+    loss_fn: LossFn = compressor_loss,
 ) -> LossOutput:
-    """Mean losses over ``examples`` in eval mode (weighted by batch size); restores the mode."""
+    """Mean ``loss_fn`` losses over ``examples`` in eval mode, without gradients (weighted by batch
+    size); restores the mode. ``kd_loss`` is not averaged (``None``)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(3)
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        out = model.training_loss(batch, ratio=ratio, mse_weight=mse_weight)
+        out = loss_fn(
+            model, batch, ratio=ratio, mse_weight=mse_weight, encoder_grad=True, kd_weight=0.0
+        )
         totals += torch.tensor([float(out.loss), float(out.lm_loss), float(out.mse_loss)]) * len(
             batch
         )
@@ -72,14 +76,16 @@ def latent_use(
     *,
     ratio: float | None = None,
     batch_size: int = 8,
+    loss_fn: LossFn = compressor_loss,
 ) -> LatentUse:
     """`LatentUse` of ``model`` on ``examples`` (at least two, with different contexts).
 
     A swapped context of another length also moves the answer's position; with contexts of
     similar length that effect is small next to a decoder that reads its latents.
     """
-    own = evaluate_loss(model, examples, ratio=ratio, batch_size=batch_size)
-    other = evaluate_loss(model, swap_contexts(examples), ratio=ratio, batch_size=batch_size)
+    own = evaluate_loss(model, examples, ratio=ratio, batch_size=batch_size, loss_fn=loss_fn)
+    swapped = swap_contexts(examples)
+    other = evaluate_loss(model, swapped, ratio=ratio, batch_size=batch_size, loss_fn=loss_fn)
     return LatentUse(own_loss=float(own.lm_loss), other_loss=float(other.lm_loss))
 
 

@@ -1,8 +1,10 @@
 """The training objective (Eq. 7) and its types: ``LM + λ·MSE(ŷ, y)``, plus optional token KD.
 
 `compressor_loss` runs one batch of `TrainExample`s through a compressor the way inference does
-(encoder → backbone → converter → decoder prompt) and scores the answer tokens;
-`SemiDynamicCompressor.training_loss` is this function, which is what the `Trainer` calls.
+(encoder → backbone → converter → decoder prompt) and scores the answer tokens. It is a function of
+the model, not a method: the model knows nothing of training. `LossFn` is the contract the
+`Trainer` and `diagnostics.evaluate_loss` call (this function by default;
+`regressor.regressor_loss` for the two-stage ratio regressor).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -74,6 +76,28 @@ class LossOutput:
     """Token-level distillation term (before its weight); ``None`` when no example has targets."""
 
 
+class LossFn(Protocol):
+    """One batch's loss for a model: what the `Trainer` optimises and `evaluate_loss` averages.
+
+    ``ratio`` fixes the compression ratio for the batch (``None``: the model's mode decides),
+    ``mse_weight`` is λ of Eq. 7, ``encoder_grad=False`` builds the latents without a graph, and
+    ``kd_weight`` weighs token-level distillation (see `compressor_loss`). A loss may ignore an
+    argument that means nothing for its model, and raises ``ValueError`` for one it cannot honour.
+    ``model`` is `Any` because each loss takes its own model class.
+    """
+
+    def __call__(
+        self,
+        model: Any,
+        examples: Sequence[TrainExample],
+        *,
+        ratio: float | None,
+        mse_weight: float,
+        encoder_grad: bool,
+        kd_weight: float,
+    ) -> LossOutput: ...
+
+
 def distillation_loss(
     logits: torch.Tensor, targets: torch.Tensor, examples: Sequence[TrainExample]
 ) -> torch.Tensor | None:
@@ -104,6 +128,7 @@ def distillation_loss(
 def compressor_loss(
     model: SemiDynamicCompressor,
     examples: Sequence[TrainExample],
+    *,
     ratio: float | None = None,
     mse_weight: float = 1.0,
     encoder_grad: bool = True,

@@ -4,8 +4,9 @@ The paper (Sec. 4.4, "1-Stage vs. 2-Stage") compares its single-stage joint mode
 where an isolated regression model predicts ``y`` and the compressor only compresses. `RatioRegressor`
 is that isolated model: a (possibly smaller) base LLM with its own LoRA adapter, bidirectional
 attention and a linear head on the appended ``<eos>``, trained on the density labels alone (MSE).
-It plugs into the same `Trainer` (``training_loss`` has the compressor's signature) and replaces the
-joint head at inference through :meth:`RatioRegressor.compress_with`.
+It trains with the same `Trainer` (``Trainer(regressor, ..., loss_fn=regressor_loss)``:
+`regressor_loss` is a `loss.LossFn`, as the compressor's `loss.compressor_loss` is) and replaces
+the joint head at inference through :meth:`RatioRegressor.compress_with`.
 """
 
 from __future__ import annotations
@@ -145,26 +146,6 @@ class RatioRegressor(nn.Module):
             out.extend(self.predict_tokens(tokens[start : start + batch_size]).tolist())
         return out
 
-    def training_loss(
-        self,
-        examples: Sequence[TrainExample],
-        ratio: float | None = None,
-        mse_weight: float = 1.0,
-        encoder_grad: bool = True,
-    ) -> LossOutput:
-        """MSE against the known labels (``ratio``, ``mse_weight`` and ``encoder_grad`` are
-        accepted and unused: the regressor's only objective is the label)."""
-        pairs = [
-            (ctx, y) for ex in examples for ctx, y in zip(ex.contexts, ex.y) if math.isfinite(y)
-        ]
-        if not pairs:
-            zero = self.head.weight.sum() * 0.0
-            return LossOutput(loss=zero, lm_loss=zero.detach(), mse_loss=zero.detach())
-        y_hat = self.predict_tokens([c for c, _ in pairs])
-        labels = torch.tensor([y for _, y in pairs], device=self.device)
-        mse = nn.functional.mse_loss(y_hat, labels)
-        return LossOutput(loss=mse, lm_loss=torch.zeros(()), mse_loss=mse.detach())
-
     @torch.inference_mode()
     def compress_with(
         self,
@@ -193,3 +174,35 @@ class RatioRegressor(nn.Module):
             for i, ctx in zip(idx, done, strict=True):
                 out[i] = dataclasses.replace(ctx, segment_y=(ys[i],) * len(ctx.segment_y))
         return [c for c in out if c is not None]
+
+
+def regressor_loss(
+    model: RatioRegressor,
+    examples: Sequence[TrainExample],
+    *,
+    ratio: float | None = None,
+    mse_weight: float = 1.0,
+    encoder_grad: bool = True,
+    kd_weight: float = 0.0,
+) -> LossOutput:
+    """The regressor's `loss.LossFn`: MSE of its prediction against the known labels ``y``.
+
+    The regressor's only objective is the label, so ``ratio`` (no structure to choose),
+    ``mse_weight`` (nothing to weigh it against) and ``encoder_grad`` are accepted and unused;
+    ``lm_loss`` is 0. A batch without labels gives a zero loss that still carries a graph.
+
+    Raises:
+        ValueError: ``kd_weight`` is not 0 (the regressor has no decoder to distil into).
+    """
+    if kd_weight:
+        raise ValueError(
+            f"kd_weight={kd_weight}: the ratio regressor has no decoder to distil into"
+        )
+    pairs = [(ctx, y) for ex in examples for ctx, y in zip(ex.contexts, ex.y) if math.isfinite(y)]
+    if not pairs:
+        zero = model.head.weight.sum() * 0.0
+        return LossOutput(loss=zero, lm_loss=zero.detach(), mse_loss=zero.detach())
+    y_hat = model.predict_tokens([c for c, _ in pairs])
+    labels = torch.tensor([y for _, y in pairs], device=model.device)
+    mse = nn.functional.mse_loss(y_hat, labels)
+    return LossOutput(loss=mse, lm_loss=torch.zeros(()), mse_loss=mse.detach())

@@ -38,7 +38,7 @@ from ..loading import portable_name
 from ..modeling import SemiDynamicCompressor
 from .align import AlignTarget, align_converter
 from .diagnostics import LatentUse, latent_use
-from .loss import LossOutput, TrainExample
+from .loss import LossFn, TrainExample, compressor_loss
 from .samples import TrainSample, to_examples
 
 logger = logging.getLogger(__name__)
@@ -199,11 +199,13 @@ def param_groups(
 
 
 class _Loss(nn.Module):
-    """Puts ``training_loss`` behind ``forward`` so that DDP sees the call and syncs gradients."""
+    """Puts ``loss_fn(model, ...)`` behind ``forward``, with the model as a submodule, so that
+    DDP (``accelerator.prepare``) sees the call and syncs the model's gradients."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
         self.model = model
+        self.loss_fn = loss_fn
 
     def forward(
         self,
@@ -211,17 +213,23 @@ class _Loss(nn.Module):
         ratio: float | None,
         mse_weight: float,
         encoder_grad: bool,
-        kd_weight: float = 0.0,
+        kd_weight: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        kwargs = {"kd_weight": kd_weight} if kd_weight else {}  # regressors have no decoder
-        out: LossOutput = self.model.training_loss(
-            examples, ratio=ratio, mse_weight=mse_weight, encoder_grad=encoder_grad, **kwargs
+        out = self.loss_fn(
+            self.model,
+            examples,
+            ratio=ratio,
+            mse_weight=mse_weight,
+            encoder_grad=encoder_grad,
+            kd_weight=kd_weight,
         )
         return out.loss, out.lm_loss, out.mse_loss
 
 
 class Trainer:
-    """Trains a compressor (or anything with ``training_loss``) on `TrainSample`s or examples."""
+    """Trains a model on `TrainSample`s or examples, minimising ``loss_fn`` (a `loss.LossFn`):
+    `loss.compressor_loss` for a `SemiDynamicCompressor` (the default),
+    `regressor.regressor_loss` for a `regressor.RatioRegressor`."""
 
     def __init__(
         self,
@@ -229,6 +237,8 @@ class Trainer:
         samples: Sequence[TrainSample] | Sequence[TrainExample],
         config: TrainConfig,
         eval_samples: Sequence[TrainSample] | Sequence[TrainExample] = (),
+        *,
+        loss_fn: LossFn = compressor_loss,
     ) -> None:
         if not samples:
             raise ValueError("no training samples")
@@ -242,6 +252,7 @@ class Trainer:
             raise ValueError(f"train_ratios {sorted(unknown)} are not in the model's {candidates}")
         self.config = config
         self.model = model
+        self.loss_fn = loss_fn
         self.examples = self._examples(samples)
         self.eval_examples = self._examples(eval_samples)
         self.labelled = sum(
@@ -260,7 +271,7 @@ class Trainer:
             param_groups(model, self.params, config), lr=config.lr, betas=config.betas
         )
         self.loss_module, self.prepared_optimizer = self.accelerator.prepare(
-            _Loss(model), self.optimizer
+            _Loss(model, loss_fn), self.optimizer
         )
         self.step = 0
         self.history: list[StepLog] = []
@@ -363,7 +374,12 @@ class Trainer:
         return self.history
 
     def _check_latent_use(self) -> None:
-        use = latent_use(self.model, self.eval_examples, batch_size=self.config.batch_size)
+        use = latent_use(
+            self.model,
+            self.eval_examples,
+            batch_size=self.config.batch_size,
+            loss_fn=self.loss_fn,
+        )
         self.latent_use.append((self.step, use))
         logger.info(
             "step %d held-out loss %.4f with own latents, %.4f with others' (gap %.4f)",
