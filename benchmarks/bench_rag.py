@@ -37,8 +37,8 @@ from langchain_semidyn import SemiDynamicLLM as ChainLLM
 from langchain_semidyn import qa_prompt as chain_prompt
 from llama_index.core.schema import BaseNode
 from llama_index.llms.semidyn import SemiDynamicLLM
-from llama_index.postprocessor.semidyn import (
-    SOURCE,
+from llama_index.postprocessor.semidyn import SOURCE
+from llama_index.response_synthesizers.semidyn import (
     SemiDynamicSynthesizer,
     as_semidyn_query_engine,
     qa_prompt,

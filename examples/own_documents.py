@@ -26,8 +26,8 @@ from llama_index.postprocessor.semidyn import (
     RATIO,
     SOURCE,
     SemiDynamicNodePostprocessor,
-    as_semidyn_query_engine,
 )
+from llama_index.response_synthesizers.semidyn import as_semidyn_query_engine
 
 from semidyn_rag.precompress import PrecompressConfig
 from semidyn_rag.service import LatentService

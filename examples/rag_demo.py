@@ -54,6 +54,8 @@ from llama_index.postprocessor.semidyn import (
     SEGMENT_RATIOS,
     SOURCE,
     SemiDynamicNodePostprocessor,
+)
+from llama_index.response_synthesizers.semidyn import (
     SemiDynamicSynthesizer,
     as_semidyn_query_engine,
     qa_prompt,

@@ -27,7 +27,8 @@ DOCUMENTS = sorted(
     ]
 )
 OURS = re.compile(
-    r"\b((?:semidyn_rag|langchain_semidyn|llama_index\.(?:llms|postprocessor)\.semidyn)"
+    r"\b((?:semidyn_rag|langchain_semidyn"
+    r"|llama_index\.(?:llms|postprocessor|response_synthesizers)\.semidyn)"
     r"(?:\.[A-Za-z_]\w*)+)"
 )
 

@@ -3,7 +3,8 @@
 * Imports point one way: no cycles among the core's and the integrations' modules (imports inside
   functions count, those only for type checkers do not; a name a package re-exports lazily through
   its ``_EXPORTS`` counts as an import of the module that defines it), and the distributions depend
-  one way: integrations on the core, the LlamaIndex postprocessor on the LlamaIndex LLM, never back.
+  one way: integrations on the core, the LlamaIndex response synthesizer (the query-engine wiring)
+  on the LlamaIndex postprocessor and LLM, never back; the postprocessor and the LLM on neither.
 * No module uses another module's private (underscore) names: neither imports them nor reads them
   as attributes of an imported module or class (``store._decode``, ``Compressor._lock``). The
   examples and benchmarks are held to the same rule as the packages, with named exceptions.
@@ -26,13 +27,19 @@ DISTRIBUTIONS = {
     "langchain-semidyn": ("langchain_semidyn",),
     "llama-index-llms-semidyn": ("llama_index.llms.semidyn",),
     "llama-index-postprocessor-semidyn": ("llama_index.postprocessor.semidyn",),
+    "llama-index-response-synthesizers-semidyn": ("llama_index.response_synthesizers.semidyn",),
 }
 # which distribution may import which (besides itself)
 ALLOWED = {
     "semidyn-rag": set(),
     "langchain-semidyn": {"semidyn-rag"},
     "llama-index-llms-semidyn": {"semidyn-rag"},
-    "llama-index-postprocessor-semidyn": {"semidyn-rag", "llama-index-llms-semidyn"},
+    "llama-index-postprocessor-semidyn": {"semidyn-rag"},
+    "llama-index-response-synthesizers-semidyn": {
+        "semidyn-rag",
+        "llama-index-llms-semidyn",
+        "llama-index-postprocessor-semidyn",
+    },
 }
 # Private names that scripts outside the packages read on purpose, with the reason.
 SCRIPT_EXCEPTIONS = {
@@ -264,8 +271,8 @@ def _distribution(module: str) -> str | None:
 
 
 def test_distributions_depend_one_way():
-    """The core imports no integration; the LLM package not the postprocessor; LangChain and
-    LlamaIndex packages not each other (also not in functions)."""
+    """The core imports no integration; the LlamaIndex LLM and postprocessor not each other nor
+    the synthesizer; LangChain and LlamaIndex packages not each other (also not in functions)."""
     offenders = []
     for path, base in _package_sources():
         mine = _distribution(_module_name(path, base))

@@ -9,17 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
-from semidyn_rag.modeling import PLACEHOLDER, LatentPrompt
-from semidyn_rag.service import MARKER_PATTERN
-from semidyn_rag.testing import PASSAGES as CORPUS
-
 from llama_index.llms.semidyn import SemiDynamicLLM
 from llama_index.postprocessor.semidyn import (
     KEY,
     SOURCE,
     SemiDynamicNodePostprocessor,
-    as_semidyn_query_engine,
 )
+from semidyn_rag.modeling import PLACEHOLDER, LatentPrompt
+from semidyn_rag.service import MARKER_PATTERN
+from semidyn_rag.testing import PASSAGES as CORPUS
+
+from llama_index.response_synthesizers.semidyn import as_semidyn_query_engine
 
 QUESTION = "Where was Alice born?"
 

@@ -7,19 +7,18 @@ from collections.abc import Callable
 import pytest
 from llama_index.core.base.response.schema import Response, StreamingResponse
 from llama_index.core.query_engine import RetrieverQueryEngine
-from semidyn_rag.service import LatentService, ResolvedPrompt
-from semidyn_rag.store import LatentStore
-from semidyn_rag.testing import EncodeCounter
-
 from llama_index.llms.semidyn import SemiDynamicLLM
 from llama_index.postprocessor.semidyn import (
     KEY,
     RATIO,
     SOURCE,
     SemiDynamicNodePostprocessor,
-    as_semidyn_query_engine,
-    qa_prompt,
 )
+from semidyn_rag.service import LatentService, ResolvedPrompt
+from semidyn_rag.store import LatentStore
+from semidyn_rag.testing import EncodeCounter
+
+from llama_index.response_synthesizers.semidyn import as_semidyn_query_engine, qa_prompt
 
 MAX_NEW = 6
 QUESTION = "Which river flows through Germany to the North Sea?"

@@ -14,17 +14,16 @@ import re
 import pytest
 import torch
 from llama_index.core.response_synthesizers import ResponseMode
-from semidyn_rag.modeling import LatentPrompt
-from semidyn_rag.service import IncompleteContextError, LatentDeliveryError, LatentService
-from semidyn_rag.testing import PASSAGES as CORPUS
-
 from llama_index.llms.semidyn import SemiDynamicLLM
 from llama_index.postprocessor.semidyn import (
     KEY,
     SemiDynamicNodePostprocessor,
-    as_semidyn_query_engine,
-    qa_prompt,
 )
+from semidyn_rag.modeling import LatentPrompt
+from semidyn_rag.service import IncompleteContextError, LatentDeliveryError, LatentService
+from semidyn_rag.testing import PASSAGES as CORPUS
+
+from llama_index.response_synthesizers.semidyn import as_semidyn_query_engine, qa_prompt
 
 QUESTION = "Which river flows through Germany to the North Sea?"
 MODES = [

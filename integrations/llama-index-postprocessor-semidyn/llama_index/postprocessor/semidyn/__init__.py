@@ -1,9 +1,9 @@
-"""LlamaIndex integration of semidyn-rag: compress retrieved nodes into cached latent markers.
+"""LlamaIndex node postprocessor of semidyn-rag: retrieved nodes become cached latent markers.
 
 `SemiDynamicNodePostprocessor` swaps node text for markers of the nodes' latents (store hits
 first), or keeps the best ones as text (``expand_top_k``); `SemiDynamicLLM`
-(``llama_index.llms.semidyn``) reads them; `as_semidyn_query_engine`
-wires both into a query engine with the decoder's training prompt.
+(``llama_index.llms.semidyn``) reads them, and ``llama_index.response_synthesizers.semidyn``
+(`as_semidyn_query_engine`) wires the three into a query engine.
 """
 
 from semidyn_rag.expansion import DensityPolicy, ExpansionPolicy, TopScorePolicy
@@ -24,12 +24,6 @@ from llama_index.postprocessor.semidyn.base import (
     compression_scale,
     expansion_top_k,
 )
-from llama_index.postprocessor.semidyn.engine import (
-    SemiDynamicSynthesizer,
-    as_semidyn_query_engine,
-    qa_prompt,
-    qa_template,
-)
 
 __all__ = [
     "EXPANDED",
@@ -46,12 +40,8 @@ __all__ = [
     "DensityPolicy",
     "ExpansionPolicy",
     "SemiDynamicNodePostprocessor",
-    "SemiDynamicSynthesizer",
     "TopScorePolicy",
-    "as_semidyn_query_engine",
     "compression_scale",
     "expansion_top_k",
-    "qa_prompt",
-    "qa_template",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Query-engine wiring: the training prompt, a marker-safe synthesizer, one-call engine setup.
+"""`SemiDynamicSynthesizer` and the query-engine wiring: the training prompt, one-call setup.
 
 The decoder was trained on one prompt (the compressor's ``prompt_template``, by default
 ``"Context: {context}\\nQuestion: {question}"``) with one context placeholder per line, and reads
@@ -34,12 +34,10 @@ from llama_index.core.response_synthesizers import (
     get_response_synthesizer,
 )
 from llama_index.core.types import RESPONSE_TEXT_TYPE
+from llama_index.llms.semidyn import SemiDynamicLLM
+from llama_index.postprocessor.semidyn import SemiDynamicNodePostprocessor
 from semidyn_rag.expansion import ExpansionPolicy
 from semidyn_rag.service import LatentService
-
-from llama_index.llms.semidyn import SemiDynamicLLM
-
-from .base import SemiDynamicNodePostprocessor
 
 logger = logging.getLogger(__name__)
 
