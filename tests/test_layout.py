@@ -284,6 +284,30 @@ def test_distributions_depend_one_way():
     assert not offenders, "\n".join(offenders)
 
 
+def _pyproject(dist: str) -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    path = ROOT if dist == "semidyn-rag" else INTEGRATIONS / dist
+    return tomllib.loads((path / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def test_every_integration_is_a_known_distribution():
+    """A new package under integrations/ must be given its import rules above."""
+    found = {p.parent.name for p in INTEGRATIONS.glob("*/pyproject.toml")}
+    assert found == set(DISTRIBUTIONS) - {"semidyn-rag"}
+    for dist in DISTRIBUTIONS:
+        assert _pyproject(dist)["project"]["name"] == dist
+
+
+@pytest.mark.parametrize("dist", sorted(DISTRIBUTIONS))
+def test_every_distribution_ships_py_typed(dist):
+    """PEP 561: each package has a ``py.typed`` marker, and package-data puts it in the wheel."""
+    base = ROOT if dist == "semidyn-rag" else INTEGRATIONS / dist
+    package_data = _pyproject(dist)["tool"]["setuptools"]["package-data"]
+    for module in DISTRIBUTIONS[dist]:
+        assert (base / module.replace(".", "/") / "py.typed").is_file(), module
+        assert "py.typed" in package_data.get(module, []), f"{dist}: package-data of {module}"
+
+
 # --------------------------------------------------------------- the checks themselves can fail
 
 
