@@ -17,6 +17,7 @@ from semidyn_rag.expansion import (
     choose_expanded,
     mixed_prompt,
 )
+from semidyn_rag.policy import CompressionPolicy
 from semidyn_rag.service import (
     IncompleteContextError,
     LatentService,
@@ -192,6 +193,19 @@ def test_compress_selectively_with_density_reads_all_then_groups_the_rest(servic
     kept = [c for c in got.chunks if c is not None]
     assert len(kept) == 3 and {c.slot.group_size for c in kept} == {3}
     assert {c.source for c in kept} == {"encoder"}  # regrouped, not recompressed
+
+
+def test_compress_selectively_uses_the_policy_it_is_given(service) -> None:
+    """``compression`` decides ratio and store key; ``None`` is the service's default policy."""
+    fixed = CompressionPolicy(ratio=4)
+    got = service.compress_selectively(
+        TEXTS, query="q", expand_top_k=1, scores=[0, 1, 0, 0], compression=fixed
+    )
+    kept = [c for c in got.chunks if c is not None]
+    assert {c.context.ratio for c in kept} == {4.0}
+    assert [c.key for c in kept] == service.keys([TEXTS[0], TEXTS[2], TEXTS[3]], ratio=4)
+    default = service.compress_selectively(TEXTS, query="q", expand_top_k=0)
+    assert [c.key for c in default.chunks if c is not None] == service.keys(TEXTS)
 
 
 def test_compress_selectively_budget_errors(service) -> None:
