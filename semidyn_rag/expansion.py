@@ -16,7 +16,8 @@ compressor call :meth:`semidyn_rag.service.LatentService.compress_selectively`, 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -39,7 +40,8 @@ __all__ = [
 
 
 class ExpansionPolicyError(ValueError):
-    """A policy returned something that is not a valid choice (an index out of range, too many)."""
+    """A policy returned something that is not a valid choice (not positions, a position out of
+    range or given twice, more than the budget)."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ class Candidate:
     """The retriever's (or a reranker's) relevance score, higher is better; ``None``: unknown."""
     context: CompressedContext | None = None
     """The chunk's latents and the ratio head's prediction; given only to policies with
-    ``needs_contexts`` (store and memory hits cost nothing, the rest one encoder batch)."""
+    ``needs_contexts`` (store and memory hits cost nothing, the rest one encoder batch). A copy:
+    writing into its latents changes nothing the service keeps or sends."""
 
 
 @runtime_checkable
@@ -69,7 +72,8 @@ class ExpansionPolicy(Protocol):
         """Positions (``0 <= i < len(candidates)``) of at most ``k`` candidates to expand.
 
         Called only with ``0 < k < len(candidates)``; returning fewer than ``k`` is allowed
-        (a policy may decide that no further chunk is worth its text).
+        (a policy may decide that no further chunk is worth its text). Any iterable of distinct
+        integer positions will do (a set, a list, NumPy integers); `choose_expanded` checks it.
         """
         ...
 
@@ -150,8 +154,10 @@ def choose_expanded(
 
     ``k == 0`` expands nothing and ``k >= len(candidates)`` expands every chunk, without asking the
     policy (a budget larger than the retrieval is not an error: all chunks go as text). Otherwise
-    the policy chooses; `ExpansionPolicyError` when it returns a position out of range, a
-    non-integer, or more than ``k`` positions. Negative ``k`` is a ``ValueError``.
+    the policy chooses and may return any iterable of integer positions (NumPy integers included);
+    `ExpansionPolicyError` when it returns something that is not an iterable, a position that is
+    not an integer or is out of range, a position more than once, or more than ``k`` positions.
+    Negative ``k`` is a ``ValueError``.
     """
     k = check_budget(k)
     n = len(candidates)
@@ -159,17 +165,33 @@ def choose_expanded(
         return frozenset()
     if k >= n:
         return frozenset(range(n))
-    chosen = policy.choose(query, candidates, k)
-    bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+    returned = policy.choose(query, candidates, k)
+    if isinstance(returned, (str, bytes)) or not isinstance(returned, Iterable):
+        raise ExpansionPolicyError(
+            f"{policy!r} returned a {type(returned).__name__} ({returned!r}); choose must return "
+            "the positions to expand (e.g. a set of ints)"
+        )
+    chosen = list(returned)  # once: a generator is read a single time
+    odd = [i for i in chosen if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if odd:
+        raise ExpansionPolicyError(f"{policy!r} chose {odd}: not integer positions")
+    positions = [int(i) for i in chosen]
+    bad = [i for i in positions if not 0 <= i < n]
     if bad:
         raise ExpansionPolicyError(
             f"{policy!r} chose positions {bad}, outside the {n} candidates (0..{n - 1})"
         )
-    if len(chosen) > k:
+    twice = sorted({i for i in positions if positions.count(i) > 1})
+    if twice:
         raise ExpansionPolicyError(
-            f"{policy!r} chose {len(chosen)} chunks to expand, more than the budget k={k}"
+            f"{policy!r} chose position {twice[0]} more than once ({positions}); a policy "
+            "returns each chunk to expand once"
         )
-    return frozenset(chosen)
+    if len(positions) > k:
+        raise ExpansionPolicyError(
+            f"{policy!r} chose {len(positions)} chunks to expand, more than the budget k={k}"
+        )
+    return frozenset(positions)
 
 
 def mixed_prompt(

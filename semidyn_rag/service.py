@@ -427,6 +427,11 @@ class ChunkLatents:
         return self.slot.marker
 
 
+def _copied(context: CompressedContext) -> CompressedContext:
+    """``context`` with its own copy of the latents."""
+    return dataclasses.replace(context, latents=context.latents.clone())
+
+
 @dataclass(frozen=True)
 class SelectiveCompression:
     """`LatentService.compress_selectively`'s result: which chunks expand, the others' latents."""
@@ -600,7 +605,8 @@ class LatentService:
             Candidate(
                 text=t,
                 score=None if scores is None else scores[i],
-                context=None if every is None else every[i].context,
+                # a copy: a policy writing into it must not reach the memory cache or the prompt
+                context=None if every is None else _copied(every[i].context),
             )
             for i, t in enumerate(texts)
         ]

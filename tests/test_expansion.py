@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,6 +25,7 @@ from semidyn_rag.service import (
     expect_delivery,
     parse_prompt,
 )
+from semidyn_rag.store import LatentStore
 from semidyn_rag.types import CompressedContext
 
 TEXTS = [
@@ -115,6 +117,72 @@ def test_custom_policies_are_checked() -> None:
         choose_expanded(_Fixed({4}), "q", four, 2)
     with pytest.raises(ExpansionPolicyError, match="more than the budget"):
         choose_expanded(_Fixed({0, 1, 2}), "q", four, 2)
+
+
+class _Returns:
+    """A policy that returns ``value`` as is (whatever its type)."""
+
+    needs_contexts = False
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def choose(self, query, candidates, k):
+        return self.value
+
+
+def test_what_a_policy_returns_is_checked_for_its_type() -> None:
+    """Anything but a collection of integer positions is an `ExpansionPolicyError` naming it."""
+    four = cands([None] * 4)
+    for value, match in [
+        (0, "int"),
+        (None, "NoneType"),
+        ([1.0], "not integer positions"),
+        (["0"], "not integer positions"),
+        ("0", "str"),
+        ([True], "not integer positions"),
+    ]:
+        with pytest.raises(ExpansionPolicyError, match=match):
+            choose_expanded(_Returns(value), "q", four, 2)
+    # a policy may return any iterable of integers, NumPy's included (argsort, argpartition)
+    assert choose_expanded(_Returns(i for i in [1, 2]), "q", four, 2) == {1, 2}
+    assert choose_expanded(_Returns([3, 0]), "q", four, 2) == {0, 3}
+    assert choose_expanded(_Returns(np.argsort([0.4, 0.9, 0.1, 0.8])[-2:]), "q", four, 2) == {1, 3}
+    got = choose_expanded(_Returns(np.array([1])), "q", four, 2)
+    assert got == {1} and all(type(i) is int for i in got)
+
+
+def test_a_position_chosen_twice_is_an_error() -> None:
+    """A list naming a chunk twice is a policy bug (it meant ``k`` chunks), not a smaller choice."""
+    with pytest.raises(ExpansionPolicyError, match=r"position 0 more than once"):
+        choose_expanded(_Returns([0, 0]), "q", cands([None] * 4), 2)
+
+
+class _Mutating:
+    """A policy that normalises the latents it is given in place (a bug, not an attack)."""
+
+    needs_contexts = True
+
+    def choose(self, query, candidates, k):
+        for c in candidates:
+            c.context.latents.zero_()
+        return {0}
+
+
+def test_a_policy_cannot_corrupt_the_latents_the_service_keeps(compressor, tmp_path) -> None:
+    """With a store the service keeps ordinary (writable) tensors in memory: a policy gets copies."""
+    store = LatentStore(tmp_path / "latents", compressor.fingerprint)
+    service = LatentService(compressor, store)
+    want = [c.context.latents.clone() for c in service.compress(TEXTS)]
+    got = service.compress_selectively(TEXTS, query="q", expand_top_k=1, policy=_Mutating())
+    for i, chunk in enumerate(got.chunks):
+        if chunk is not None:
+            torch.testing.assert_close(chunk.context.latents, want[i])
+    later = service.compress_selectively(TEXTS, query="q", expand_top_k=0)
+    assert {c.source for c in later.chunks} == {"memory"}
+    for chunk, latents in zip(later.chunks, want, strict=True):
+        torch.testing.assert_close(chunk.context.latents, latents)
+    store.close()
 
 
 # --------------------------------------------------------------------------- mixed prompts
