@@ -98,6 +98,30 @@ def delivered_slots(documents: Sequence[Document | str] | None) -> frozenset[str
     return frozenset(ids)
 
 
+def expanded_texts(documents: Sequence[Document | str] | None) -> tuple[str, ...]:
+    """The texts of the expanded documents (``semidyn_expanded``) among ``documents``, in order.
+
+    A call given them as ``latent_documents`` must hold each one whole (whitespace aside), as it
+    must hold each compressed document's marker: an expanded chunk left out is a chunk lost.
+    """
+    if documents is None or isinstance(documents, str):
+        return ()
+    if isinstance(documents, Document):
+        documents = [documents]
+    return tuple(
+        doc.page_content
+        for doc in documents
+        if isinstance(doc, Document)
+        and doc.metadata.get(PREFIX_EXPANDED) is True
+        and doc.page_content.strip()
+    )
+
+
+def _squeezed(text: str) -> str:
+    """``text`` without whitespace: a prompt template or formatter may re-flow a document."""
+    return "".join(text.split())
+
+
 def _marker_slot(text: str) -> Slot | None:
     """The live slot when ``text`` is exactly one live marker (one parse), else ``None``."""
     parts = parse_prompt(text.strip(), check_fragments=False)
@@ -420,11 +444,14 @@ class LatentDecoding(BaseModel):
         (`semidyn_rag.prompting.prepare_prompt`); one that cannot fit the decoder's
         ``max_position_embeddings`` with its answer is a `ContextWindowError`.
         ``kwargs[LATENT_DOCUMENTS]`` (taken out here) delivers the call's compressed documents:
-        only their slots expand, and each must reach one of the prompts; without it, only the
-        markers armed by `format_docs` do (the others are text, logged).
+        only their slots expand, and each must reach one of the prompts, as must the text of each
+        expanded document (an `IncompleteContextError` otherwise); without it, only the markers
+        armed by `format_docs` do (the others are text, logged).
         """
         kwargs = dict(kwargs)
-        delivered = delivered_slots(kwargs.pop(LATENT_DOCUMENTS, None))
+        documents = kwargs.pop(LATENT_DOCUMENTS, None)
+        delivered = delivered_slots(documents)
+        expanded = expanded_texts(documents)
         window = self.service.compressor.latent_decoder.max_positions
         out = []
         for prompt in prompts:
@@ -446,6 +473,15 @@ class LatentDecoding(BaseModel):
                     f"{lost} of the {len(delivered)} compressed documents given as "
                     f"{LATENT_DOCUMENTS} are not in the prompt; put every one in it (a prompt "
                     "template's {context}, filled with format_docs)"
+                )
+        if expanded:
+            held = [_squeezed(p) for p in prompts]
+            lost = sum(not any(_squeezed(t) in p for p in held) for t in expanded)
+            if lost:
+                raise IncompleteContextError(
+                    f"{lost} of the {len(expanded)} expanded documents given as "
+                    f"{LATENT_DOCUMENTS} are not in the prompt (whole); put every one in it "
+                    "(a prompt template's {context}, filled with format_docs)"
                 )
         return out
 

@@ -12,6 +12,7 @@ be compressed once, offline, into a store shared with the LlamaIndex integration
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,8 +88,8 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
         for doc in documents:
             value = doc.metadata.get(self.score_key)
             if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float))
-            ):
+                isinstance(value, bool) or not isinstance(value, numbers.Real)
+            ):  # NumPy scalars are Real: rerankers return them (FlashrankRerank's float32)
                 raise ValueError(
                     f"document {doc.id or ''!s} has metadata[{self.score_key!r}] = {value!r}, "
                     "not a number; set score_key to the key of the retrieval score"
@@ -175,19 +176,15 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
         selection: SelectiveCompression,
         compression: CompressionPolicy,
     ) -> list[Document]:
-        by_id = {id(doc): chunk for doc, chunk in zip(todo, selection.chunks, strict=True)}
-        chunks = [c for c in selection.chunks if c is not None]
-        out: list[Document] = []
-        for doc in documents:
-            if id(doc) not in by_id:  # empty
-                continue
-            chunk = by_id[id(doc)]
-            if chunk is None:
-                out.append(self._expanded(doc))
-            else:
-                out.append(self._document(doc, chunk, compression))
+        """One document per entry of ``todo`` (the input order, empty documents left out); by
+        position, as one Document object may come twice and each occurrence is its own chunk."""
+        out = [
+            self._expanded(doc) if chunk is None else self._document(doc, chunk, compression)
+            for doc, chunk in zip(todo, selection.chunks, strict=True)
+        ]
         if dropped := len(documents) - len(out):
             logger.debug("dropped %d empty document(s)", dropped)
+        chunks = [c for c in selection.chunks if c is not None]
         encoded = sum(not c.cached for c in chunks)
         logger.debug("compressed %d document(s), %d through the encoder", len(chunks), encoded)
         return out

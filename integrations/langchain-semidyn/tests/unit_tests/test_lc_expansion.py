@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from langchain_community.vectorstores import FAISS
 from langchain_core.documents import Document
+from langchain_core.prompts import PromptTemplate
 from pydantic import ValidationError
 from semidyn_rag.modeling import LatentPrompt
-from semidyn_rag.service import MARKER_PATTERN, LatentService
+from semidyn_rag.service import MARKER_PATTERN, IncompleteContextError, LatentService
 
 from langchain_semidyn import (
     ChatSemiDynamic,
@@ -187,3 +189,56 @@ def test_rag_chain_with_expansion(service, documents, embeddings, decoder_inputs
     assert docs[0].page_content.startswith("Paris is the capital")  # the best hit, as text
     assert docs[0].page_content in out["context"]
     check_decoder_read(decoder_inputs.prompts[-1], docs)
+
+
+def test_numpy_scores_rank_like_floats(service, documents) -> None:
+    """Rerankers hand back NumPy scores (FlashrankRerank's ``relevance_score`` is a float32)."""
+    docs = [
+        Document(page_content=d.page_content, metadata={"relevance_score": np.float32(s)}, id=d.id)
+        for d, s in zip(documents, SCORES, strict=True)
+    ]
+    out = SemiDynamicDocumentCompressor(service=service, expand_top_k=2).compress_documents(
+        docs, "q"
+    )
+    assert expanded_ids(out) == ["doc1", "doc3"]
+
+
+def test_the_same_document_twice_keeps_each_occurrence(service, documents) -> None:
+    """A retriever may return one Document object twice: each occurrence is its own chunk."""
+    doc = documents[0]
+    out = SemiDynamicDocumentCompressor(service=service, expand_top_k=1).compress_documents(
+        [doc, doc, documents[1]], "q"
+    )
+    assert [d.metadata["semidyn_expanded"] for d in out] == [True, False, False]
+    assert out[0].page_content == doc.page_content
+    assert MARKER_PATTERN.fullmatch(out[1].page_content)
+    assert len({out[1].page_content, out[2].page_content}) == 2  # two chunks, two slots
+
+
+def test_an_expanded_document_left_out_of_the_prompt_is_an_error(
+    service, documents, embeddings
+) -> None:
+    """Given as ``latent_documents``, expanded documents must reach the prompt too."""
+    llm = SemiDynamicLLM(service=service, max_new_tokens=2)
+    every = SemiDynamicDocumentCompressor(service=service, expand_top_k=99)
+    docs = every.compress_documents(documents, "q")
+    with pytest.raises(IncompleteContextError, match="5 of the 5 expanded documents"):
+        llm.invoke("Question: q", latent_documents=docs)
+    mixed = SemiDynamicDocumentCompressor(service=service, expand_top_k=2)
+    docs = mixed.compress_documents(scored(documents), "q")
+    prompt = qa_prompt(service).format(
+        context=format_docs([d for d in docs if not d.metadata["semidyn_expanded"]]), question="q"
+    )
+    with pytest.raises(IncompleteContextError, match="2 of the 2 expanded documents"):
+        llm.invoke(prompt, latent_documents=docs)
+    # re-flowed whitespace still holds the whole document
+    docs = every.compress_documents(documents[:2], "q")
+    reflowed = "\n\n".join(d.page_content.replace(" ", "\n ") for d in docs)
+    llm.invoke(qa_prompt(service).format(context=reflowed, question="q"), latent_documents=docs)
+    # a chain whose prompt drops {context} fails, also when every document was expanded
+    retriever = FAISS.from_documents(documents, embeddings).as_retriever(search_kwargs={"k": 3})
+    chain = create_semidyn_rag_chain(
+        retriever, every, llm, prompt=PromptTemplate.from_template("Question: {question}")
+    )
+    with pytest.raises(IncompleteContextError, match="3 of the 3 expanded documents"):
+        chain.invoke(QUESTION)
