@@ -97,3 +97,24 @@ def test_density_policy_through_the_postprocessor(service, nodes):
     ys = [c.predicted_y for c in service.compressor.compress([n.text for n in nodes])]
     densest = min(range(len(nodes)), key=lambda i: (ys[i], -SCORES[i]))
     assert expanded_ids(out) == [f"node{densest}"]
+
+
+def test_empty_nodes_pass_unchanged_and_take_no_budget(service, nodes):
+    """An empty node is no chunk: it keeps its place and text, gets no semidyn_ keys, and the
+    budget goes to the best nodes with text."""
+    empty = NodeWithScore(node=TextNode(text=" ", id_="empty"), score=0.99)
+    post = SemiDynamicNodePostprocessor(service, expand_top_k=1)
+    out = post.postprocess_nodes([empty, *scored(nodes)], query_str="q")
+    assert out[0].node.node_id == "empty" and out[0].node.get_content() == " "
+    assert not any(k.startswith("semidyn_") for k in out[0].node.metadata)
+    assert expanded_ids(out[1:]) == ["node1"]
+
+
+def test_the_same_node_twice_is_two_chunks(service, nodes):
+    same = NodeWithScore(node=nodes[0], score=0.9)
+    out = SemiDynamicNodePostprocessor(service, expand_top_k=1).postprocess_nodes(
+        [same, same, NodeWithScore(node=nodes[1], score=0.1)], query_str="q"
+    )
+    assert [n.node.metadata[EXPANDED] for n in out] == [True, False, False]
+    assert out[0].node.get_content() == nodes[0].text
+    assert MARKER_PATTERN.fullmatch(out[1].node.get_content(metadata_mode=MetadataMode.LLM))

@@ -112,8 +112,8 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
     **Selective expansion.** With ``expand_top_k = k`` (or :func:`expansion_top_k` around a query)
     the ``k`` nodes chosen by ``expansion_policy`` (default `TopScorePolicy`: the highest retrieval
     scores; ties and missing scores in retrieval order) keep their text, the others become
-    markers; the order of the nodes never changes. Every node gets ``semidyn_expanded``; an
-    expanded node's LLM text is exactly the text that would have been compressed (``node_text``)
+    markers; the order of the nodes never changes. Every node with text gets
+    ``semidyn_expanded`` (an empty node passes unchanged and takes no budget); an expanded node's LLM text is exactly the text that would have been compressed (``node_text``)
     and it carries no latent metadata. ``k`` at least the number of nodes expands every node;
     a negative ``k`` is a validation error. `SemiDynamicLLM` checks that each expanded text
     reaches the prompt whole, as it checks the markers.
