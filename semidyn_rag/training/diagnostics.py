@@ -60,12 +60,14 @@ def evaluate_loss(
 
 
 def swap_contexts(examples: Sequence[TrainExample]) -> list[TrainExample]:
-    """Each example with the contexts (and labels) of the one before it, cyclically."""
+    """Each example with the contexts (labels and expanded texts too) of the one before it,
+    cyclically: the whole context set moves, so the counts always match. On examples with
+    expanded contexts the gap of `latent_use` therefore counts what their text gives as well."""
     if len(examples) < 2:
         raise ValueError("swapping contexts needs at least two examples")
     previous = [examples[-1], *examples[:-1]]
     return [
-        dataclasses.replace(ex, contexts=prev.contexts, y=prev.y)
+        dataclasses.replace(ex, contexts=prev.contexts, y=prev.y, as_text=prev.as_text)
         for ex, prev in zip(examples, previous, strict=True)
     ]
 

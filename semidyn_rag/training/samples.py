@@ -154,7 +154,7 @@ def to_examples(
 
     Contexts are truncated to ``max_context_tokens`` (default: the model's encoder segment size,
     so a training context is one segment); their labels are kept, as the density of a prefix is
-    that of its text. Answers get the decoder's ``<eos>`` appended so the model learns to stop;
+    that of its text. An expanded context (``expanded``) is read whole, as plain text. Answers get the decoder's ``<eos>`` appended so the model learns to stop;
     a distilled sample's answer is its teacher's token ids as generated (with their top-k targets).
     """
     if max_context_tokens is None:
@@ -166,12 +166,13 @@ def to_examples(
     examples, truncated = [], 0
     for sample, answer in zip(samples, answers, strict=True):
         contexts = []
-        for _ in sample.contexts:
+        flags = sample.expanded
+        for i in range(len(sample.contexts)):
             ids = next(ctx_ids)
-            truncated += len(ids) > max_context_tokens
+            # an expanded context reaches the decoder as its whole text: only latents are cut
+            truncated += len(ids) > max_context_tokens and not (flags and flags[i])
             contexts.append(ids[:max_context_tokens])
         teacher = sample.teacher
-        flags = sample.expanded
         examples.append(
             TrainExample(
                 contexts=contexts,
