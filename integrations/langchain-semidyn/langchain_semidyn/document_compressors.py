@@ -63,7 +63,7 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
     """A fixed trained ratio instead of the selector's choice (multi-ratio compressors)."""
     keep_original_text: bool = True
     """Keep the chunk text in metadata for citations; it never reaches the prompt."""
-    expand_top_k: int = Field(default=0, ge=0)
+    expand_top_k: int = Field(default=0, ge=0, strict=True)  # as `check_budget`: no bool, "1"
     """Documents sent as plain text per query (chosen by ``expansion_policy``); 0: none."""
     expansion_policy: ExpansionPolicy = Field(default_factory=TopScorePolicy)
     """Chooses the documents to expand (`semidyn_rag.expansion`)."""

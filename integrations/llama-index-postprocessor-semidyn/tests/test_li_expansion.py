@@ -118,3 +118,12 @@ def test_the_same_node_twice_is_two_chunks(service, nodes):
     assert [n.node.metadata[EXPANDED] for n in out] == [True, False, False]
     assert out[0].node.get_content() == nodes[0].text
     assert MARKER_PATTERN.fullmatch(out[1].node.get_content(metadata_mode=MetadataMode.LLM))
+
+
+@pytest.mark.parametrize("k", [True, 1.0, "1", 1.5])
+def test_the_budget_field_takes_an_int_as_the_per_query_budget_does(service, k):
+    """No silent coercion (``True`` or ``"1"`` read as 1): the same rule as `expansion_top_k`."""
+    with pytest.raises(ValidationError, match="expand_top_k"):
+        SemiDynamicNodePostprocessor(service, expand_top_k=k)
+    with pytest.raises(TypeError, match="expand_top_k must be an int"), expansion_top_k(k):
+        pass

@@ -242,3 +242,17 @@ def test_an_expanded_document_left_out_of_the_prompt_is_an_error(
     )
     with pytest.raises(IncompleteContextError, match="3 of the 3 expanded documents"):
         chain.invoke(QUESTION)
+
+
+@pytest.mark.parametrize("k", [True, 1.0, "1", 1.5])
+def test_the_budget_field_takes_an_int_as_the_per_call_budget_does(service, documents, k) -> None:
+    """No silent coercion (``True`` or ``"1"`` read as 1): the same rule as ``expand_top_k=`` per
+    call (`semidyn_rag.expansion.check_budget`)."""
+    with pytest.raises(ValidationError, match="expand_top_k"):
+        SemiDynamicDocumentCompressor(service=service, expand_top_k=k)
+    with pytest.raises(ValidationError, match="expand_top_k"):
+        SemiDynamicDocumentCompressor(service=service).with_expansion(k)
+    with pytest.raises(TypeError, match="expand_top_k must be an int"):
+        SemiDynamicDocumentCompressor(service=service).compress_documents(
+            documents, "q", expand_top_k=k
+        )

@@ -133,7 +133,10 @@ class SemiDynamicNodePostprocessor(BaseNodePostprocessor):
         default=True, description="Keep the chunk text in metadata; it never reaches the prompt."
     )
     expand_top_k: int = Field(
-        default=0, ge=0, description="Nodes sent as plain text per query (the policy's choice)."
+        default=0,
+        ge=0,
+        strict=True,  # as `check_budget` per query: True or "1" is an error, not 1
+        description="Nodes sent as plain text per query (the policy's choice).",
     )
     _service: LatentService = PrivateAttr()
     _policy_obj: ExpansionPolicy = PrivateAttr()
