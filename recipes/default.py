@@ -7,7 +7,7 @@
     python recipes/default.py distill   # fourth phase: distil the teacher's answers (resumable)
     python recipes/default.py teach-mixed  # teacher answers on retrieved HotpotQA top-5 paragraphs
     python recipes/default.py mix       # fifth phase: prompts mixing text and latents (resumable)
-    python recipes/default.py ship      # fp16 copy of the distilled checkpoint + fitted head
+    python recipes/default.py ship      # fp16 copy of the last phase's checkpoint + fitted head
     python recipes/default.py eval      # held-out SQuAD articles: table, peers, Pareto plot
 
 ``make train-default`` runs them all. Data: SQuAD (whole articles held out for evaluation) and
@@ -15,7 +15,8 @@ HotpotQA training rows from ``../shared/data``, plus synthetic QA tasks written 
 pipeline with SmolLM2 itself as the teacher (the only LLM available offline here). The first three
 phases learn from gold answers; the fourth from the untouched base decoder's own answers on the
 full text (sequence- and token-level distillation, PISCO-style), which is what "accuracy kept
-under compression" measures. The ratio head is fitted in closed form to surprisal labels
+under compression" measures; the fifth the same on retrieved multi-paragraph prompts in which the
+retriever's best paragraphs are plain text (selective expansion). The ratio head is fitted in closed form to surprisal labels
 (`training.density`): SmolLM2's summaries carry no density signal, its surprisal does.
 """
 
@@ -304,6 +305,9 @@ RETRIEVED = 5
 """Paragraphs retrieved per HotpotQA question (of its ten: two gold, eight distractors)."""
 MAX_EXPANDED = 2
 """Each mixed sample expands the retriever's best ``k`` paragraphs, ``k`` uniform in 0..2."""
+MIXED_LIMIT = 192
+"""HotpotQA rows the mixed teacher answers (the first ones of `retrieved_hotpot`): what one CPU
+session afforded next to other work; more is better."""
 
 
 def retrieved_hotpot() -> list[TrainSample]:
@@ -337,7 +341,7 @@ def retrieved_hotpot() -> list[TrainSample]:
 def teach_mixed() -> None:
     """Teacher answers (full text of every retrieved paragraph) for `retrieved_hotpot`; resumable."""
     model = SemiDynamicCompressor.from_pretrained(None).eval()
-    samples = retrieved_hotpot()
+    samples = retrieved_hotpot()[:MIXED_LIMIT]
     done = {s.id for s in read_jsonl(MIXED_TEACHER)} if MIXED_TEACHER.exists() else set()
     todo = [s for s in samples if s.id not in done]
     logger.info("mixed teacher: %d of %d samples left", len(todo), len(samples))
@@ -504,7 +508,8 @@ def distill(init: str) -> None:
 
 
 def mix() -> None:
-    """The fifth phase (``MIX``) from the bundled default; resumes its own last checkpoint."""
+    """The fifth phase (``MIX``) from the bundled default, which must be the fourth phase shipped
+    (``make train-default`` runs ``ship`` before it); resumes its own last checkpoint."""
     torch.manual_seed(SEED)
     model = SemiDynamicCompressor.from_pretrained(None, dtype=torch.float32, head_layer=HEAD_LAYER)
     count = _count_tokens(model.tokenizer)
