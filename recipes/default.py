@@ -129,6 +129,22 @@ MIX = TrainConfig.model_validate(
 retriever's best 0-2 paragraphs are plain text and the rest latents (selective expansion), mixed
 with as many single-paragraph distilled samples and a third as many reconstructions. It starts
 from the bundled default (the fourth phase shipped) with a fresh optimizer."""
+RELEASE = TrainConfig.model_validate(
+    {
+        **MIX.model_dump(),
+        "steps": 160,
+        "encoder_warmup_steps": 0,  # encoder adapter and converter train from step 0
+        "module_lr_scale": 1.0,  # the converter moves no faster than the adapters (collapse)
+        "output_dir": str(RUN / "release"),
+        "eval_every": 40,
+    }
+)
+"""Sixth phase: the fifth one's data with the encoder side released. Every earlier phase held the
+encoder adapter and the converter where alignment put them, so the latents stayed the converter's
+regression onto mean token embeddings; now that the decoder reads those, encoder and converter
+learn from its distillation and reconstruction losses what it can read best. It starts from the
+bundled default (the fifth phase shipped) with a fresh optimizer; ``density`` refits the head on
+the released encoder's layer 2 afterwards."""
 RECONSTRUCTION_WORDS = 48
 """Piece length of the later phases' reconstruction samples (~64 tokens, 16 latents at r=4)."""
 MONITOR = 16
@@ -507,16 +523,12 @@ def distill(init: str) -> None:
     Trainer(model, [*taught, *recon], DISTILL, eval_samples=monitor).train()
 
 
-def mix() -> None:
-    """The fifth phase (``MIX``) from the bundled default, which must be the fourth phase shipped
-    (``make train-default`` runs ``ship`` before it); resumes its own last checkpoint."""
-    torch.manual_seed(SEED)
-    model = SemiDynamicCompressor.from_pretrained(None, dtype=torch.float32, head_layer=HEAD_LAYER)
-    count = _count_tokens(model.tokenizer)
+def _mixed_training_set(count, single: int, reconstructions: int) -> list[TrainSample]:
+    """The mixed prompts, ``single`` distilled single-paragraph samples and ``reconstructions``
+    reconstruction pieces of the SQuAD training articles (seeded draws)."""
     mixed = _labelled(read_jsonl(MIXED_TEACHER), count)
     rng = random.Random(SEED)
-    single = rng.sample(_labelled(read_jsonl(TEACHER), count), len(mixed))
-    _, monitor = training_samples(count)
+    taught = rng.sample(_labelled(read_jsonl(TEACHER), count), single)
     train, _ = squad_split()
     recon = _labelled(
         reconstruction_samples(
@@ -524,19 +536,47 @@ def mix() -> None:
         ),
         count,
     )
-    recon = rng.sample(recon, len(mixed) // 3)
-    logger.info("mix: %d mixed, %d single, %d reconstruction", len(mixed), len(single), len(recon))
-    Trainer(model, [*mixed, *single, *recon], MIX, eval_samples=monitor).train()
+    recon = rng.sample(recon, reconstructions)
+    logger.info("%d mixed, %d single, %d reconstruction", len(mixed), len(taught), len(recon))
+    return [*mixed, *taught, *recon]
+
+
+def _from_default() -> SemiDynamicCompressor:
+    return SemiDynamicCompressor.from_pretrained(None, dtype=torch.float32, head_layer=HEAD_LAYER)
+
+
+def mix() -> None:
+    """The fifth phase (``MIX``) from the bundled default, which must be the fourth phase shipped
+    (``make train-default`` runs ``ship`` before it); resumes its own last checkpoint."""
+    torch.manual_seed(SEED)
+    model = _from_default()
+    count = _count_tokens(model.tokenizer)
+    n = len(read_jsonl(MIXED_TEACHER))
+    samples = _mixed_training_set(count, single=n, reconstructions=n // 3)
+    _, monitor = training_samples(count)
+    Trainer(model, samples, MIX, eval_samples=monitor).train()
+
+
+def release() -> None:
+    """The sixth phase (``RELEASE``) from the bundled default, which must be the fifth phase
+    shipped; resumes its own last checkpoint. Reconstructions weigh more than in the fifth phase:
+    every context token is a target, the densest signal for what the latents must keep."""
+    torch.manual_seed(SEED)
+    model = _from_default()
+    count = _count_tokens(model.tokenizer)
+    samples = _mixed_training_set(count, single=256, reconstructions=192)
+    _, monitor = training_samples(count)
+    Trainer(model, samples, RELEASE, eval_samples=monitor).train()
 
 
 def ship() -> None:
     """Copy the distilled checkpoint's compressor files into the package, tensors cast to fp16,
     with the ratio head fitted by ``density`` on layer ``HEAD_LAYER`` (so encoding stops there)."""
-    found = list_checkpoints(MIX.output_dir) or list_checkpoints(DISTILL.output_dir)
+    phases = (RELEASE, MIX, DISTILL)
+    found = next((f for p in phases if (f := list_checkpoints(p.output_dir))), None)
     if not found or not HEAD_FILE.exists():
-        raise SystemExit(
-            f"ship needs a checkpoint in {MIX.output_dir} or {DISTILL.output_dir}, and {HEAD_FILE}"
-        )
+        dirs = ", ".join(str(p.output_dir) for p in phases)
+        raise SystemExit(f"ship needs a checkpoint in one of {dirs}, and {HEAD_FILE}")
     last = found[-1]
     if DEFAULT_CHECKPOINT.exists():
         shutil.rmtree(DEFAULT_CHECKPOINT)
@@ -609,6 +649,7 @@ def main() -> None:
             "distill",
             "teach-mixed",
             "mix",
+            "release",
             "ship",
             "eval",
         ],
@@ -635,6 +676,8 @@ def main() -> None:
         teach_mixed()
     elif args.step == "mix":
         mix()
+    elif args.step == "release":
+        release()
     elif args.step == "ship":
         ship()
     else:
