@@ -56,7 +56,7 @@ train-default: $(STAMP)
 	$(PY) recipes/default.py teach
 	$(PY) recipes/default.py density
 	$(PY) recipes/default.py distill
-	$(PY) recipes/default.py ship
+	$(PY) recipes/default.py ship --phase distill
 	$(PY) recipes/default.py teach-mixed
 	$(PY) recipes/default.py mix
 	$(PY) recipes/default.py ship

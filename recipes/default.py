@@ -145,6 +145,14 @@ regression onto mean token embeddings; now that the decoder reads those, encoder
 learn from its distillation and reconstruction losses what it can read best. It starts from the
 bundled default (the fifth phase shipped) with a fresh optimizer; ``density`` refits the head on
 the released encoder's layer 2 afterwards."""
+RECALL = TrainConfig.model_validate(
+    {**MIX.model_dump(), "steps": 240, "output_dir": str(RUN / "recall"), "eval_every": 80}
+)
+"""Experiment after the sixth phase: the fifth phase's settings (encoder side held) with every
+distilled sample and as many reconstructions as QA samples, because what the latents lose on
+held-out questions is exact tokens (names, numbers), which reconstruction trains directly."""
+PHASES = {"distill": DISTILL, "mix": MIX, "release": RELEASE, "recall": RECALL}
+"""The phases ``ship`` can ship, by name (``--phase``); the bundled default is ``mix``."""
 RECONSTRUCTION_WORDS = 48
 """Piece length of the later phases' reconstruction samples (~64 tokens, 16 latents at r=4)."""
 MONITOR = 16
@@ -569,14 +577,25 @@ def release() -> None:
     Trainer(model, samples, RELEASE, eval_samples=monitor).train()
 
 
-def ship() -> None:
-    """Copy the distilled checkpoint's compressor files into the package, tensors cast to fp16,
-    with the ratio head fitted by ``density`` on layer ``HEAD_LAYER`` (so encoding stops there)."""
-    phases = (RELEASE, MIX, DISTILL)
-    found = next((f for p in phases if (f := list_checkpoints(p.output_dir))), None)
+def recall() -> None:
+    """``RECALL`` from the bundled default (the fifth phase shipped); resumes its own checkpoint."""
+    torch.manual_seed(SEED)
+    model = _from_default()
+    count = _count_tokens(model.tokenizer)
+    n = len(read_jsonl(MIXED_TEACHER)) + len(read_jsonl(TEACHER))
+    samples = _mixed_training_set(count, single=len(read_jsonl(TEACHER)), reconstructions=n)
+    _, monitor = training_samples(count)
+    Trainer(model, samples, RECALL, eval_samples=monitor).train()
+
+
+def ship(phase: str) -> None:
+    """Copy the last checkpoint of ``phase`` (a name in ``PHASES``) into the package, tensors cast
+    to fp16, with the ratio head fitted by ``density`` on layer ``HEAD_LAYER`` (so encoding stops
+    there)."""
+    directory = PHASES[phase].output_dir
+    found = list_checkpoints(directory)
     if not found or not HEAD_FILE.exists():
-        dirs = ", ".join(str(p.output_dir) for p in phases)
-        raise SystemExit(f"ship needs a checkpoint in one of {dirs}, and {HEAD_FILE}")
+        raise SystemExit(f"ship --phase {phase} needs a checkpoint in {directory}, and {HEAD_FILE}")
     last = found[-1]
     if DEFAULT_CHECKPOINT.exists():
         shutil.rmtree(DEFAULT_CHECKPOINT)
@@ -650,11 +669,13 @@ def main() -> None:
             "teach-mixed",
             "mix",
             "release",
+            "recall",
             "ship",
             "eval",
         ],
     )
     parser.add_argument("--init", choices=["third-phase", "default"], default="third-phase")
+    parser.add_argument("--phase", choices=sorted(PHASES), default="mix", help="what ship ships")
     parser.add_argument("--teach-limit", type=int, default=TEACH_LIMIT)
     parser.add_argument("--synth-limit", type=int, default=40)
     parser.add_argument("--eval-limit", type=int, default=200)
@@ -678,8 +699,10 @@ def main() -> None:
         mix()
     elif args.step == "release":
         release()
+    elif args.step == "recall":
+        recall()
     elif args.step == "ship":
-        ship()
+        ship(args.phase)
     else:
         evaluate(args.eval_limit, args.scales, args.settings, args.hotpot_limit)
 
