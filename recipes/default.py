@@ -597,6 +597,8 @@ def ship(phase: str) -> None:
     if not found or not HEAD_FILE.exists():
         raise SystemExit(f"ship --phase {phase} needs a checkpoint in {directory}, and {HEAD_FILE}")
     last = found[-1]
+    card = DEFAULT_CHECKPOINT / "README.md"
+    card_text = card.read_text() if card.exists() else None
     if DEFAULT_CHECKPOINT.exists():
         shutil.rmtree(DEFAULT_CHECKPOINT)
     for path in last.rglob("*"):
@@ -619,6 +621,9 @@ def ship(phase: str) -> None:
             target.write_text(json.dumps({**config, "head_layer": HEAD_LAYER}, indent=2))
         else:
             shutil.copy(path, target)
+    if card_text is not None:  # the model card is written by hand, from the evaluation
+        card.write_text(card_text)
+        logger.warning("kept the model card %s: update its numbers from `eval`", card)
     size = sum(p.stat().st_size for p in DEFAULT_CHECKPOINT.rglob("*")) / 2**20
     logger.info("shipped %s to %s (%.1f MB)", last.name, DEFAULT_CHECKPOINT, size)
 
