@@ -641,16 +641,19 @@ EVAL_SETTINGS = (
 """Baselines, the trained ratios and truncation to the same token budgets (the bar's peer)."""
 
 
-def evaluate(limit: int, scales: list[float], settings: list[str], hotpot_limit: int) -> None:
-    """Held-out SQuAD articles (and HotpotQA dev gold passages): table, Pareto plot, records."""
+def evaluate(
+    limit: int, scales: list[float], settings: list[str], hotpot_limit: int, out: Path
+) -> None:
+    """Held-out SQuAD articles into ``out`` (and HotpotQA dev gold passages into
+    ``<out>_hotpotqa``): table, Pareto plot, records."""
     model = CheckpointRef(None)
     chosen = select_settings(model, [*settings, *_scale_names(scales)])
     _, held_out = squad_split()
-    Evaluator(model, sample(held_out, limit, SEED), RESULTS, max_new_tokens=24).run(chosen)
-    print((RESULTS / "results.md").read_text())
+    Evaluator(model, sample(held_out, limit, SEED), out, max_new_tokens=24).run(chosen)
+    print((out / "results.md").read_text())
     if hotpot_limit:
         dev = load_hotpotqa(DATA / "hotpotqa" / "dev.jsonl")
-        out = RESULTS.with_name("default_eval_hotpotqa")
+        out = out.with_name(f"{out.name}_hotpotqa")
         Evaluator(model, sample(dev, hotpot_limit, SEED), out, max_new_tokens=24).run(chosen)
         print((out / "results.md").read_text())
 
@@ -684,9 +687,12 @@ def main() -> None:
     parser.add_argument("--teach-limit", type=int, default=TEACH_LIMIT)
     parser.add_argument("--synth-limit", type=int, default=40)
     parser.add_argument("--eval-limit", type=int, default=200)
-    parser.add_argument("--scales", type=float, nargs="+", default=[-1.0, -0.5, 0.0, 0.5, 1.0])
+    parser.add_argument("--scales", type=float, nargs="*", default=[-1.0, -0.5, 0.0, 0.5, 1.0])
     parser.add_argument("--settings", nargs="+", default=list(EVAL_SETTINGS))
     parser.add_argument("--hotpot-limit", type=int, default=100)
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="eval: the SQuAD results directory"
+    )
     args = parser.parse_args()
     if args.step == "synth":
         synth(args.synth_limit)
@@ -709,7 +715,7 @@ def main() -> None:
     elif args.step == "ship":
         ship(args.phase)
     else:
-        evaluate(args.eval_limit, args.scales, args.settings, args.hotpot_limit)
+        evaluate(args.eval_limit, args.scales, args.settings, args.hotpot_limit, args.out)
 
 
 if __name__ == "__main__":
