@@ -537,7 +537,7 @@ def distill(init: str) -> None:
     Trainer(model, [*taught, *recon], DISTILL, eval_samples=monitor).train()
 
 
-def _mixed_training_set(count, single: int, reconstructions: int) -> list[TrainSample]:
+def mixed_training_set(count, single: int, reconstructions: int) -> list[TrainSample]:
     """The mixed prompts, ``single`` distilled single-paragraph samples and ``reconstructions``
     reconstruction pieces of the SQuAD training articles (seeded draws)."""
     mixed = _labelled(read_jsonl(MIXED_TEACHER), count)
@@ -566,7 +566,7 @@ def mix() -> None:
     model = _from_default()
     count = _count_tokens(model.tokenizer)
     n = len(read_jsonl(MIXED_TEACHER))
-    samples = _mixed_training_set(count, single=n, reconstructions=n // 3)
+    samples = mixed_training_set(count, single=n, reconstructions=n // 3)
     _, monitor = training_samples(count)
     Trainer(model, samples, MIX, eval_samples=monitor).train()
 
@@ -578,7 +578,7 @@ def release() -> None:
     torch.manual_seed(SEED)
     model = _from_default()
     count = _count_tokens(model.tokenizer)
-    samples = _mixed_training_set(count, single=256, reconstructions=192)
+    samples = mixed_training_set(count, single=256, reconstructions=192)
     _, monitor = training_samples(count)
     Trainer(model, samples, RELEASE, eval_samples=monitor).train()
 
@@ -589,7 +589,7 @@ def recall() -> None:
     model = _from_default()
     count = _count_tokens(model.tokenizer)
     n = len(read_jsonl(MIXED_TEACHER)) + len(read_jsonl(TEACHER))
-    samples = _mixed_training_set(count, single=len(read_jsonl(TEACHER)), reconstructions=n)
+    samples = mixed_training_set(count, single=len(read_jsonl(TEACHER)), reconstructions=n)
     _, monitor = training_samples(count)
     Trainer(model, samples, RECALL, eval_samples=monitor).train()
 

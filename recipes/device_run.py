@@ -220,8 +220,8 @@ def training_set(
     count = count_tokens(model)
     mixed, taught = len(read_jsonl(recipe.MIXED_TEACHER)), len(read_jsonl(recipe.TEACHER))
     single, reconstructions = PHASE_SIZES[phase](mixed, taught)
-    # the recipe's own builder (same seeded draws as on the CPU); a recipe-private helper
-    samples = recipe._mixed_training_set(count, min(single, taught), reconstructions)
+    # the recipe's own builder: the same seeded draws as on the CPU
+    samples = recipe.mixed_training_set(count, min(single, taught), reconstructions)
     _, monitor = recipe.training_samples(count)
     return samples, monitor
 
