@@ -154,10 +154,24 @@ distilled sample and as many reconstructions as QA samples, because what the lat
 held-out questions is exact tokens (names, numbers), which reconstruction trains directly.
 Measured and not shipped: 240 steps lowered held-out accuracy at r=4 and r=8 within noise
 (docs/experiments.md)."""
+SCALE = TrainConfig.model_validate(
+    {**MIX.model_dump(), "steps": 600, "output_dir": str(RUN / "scale"), "eval_every": 100}
+)
+"""The fifth phase's settings and proportions on all the data there is: every teacher answer
+(``teach --teach-limit 0`` answers every training question), the mixed prompts and a third as many
+reconstructions. The CPU phases saw 448-640 samples; this is the phase ``recipes/device_run.py``
+runs by default on a GPU, where the teacher answers take a minute (it runs on the CPU too, slowly)."""
 DEVICE = TrainConfig.model_validate({**MIX.model_dump(), "output_dir": str(RUN / "device")})
 """Where ``recipes/device_fetch.py`` installs a checkpoint trained on a GPU by
 ``recipes/device_run.py`` (docs/gpu.md), so that ``ship --phase device`` ships it."""
-PHASES = {"distill": DISTILL, "mix": MIX, "release": RELEASE, "recall": RECALL, "device": DEVICE}
+PHASES = {
+    "distill": DISTILL,
+    "mix": MIX,
+    "release": RELEASE,
+    "recall": RECALL,
+    "scale": SCALE,
+    "device": DEVICE,
+}
 """The phases ``ship`` can ship, by name (``--phase``); the bundled default is ``mix``."""
 RECONSTRUCTION_WORDS = 48
 """Piece length of the later phases' reconstruction samples (~64 tokens, 16 latents at r=4)."""
@@ -319,7 +333,7 @@ def teach(limit: int | None = None) -> None:
     full text (`distill.teacher_answers`). Appends in chunks; a rerun continues where it stopped."""
     model = SemiDynamicCompressor.from_pretrained(None).eval()
     samples, _ = training_samples(_count_tokens(model.tokenizer))
-    samples = [s for s in samples if s.provenance.get("kind") == "qa"][:limit]
+    samples = [s for s in samples if s.provenance.get("kind") == "qa"][: limit or None]
     done = {s.id for s in read_jsonl(TEACHER)} if TEACHER.exists() else set()
     todo = [s for s in samples if s.id not in done]
     logger.info("teacher: %d of %d samples left", len(todo), len(samples))
@@ -594,6 +608,17 @@ def recall() -> None:
     Trainer(model, samples, RECALL, eval_samples=monitor).train()
 
 
+def scale() -> None:
+    """``SCALE`` from the bundled default (the fifth phase shipped); resumes its own checkpoint."""
+    torch.manual_seed(SEED)
+    model = _from_default()
+    count = _count_tokens(model.tokenizer)
+    taught, mixed = len(read_jsonl(TEACHER)), len(read_jsonl(MIXED_TEACHER))
+    samples = mixed_training_set(count, single=taught, reconstructions=(mixed + taught) // 3)
+    _, monitor = training_samples(count)
+    Trainer(model, samples, SCALE, eval_samples=monitor).train()
+
+
 def ship(phase: str) -> None:
     """Copy the last checkpoint of ``phase`` (a name in ``PHASES``) into the package, tensors cast
     to fp16, with the ratio head fitted by ``density`` on layer ``HEAD_LAYER`` (so encoding stops
@@ -684,13 +709,16 @@ def main() -> None:
             "mix",
             "release",
             "recall",
+            "scale",
             "ship",
             "eval",
         ],
     )
     parser.add_argument("--init", choices=["third-phase", "default"], default="third-phase")
     parser.add_argument("--phase", choices=sorted(PHASES), default="mix", help="what ship ships")
-    parser.add_argument("--teach-limit", type=int, default=TEACH_LIMIT)
+    parser.add_argument(
+        "--teach-limit", type=int, default=TEACH_LIMIT, help="teach: questions (0: all)"
+    )
     parser.add_argument("--synth-limit", type=int, default=40)
     parser.add_argument("--eval-limit", type=int, default=200)
     parser.add_argument("--scales", type=float, nargs="*", default=[-1.0, -0.5, 0.0, 0.5, 1.0])
@@ -718,6 +746,8 @@ def main() -> None:
         release()
     elif args.step == "recall":
         recall()
+    elif args.step == "scale":
+        scale()
     elif args.step == "ship":
         ship(args.phase)
     else:

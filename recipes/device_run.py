@@ -66,9 +66,11 @@ PHASE_SIZES = {
     "mix": lambda mixed, taught: (mixed, mixed // 3),
     "release": lambda mixed, taught: (256, 192),
     "recall": lambda mixed, taught: (taught, mixed + taught),
+    "scale": lambda mixed, taught: (taught, (mixed + taught) // 3),
 }
-"""The phases that start from the bundled default; ``mix`` (the default) produced it, ``release`` and
-``recall`` are later attempts that were not shipped."""
+"""The phases that start from the bundled default: ``mix`` produced it, ``release`` and ``recall``
+are later attempts that were not shipped, ``scale`` (the default here) is ``mix`` on every teacher
+answer, the ones this run adds included."""
 EVAL_SETTINGS = ("fixed_ratio_4", "fixed_ratio_8")
 TINY_VOCAB = 400
 
@@ -362,7 +364,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True, help="returned files ($OUT)")
     parser.add_argument("--budget-s", type=float, default=480, help="whole run, seconds")
-    parser.add_argument("--phase", choices=sorted(PHASE_SIZES), default="mix")
+    parser.add_argument("--phase", choices=sorted(PHASE_SIZES), default="scale")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     parser.add_argument("--teach-s", type=float, default=90, help="teacher answers, seconds")
