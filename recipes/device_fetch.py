@@ -1,7 +1,7 @@
 """Install what the GPU run returned as a checkpoint ``ship --phase device`` can ship.
 
     .venv/bin/python recipes/device_fetch.py <files_at of the last device call>
-    python recipes/default.py ship --phase device
+    .venv/bin/python recipes/default.py ship --phase device
 
 ``recipes/device_run.py`` writes ``checkpoint/`` (the shippable fp16 files), ``device_results.json``
 and perhaps ``teacher_device.jsonl`` into ``$OUT``. This copies the checkpoint to
@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import default as recipe
-from device_run import CHECKPOINT_OUT, RESULTS_NAME, TEACHER_OUT
+from device_pack import sha256_file
+from device_run import CHECKPOINT_OUT, RESULTS_NAME, SHIPPED_FILES, TEACHER_OUT
 
-from semidyn_rag.checkpoint import CONFIG_NAME
 from semidyn_rag.training.trainer import list_checkpoints, state_dir
 
 logger = logging.getLogger("recipes.device_fetch")
@@ -37,15 +37,37 @@ def find_returned(files: Path) -> Path:
     what came back under the command's ``$OUT`` path).
 
     Raises:
-        FileNotFoundError: no such folder, or its checkpoint lacks the config.
+        FileNotFoundError: no such folder; FileExistsError: more than one (two runs' files).
     """
     found = sorted(p.parent for p in files.rglob(RESULTS_NAME))
     if not found:
         raise FileNotFoundError(f"no {RESULTS_NAME} under {files}: did the device run finish?")
-    folder = found[0]
-    if not (folder / CHECKPOINT_OUT / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{folder / CHECKPOINT_OUT / CONFIG_NAME} is missing")
-    return folder
+    if len(found) > 1:
+        raise FileExistsError(f"{RESULTS_NAME} in {found}: pass the folder of one run")
+    return found[0]
+
+
+def check_returned(folder: Path, results: dict) -> None:
+    """Check the returned checkpoint against the sha256 of each file that ``results["files"]``
+    records (``device_run.manifest``): every file ``ship`` copies is there and whole.
+
+    Raises:
+        ValueError: the results name no files or not all of `SHIPPED_FILES`, or a file's sha256
+            differs; FileNotFoundError: a recorded file did not come back (the tool leaves out a
+            file over its limits).
+    """
+    recorded = results.get("files") or {}
+    if not set(SHIPPED_FILES) <= set(recorded):
+        raise ValueError(
+            f"{folder / RESULTS_NAME} records the files {sorted(recorded)}, "
+            f"not all of {list(SHIPPED_FILES)}: not a whole device run's results"
+        )
+    for name, expected in recorded.items():
+        path = folder / CHECKPOINT_OUT / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} did not come back (see the call's files_left_out)")
+        if sha256_file(path) != expected:
+            raise ValueError(f"{path} has another sha256 than the device wrote: damaged")
 
 
 def install(files: Path, run_dir: Path) -> Path:
@@ -53,13 +75,20 @@ def install(files: Path, run_dir: Path) -> Path:
     return the checkpoint directory.
 
     Raises:
-        FileNotFoundError: see `find_returned`; FileExistsError: ``checkpoint-N`` exists already.
+        FileNotFoundError, ValueError: see `find_returned` and `check_returned`;
+        FileExistsError: ``run_dir`` holds a checkpoint already (``ship`` would take the one of
+            most steps, not necessarily this one), or ``files`` holds two runs.
     """
     folder = find_returned(files)
     results = json.loads((folder / RESULTS_NAME).read_text())
+    check_returned(folder, results)
     target = run_dir / f"checkpoint-{int(results['steps'])}"
-    if target.exists():
-        raise FileExistsError(f"{target} exists: move it away to install another device run")
+    earlier = sorted(run_dir.glob("checkpoint-*")) if run_dir.is_dir() else []
+    if earlier:
+        raise FileExistsError(
+            f"{run_dir} holds {[p.name for p in earlier]}: move them (and its trainer-state) "
+            "away to install another device run"
+        )
     shutil.copytree(folder / CHECKPOINT_OUT, target)
     state = state_dir(target)
     state.mkdir(parents=True, exist_ok=True)
@@ -78,7 +107,8 @@ def install(files: Path, run_dir: Path) -> Path:
     if target not in list_checkpoints(run_dir):
         raise RuntimeError(f"{target} is not listed as a checkpoint of {run_dir}")
     logger.info(
-        "installed %s (%d steps on %s); ship it: python recipes/default.py ship --phase device",
+        "installed %s (%d steps on %s); ship it: "
+        ".venv/bin/python recipes/default.py ship --phase device",
         target,
         results["steps"],
         results.get("device_name"),

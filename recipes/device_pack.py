@@ -62,6 +62,12 @@ RUN_BUDGET_S = 480
 """``device_run --budget-s`` of the last call: its whole run, loading to export, in seconds."""
 RUN_TIMEOUT_S = 600
 """``timeout_s`` to give the last call (the tool's maximum)."""
+RUN_OVERHEAD_S = 90
+"""Seconds of the last call outside ``device_run``'s budget: the wheels' install, the imports, an
+evaluation that overruns its reserve (the results are written before it)."""
+RUN_MIN_BUDGET_S = 120
+"""The least ``--budget-s``: ``device_run``'s export and evaluation reserves (85 s) and some
+training."""
 
 
 @dataclass
@@ -238,6 +244,16 @@ def warm_check(paths: Sequence[str]) -> str:
     )
 
 
+def check_budget(budget_s: float) -> None:
+    """Raise ``ValueError`` when ``device_run --budget-s`` (seconds) is under `RUN_MIN_BUDGET_S` or
+    leaves less than `RUN_OVERHEAD_S` of the last call's `RUN_TIMEOUT_S`."""
+    if not RUN_MIN_BUDGET_S <= budget_s <= RUN_TIMEOUT_S - RUN_OVERHEAD_S:
+        raise ValueError(
+            f"a run budget of {budget_s} s: the last call needs {RUN_MIN_BUDGET_S} to "
+            f"{RUN_TIMEOUT_S - RUN_OVERHEAD_S} s (its timeout_s is {RUN_TIMEOUT_S})"
+        )
+
+
 def plan_calls(
     tree: int,
     parts: Sequence[Path],
@@ -253,8 +269,9 @@ def plan_calls(
     carried bytes; every call is checked (`check_call`).
 
     Raises:
-        ValueError: a call is over a limit.
+        ValueError: a call is over a limit, or ``budget_s`` is refused by `check_budget`.
     """
+    check_budget(budget_s)
     rel = [str(p.relative_to(root)) for p in parts]
     wheels_rel = str(wheels.relative_to(root))
     calls = []
@@ -352,10 +369,31 @@ def copy_inputs(data: Path, teacher_files: Sequence[Path], out: Path) -> list[Pa
             folder.chmod(0o755)
     for path in teacher_files:
         if path.is_file():
-            shutil.copy(path, targets[1] / path.name)
+            copy_whole_lines(path, targets[1] / path.name)
         else:
             logger.warning("%s is missing: the device run will lack it", path)
     return targets
+
+
+def copy_whole_lines(source: Path, target: Path) -> int:
+    """Copy the JSON lines of ``source`` up to its last newline (``teach`` may be appending to it:
+    a cut last line would fail the device run as it reads the file); return the lines copied.
+
+    Raises:
+        ValueError: a whole line is not JSON (naming it): the device run would fail on it.
+    """
+    text = source.read_bytes()
+    text = text[: text.rfind(b"\n") + 1]
+    lines = text.decode().splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{source}: line {number} is not JSON: {error}") from error
+    target.write_bytes(text)
+    if len(text) < source.stat().st_size:
+        logger.warning("%s: a last line being written was left out", source)
+    return len(lines)
 
 
 def gguf_path() -> Path:
@@ -387,8 +425,10 @@ def pack(
     ``download=None`` keeps the wheels already in ``.device/wheels`` (tests, a second packing).
 
     Raises:
-        ValueError: a call would be over a limit; FileNotFoundError: an input is missing.
+        ValueError: a call would be over a limit, the budget is refused (`check_budget`), a
+            teacher file holds a line that is not JSON; FileNotFoundError: an input is missing.
     """
+    check_budget(budget_s)  # before the downloads
     out = root / DEVICE_DIR
     exclude_device_dir(root)
     wheels = out / "wheels"
@@ -426,7 +466,8 @@ def log_calls(calls: Sequence[DeviceCall]) -> None:
         )
     logger.info(
         "then here: .venv/bin/python recipes/device_fetch.py <files_at of the last call>; "
-        "python recipes/default.py ship --phase device; python recipes/default.py eval"
+        ".venv/bin/python recipes/default.py ship --phase device; "
+        ".venv/bin/python recipes/default.py eval"
     )
 
 

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the recipe and the packer, as scripts
 import default as recipe
-from device_pack import DEVICE_DIR, join_parts
+from device_pack import DEVICE_DIR, join_parts, sha256_file
 
 from semidyn_rag import SemiDynamicCompressor
 from semidyn_rag.checkpoint import CONFIG_NAME
@@ -56,6 +56,15 @@ RESULTS_NAME = "device_results.json"
 CHECKPOINT_OUT = "checkpoint"
 """Folder under ``--out`` holding the shippable files (``semidyn_config.json``, ``encoder/``,
 ``decoder/``, ``modules.safetensors``): within the tool's two folders of depth."""
+SHIPPED_FILES = (
+    CONFIG_NAME,
+    "modules.safetensors",
+    "encoder/adapter_config.json",
+    "encoder/adapter_model.safetensors",
+    "decoder/adapter_config.json",
+    "decoder/adapter_model.safetensors",
+)
+"""The files of `CHECKPOINT_OUT` (relative, ``/``-separated): what ``default.py ship`` copies."""
 TEACHER_OUT = "teacher_device.jsonl"
 """Teacher answers written on the device (``--out``), capped at `RETURN_FILE_LIMIT`."""
 RETURN_FILE_LIMIT = 15 * 2**20
@@ -302,7 +311,8 @@ def export_checkpoint(checkpoint: Path, out: Path) -> list[Path]:
     ``default.py ship`` copies, trainer state left out) into ``out``, tensors cast to fp16.
 
     Raises:
-        ValueError: a file is over `RETURN_FILE_LIMIT` bytes (the device tool would drop it).
+        ValueError: a file is over `RETURN_FILE_LIMIT` bytes (the device tool would drop it), or
+            one of `SHIPPED_FILES` is missing.
     """
     written = []
     for path in sorted(checkpoint.rglob("*")):
@@ -320,9 +330,20 @@ def export_checkpoint(checkpoint: Path, out: Path) -> list[Path]:
         if target.stat().st_size > RETURN_FILE_LIMIT:
             raise ValueError(f"{target} is {target.stat().st_size} bytes: too big to come back")
         written.append(target)
-    if not (out / CONFIG_NAME).is_file():
-        raise ValueError(f"{checkpoint} holds no {CONFIG_NAME}: not a compressor checkpoint")
+    missing = [name for name in SHIPPED_FILES if not (out / name).is_file()]
+    if missing:
+        raise ValueError(f"{checkpoint} lacks {missing}: not a whole compressor checkpoint")
     return written
+
+
+def manifest(folder: Path) -> dict[str, str]:
+    """The sha256 of every file under ``folder``, by its ``/``-separated relative path (what
+    `RESULTS_NAME` records, so that ``device_fetch`` finds a file the tool left out or damaged)."""
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def cap_file(path: Path, limit: int = RETURN_FILE_LIMIT) -> int:
@@ -389,6 +410,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     """Everything of one device run (module docstring); returns what `RESULTS_NAME` holds."""
     reserve = args.export_s + (args.eval_s if args.eval_limit else 0)
+    if args.budget_s <= reserve:
+        raise ValueError(
+            f"--budget-s {args.budget_s} leaves no training time after the {reserve} s kept for "
+            "--export-s and --eval-s: lower those or raise the budget"
+        )
     clock = Clock(budget_s=args.budget_s, reserve_s=reserve)
     torch.manual_seed(recipe.SEED)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -417,6 +443,7 @@ def run(args: argparse.Namespace) -> dict:
     since = clock.lap("train", since)
     checkpoint = trainer.save_checkpoint(args.work / "run" / f"checkpoint-{trainer.step}")
     export_checkpoint(checkpoint, args.out / CHECKPOINT_OUT)
+    files = manifest(args.out / CHECKPOINT_OUT)
     since = clock.lap("export", since)
     results = {
         "phase": args.phase,
@@ -432,13 +459,21 @@ def run(args: argparse.Namespace) -> dict:
         "latent_use": {**use.model_dump(), "gap": use.gap},
         "history": [h.model_dump() for h in trainer.history],
         "train_config": trainer.config.model_dump(mode="json"),
+        "files": files,
         "eval": None,
     }
+
+    def write_results() -> None:
+        results["seconds"] = {**clock.spent, "total": round(time.monotonic() - clock.start, 2)}
+        (args.out / RESULTS_NAME).write_text(json.dumps(results, indent=1))
+
+    # written now and again after the evaluation, which nothing stops: a call killed at its
+    # timeout still returns the checkpoint and the results that name it
+    write_results()
     if args.eval_limit and clock.left() > args.export_s:
         results["eval"] = evaluate(model, args.eval_limit, args.work, args.batch_size)
         clock.lap("eval", since)
-    results["seconds"] = {**clock.spent, "total": round(time.monotonic() - clock.start, 2)}
-    (args.out / RESULTS_NAME).write_text(json.dumps(results, indent=1))
+        write_results()
     logger.info(
         "device run: %d steps, latent gap %.4f, eval %s, seconds %s",
         trainer.step,

@@ -199,7 +199,143 @@ def test_device_run_tiny_smoke_exports_a_loadable_checkpoint(tmp_path: Path) -> 
     trained = next(p for n, p in model.named_parameters() if "lora_B" in n and ".decoder." in n)
     assert trained.abs().sum() > 0  # the decoder adapter moved off its zero start
 
+    assert results["files"] == device_run.manifest(out / "checkpoint")
+    assert sorted(results["files"]) == sorted(device_run.SHIPPED_FILES)
     installed = device_fetch.install(out, tmp_path / "device")
     assert list_checkpoints(tmp_path / "device") == [installed]
     with pytest.raises(FileExistsError):
         device_fetch.install(out, tmp_path / "device")
+
+
+def test_pack_copies_whole_teacher_lines_only(tmp_path: Path) -> None:
+    """``teach`` may be appending to the teacher file while it is packed: a cut last line would
+    make the device run fail on reading it, after the whole sequence of calls."""
+    data = tmp_path / "data"
+    for name in ("squad", "hotpotqa"):
+        (data / name).mkdir(parents=True)
+    teacher = tmp_path / "teacher.jsonl"
+    teacher.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "quest')
+    _, copied = device_pack.copy_inputs(data, [teacher], tmp_path / "out")
+    assert (copied / "teacher.jsonl").read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    teacher.write_text('{"id": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2"):
+        device_pack.copy_inputs(data, [teacher], tmp_path / "out")
+
+
+def test_pack_refuses_a_budget_the_last_call_cannot_keep(tmp_path: Path) -> None:
+    """The last call's run must end inside its ``timeout_s`` with room for the install, the
+    imports and an evaluation that overruns, and leave training time past device_run's reserves."""
+    part = tmp_path / "p0"
+    part.write_bytes(b"x")
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "SHA256").write_text("abc  f  1\n")
+    args = (100, [part], tmp_path / "wheels", [])
+    device_pack.plan_calls(*args, root=tmp_path, budget_s=300)
+    for budget in (device_pack.RUN_TIMEOUT_S - 30, 60):
+        with pytest.raises(ValueError, match="budget"):
+            device_pack.plan_calls(*args, root=tmp_path, budget_s=budget)
+
+
+def test_device_run_refuses_a_budget_below_its_reserves(tmp_path: Path) -> None:
+    """A budget the export and evaluation reserves use up would train the warm-up and probe steps
+    whatever the clock says and skip the evaluation: refused before anything loads."""
+    import device_run
+
+    args = device_run.parse_args(
+        ["--device", "cpu", "--tiny", "--budget-s", "20", "--out", str(tmp_path / "o")]
+    )
+    with pytest.raises(ValueError, match="budget"):
+        device_run.run(args)
+    assert not (tmp_path / "o").exists()
+
+
+def _returned(root: Path) -> Path:
+    """What a device run returns, with placeholder tensors: the six checkpoint files and the
+    results naming them with their sha256."""
+    import device_run
+
+    out = root / "returned"
+    checkpoint = out / device_run.CHECKPOINT_OUT
+    for name in device_run.SHIPPED_FILES:
+        (checkpoint / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkpoint / name).write_text(f"contents of {name}")
+    results = {
+        "steps": 7,
+        "train_config": {},
+        "history": [],
+        "device": "cuda",
+        "device_name": "NVIDIA H200",
+        "seconds": {},
+        "phase": "scale",
+        "files": device_run.manifest(checkpoint),
+    }
+    (out / device_run.RESULTS_NAME).write_text(json.dumps(results))
+    return out
+
+
+def test_fetch_refuses_what_would_ship_the_wrong_weights(tmp_path: Path) -> None:
+    """A file the tool left out or damaged, a results file naming no files, a second returned
+    run, or a run folder already holding a checkpoint (``ship`` takes the one with most steps):
+    each stops the install, which otherwise copies nothing."""
+    import device_fetch
+
+    out = _returned(tmp_path)
+    run_dir = tmp_path / "device"
+    (out / "checkpoint" / "modules.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"modules\.safetensors"):
+        device_fetch.install(out, run_dir)
+    out = _returned(tmp_path)
+    (out / "checkpoint" / "encoder" / "adapter_model.safetensors").write_text("damaged")
+    with pytest.raises(ValueError, match="sha256"):
+        device_fetch.install(out, run_dir)
+    out = _returned(tmp_path)
+    results = json.loads((out / "device_results.json").read_text())
+    (out / "device_results.json").write_text(json.dumps({**results, "files": {}}))
+    with pytest.raises(ValueError, match="files"):
+        device_fetch.install(out, run_dir)
+    assert not run_dir.exists()
+
+    out = _returned(tmp_path)
+    (out / "nested").mkdir()
+    (out / "nested" / "device_results.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"device_results\.json"):
+        device_fetch.install(out, run_dir)
+    (out / "nested" / "device_results.json").unlink()
+
+    (run_dir / "checkpoint-40").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="checkpoint-40"):
+        device_fetch.install(out, run_dir)
+    (run_dir / "checkpoint-40").rmdir()
+    installed = device_fetch.install(out, run_dir)
+    assert installed.name == "checkpoint-7"
+
+
+def test_device_run_writes_its_results_before_evaluating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The evaluation is the one stage the clock does not stop: killed at the call's timeout, the
+    run must still have returned a checkpoint with the results that name it."""
+    import device_run
+    import torch
+
+    torch.set_num_threads(1)
+    data, teacher = _fixture_data(tmp_path)
+
+    def killed(*_: object, **__: object) -> dict:
+        raise KeyboardInterrupt("the call's timeout")
+
+    monkeypatch.setattr(device_run, "evaluate", killed)
+    out = tmp_path / "out"
+    args = device_run.parse_args(
+        [
+            *("--device", "cpu", "--tiny", "--budget-s", "30", "--out", str(out)),
+            *("--data", str(data), "--teacher-dir", str(teacher), "--work", str(tmp_path / "w")),
+            *("--batch-size", "2", "--probe-steps", "1", "--tiny-samples", "4", "--max-steps", "4"),
+            *("--eval-limit", "2", "--eval-s", "20", "--export-s", "1", "--teach-s", "0"),
+        ]
+    )
+    with pytest.raises(KeyboardInterrupt):
+        device_run.run(args)
+    results = json.loads((out / device_run.RESULTS_NAME).read_text())
+    assert results["steps"] == 4 and results["eval"] is None
+    assert results["files"] == device_run.manifest(out / device_run.CHECKPOINT_OUT)
