@@ -542,7 +542,7 @@ def distill(init: str) -> None:
         source, dtype=torch.float32, head_layer=HEAD_LAYER
     )
     count = _count_tokens(model.tokenizer)
-    taught = _labelled(read_jsonl(TEACHER), count)
+    taught = taught_samples(count)
     samples, monitor = training_samples(count)
     contexts = [c for s in samples for c in s.contexts]
     recon = _labelled(reconstruction_samples(contexts, RECONSTRUCTION_WORDS), count)
@@ -551,12 +551,21 @@ def distill(init: str) -> None:
     Trainer(model, [*taught, *recon], DISTILL, eval_samples=monitor).train()
 
 
-def mixed_training_set(count, single: int, reconstructions: int) -> list[TrainSample]:
-    """The mixed prompts, ``single`` distilled single-paragraph samples and ``reconstructions``
-    reconstruction pieces of the SQuAD training articles (seeded draws)."""
+def taught_samples(count, every: bool = False) -> list[TrainSample]:
+    """The teacher file's answers, density-labelled: its first ``TEACH_LIMIT`` (what the phases
+    that made the default saw; ``teach --teach-limit 0`` appends the rest), or ``every`` one."""
+    return _labelled(read_jsonl(TEACHER)[: None if every else TEACH_LIMIT], count)
+
+
+def mixed_training_set(
+    count, single: int, reconstructions: int, every_answer: bool = False
+) -> list[TrainSample]:
+    """The mixed prompts, ``single`` distilled single-paragraph samples (from `taught_samples`,
+    ``every_answer`` passed on) and ``reconstructions`` reconstruction pieces of the SQuAD
+    training articles (seeded draws)."""
     mixed = _labelled(read_jsonl(MIXED_TEACHER), count)
     rng = random.Random(SEED)
-    taught = rng.sample(_labelled(read_jsonl(TEACHER), count), single)
+    taught = rng.sample(taught_samples(count, every_answer), single)
     train, _ = squad_split()
     recon = _labelled(
         reconstruction_samples(
@@ -602,8 +611,9 @@ def recall() -> None:
     torch.manual_seed(SEED)
     model = _from_default()
     count = _count_tokens(model.tokenizer)
-    n = len(read_jsonl(MIXED_TEACHER)) + len(read_jsonl(TEACHER))
-    samples = mixed_training_set(count, single=len(read_jsonl(TEACHER)), reconstructions=n)
+    taught = len(read_jsonl(TEACHER)[:TEACH_LIMIT])
+    n = len(read_jsonl(MIXED_TEACHER)) + taught
+    samples = mixed_training_set(count, single=taught, reconstructions=n)
     _, monitor = training_samples(count)
     Trainer(model, samples, RECALL, eval_samples=monitor).train()
 
@@ -614,7 +624,9 @@ def scale() -> None:
     model = _from_default()
     count = _count_tokens(model.tokenizer)
     taught, mixed = len(read_jsonl(TEACHER)), len(read_jsonl(MIXED_TEACHER))
-    samples = mixed_training_set(count, single=taught, reconstructions=(mixed + taught) // 3)
+    samples = mixed_training_set(
+        count, single=taught, reconstructions=(mixed + taught) // 3, every_answer=True
+    )
     _, monitor = training_samples(count)
     Trainer(model, samples, SCALE, eval_samples=monitor).train()
 

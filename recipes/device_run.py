@@ -231,8 +231,10 @@ def training_set(
     count = count_tokens(model)
     mixed, taught = len(read_jsonl(recipe.MIXED_TEACHER)), len(read_jsonl(recipe.TEACHER))
     single, reconstructions = PHASE_SIZES[phase](mixed, taught)
-    # the recipe's own builder: the same seeded draws as on the CPU
-    samples = recipe.mixed_training_set(count, min(single, taught), reconstructions)
+    # the recipe's own builder and seeded draws, from every teacher answer (as ``scale``)
+    samples = recipe.mixed_training_set(
+        count, min(single, taught), reconstructions, every_answer=True
+    )
     _, monitor = recipe.training_samples(count)
     return samples, monitor
 

@@ -339,3 +339,28 @@ def test_device_run_writes_its_results_before_evaluating(
     results = json.loads((out / device_run.RESULTS_NAME).read_text())
     assert results["steps"] == 4 and results["eval"] is None
     assert results["files"] == device_run.manifest(out / device_run.CHECKPOINT_OUT)
+
+
+def test_cpu_phases_draw_from_the_recipes_teacher_answers_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``teach --teach-limit 0`` (for ``scale`` and the GPU run) appends every training question's
+    answer to the recipe's teacher file; the CPU phases that made the default (``distill``,
+    ``mix``) must still draw from its first ``TEACH_LIMIT``, or ``make train-default`` no longer
+    reproduces the default."""
+    import default as recipe
+
+    data, teacher = _fixture_data(tmp_path)
+    monkeypatch.setattr(recipe, "DATA", data)
+    monkeypatch.setattr(recipe, "TEACHER", teacher / "teacher.jsonl")
+    monkeypatch.setattr(recipe, "MIXED_TEACHER", teacher / "teacher_mixed.jsonl")
+    monkeypatch.setattr(recipe, "TEACH_LIMIT", 4)
+
+    def count(text: str) -> int:
+        return len(text.split())
+
+    assert [s.id for s in recipe.taught_samples(count)] == ["t0", "t1", "t2", "t3"]
+    cpu = recipe.mixed_training_set(count, single=4, reconstructions=0)
+    assert {s.id for s in cpu if s.id.startswith("t")} == {"t0", "t1", "t2", "t3"}
+    every = recipe.mixed_training_set(count, single=8, reconstructions=0, every_answer=True)
+    assert {s.id for s in every if s.id.startswith("t")} == {f"t{i}" for i in range(8)}
