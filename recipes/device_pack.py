@@ -192,7 +192,8 @@ def path_bytes(path: Path) -> int:
 
 def tree_bytes(root: Path = ROOT) -> int:
     """Bytes of what every device call sends besides ``carry``: tracked files and untracked files
-    git does not ignore (``git ls-files --cached --others --exclude-standard``).
+    git does not ignore (``git ls-files --cached --others --exclude-standard``), and a ``shared/``
+    folder in the checkout.
 
     Raises:
         subprocess.CalledProcessError: ``root`` is not a git checkout.
@@ -204,6 +205,9 @@ def tree_bytes(root: Path = ROOT) -> int:
         capture_output=True,
     ).stdout.decode()
     files = {root / name for name in listing.split("\0") if name}
+    shared = root / "shared"  # travels with every call, ignored or not
+    if shared.is_dir() and not shared.is_symlink():
+        files |= {p for p in shared.rglob("*")}
     return sum(p.stat().st_size for p in files if p.is_file() and not p.is_symlink())
 
 
@@ -338,6 +342,26 @@ def download_wheels(versions: dict[str, str], out_dir: Path) -> list[Path]:
     return sorted(out_dir.glob("*.whl"))
 
 
+def check_wheels(wheels: Path, versions: dict[str, str]) -> None:
+    """Raise ``ValueError`` unless ``wheels`` holds exactly one wheel of each pinned package, of
+    its pinned version (the device installs them all with ``--no-deps``: a missing one fails the
+    imports there, two versions of one the whole install)."""
+    found: dict[str, list[str]] = {}
+    for path in wheels.glob("*.whl"):
+        name, version = path.name.split("-")[:2]
+        found.setdefault(name.lower().replace("_", "-"), []).append(version)
+    wrong = {
+        name: found.get(name.lower().replace("_", "-"), [])
+        for name, version in versions.items()
+        if found.get(name.lower().replace("_", "-"), []) != [version]
+    }
+    if wrong:
+        raise ValueError(
+            f"{wheels} holds {wrong} where the pins are "
+            f"{ {n: versions[n] for n in wrong} }: pack again without --no-download"
+        )
+
+
 def exclude_device_dir(root: Path = ROOT) -> None:
     """Make git ignore `DEVICE_DIR` through ``.git/info/exclude`` (created when missing), so it
     travels only as ``carry``."""
@@ -436,6 +460,7 @@ def pack(
         shutil.rmtree(wheels, ignore_errors=True)
         download(pinned_versions(), wheels)
     wheels.mkdir(parents=True, exist_ok=True)
+    check_wheels(wheels, pinned_versions())
     run = root / "runs" / "default"
     teacher_files = [run / n for n in ("teacher.jsonl", "teacher_mixed.jsonl")]
     inputs = copy_inputs(data or root.parent / "shared" / "data", teacher_files, out)

@@ -364,3 +364,30 @@ def test_cpu_phases_draw_from_the_recipes_teacher_answers_only(
     assert {s.id for s in cpu if s.id.startswith("t")} == {"t0", "t1", "t2", "t3"}
     every = recipe.mixed_training_set(count, single=8, reconstructions=0, every_answer=True)
     assert {s.id for s in every if s.id.startswith("t")} == {f"t{i}" for i in range(8)}
+
+
+def test_pack_checks_the_kept_wheels_against_the_pins(tmp_path: Path) -> None:
+    """``--no-download`` keeps ``.device/wheels`` as it is: a wheel missing, of another version
+    than this ``.venv`` holds, or there twice would fail the install on the device, minutes in."""
+    pins = {"pydantic": "2.1.0", "typing-extensions": "4.16.0"}
+    for name in ("pydantic-2.1.0-py3-none-any.whl", "typing_extensions-4.16.0-py3-none-any.whl"):
+        (tmp_path / name).write_bytes(b"")
+    device_pack.check_wheels(tmp_path, pins)
+    with pytest.raises(ValueError, match="typing-extensions"):
+        device_pack.check_wheels(tmp_path, {**pins, "typing-extensions": "4.17.0"})
+    with pytest.raises(ValueError, match="gguf"):
+        device_pack.check_wheels(tmp_path, {**pins, "gguf": "0.19.0"})
+    (tmp_path / "pydantic-2.2.0-py3-none-any.whl").write_bytes(b"")
+    with pytest.raises(ValueError, match="pydantic"):
+        device_pack.check_wheels(tmp_path, pins)
+
+
+def test_tree_bytes_counts_an_ignored_shared_folder(tmp_path: Path) -> None:
+    """A ``shared/`` folder in the checkout travels with every call, ignored or not."""
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("shared/\n")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "big").write_bytes(b"x" * 1000)
+    assert device_pack.tree_bytes(tmp_path) == len("shared/\n") + 1000
