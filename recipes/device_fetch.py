@@ -90,6 +90,8 @@ def install(files: Path, run_dir: Path) -> Path:
             "away to install another device run"
         )
     shutil.copytree(folder / CHECKPOINT_OUT, target)
+    for path in [target, *target.rglob("*")]:  # the tool's files_at folder is read-only
+        path.chmod(path.stat().st_mode | 0o200)
     state = state_dir(target)
     state.mkdir(parents=True, exist_ok=True)
     record = {
@@ -103,7 +105,7 @@ def install(files: Path, run_dir: Path) -> Path:
     (state / "state.json").write_text(json.dumps(record, indent=1))
     for name in (RESULTS_NAME, TEACHER_OUT):
         if (folder / name).is_file():
-            shutil.copy(folder / name, run_dir / name)
+            shutil.copyfile(folder / name, run_dir / name)
     if target not in list_checkpoints(run_dir):
         raise RuntimeError(f"{target} is not listed as a checkpoint of {run_dir}")
     logger.info(

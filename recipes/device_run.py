@@ -314,7 +314,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> list[Path]:
 
     Raises:
         ValueError: a file is over `RETURN_FILE_LIMIT` bytes (the device tool would drop it), or
-            one of `SHIPPED_FILES` is missing.
+            the files are not `SHIPPED_FILES` (one missing, or one more).
     """
     written = []
     for path in sorted(checkpoint.rglob("*")):
@@ -335,6 +335,9 @@ def export_checkpoint(checkpoint: Path, out: Path) -> list[Path]:
     missing = [name for name in SHIPPED_FILES if not (out / name).is_file()]
     if missing:
         raise ValueError(f"{checkpoint} lacks {missing}: not a whole compressor checkpoint")
+    extra = sorted({p.relative_to(out).as_posix() for p in written} - set(SHIPPED_FILES))
+    if extra:  # 8 files come back at most, and the tool does not say which it leaves out
+        raise ValueError(f"{checkpoint} holds {extra} beside {list(SHIPPED_FILES)}")
     return written
 
 

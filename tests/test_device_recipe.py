@@ -306,8 +306,14 @@ def test_fetch_refuses_what_would_ship_the_wrong_weights(tmp_path: Path) -> None
     with pytest.raises(FileExistsError, match="checkpoint-40"):
         device_fetch.install(out, run_dir)
     (run_dir / "checkpoint-40").rmdir()
+    for path in out.rglob("*"):  # the tool's files_at folder is read-only
+        path.chmod(0o555 if path.is_dir() else 0o444)
     installed = device_fetch.install(out, run_dir)
     assert installed.name == "checkpoint-7"
+    # writable copies: moving the run away later (the docs ask it) must not fail for a user
+    assert all(p.stat().st_mode & 0o200 for p in [installed, *installed.rglob("*")])
+    for path in out.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def test_device_run_writes_its_results_before_evaluating(
@@ -391,3 +397,29 @@ def test_tree_bytes_counts_an_ignored_shared_folder(tmp_path: Path) -> None:
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "big").write_bytes(b"x" * 1000)
     assert device_pack.tree_bytes(tmp_path) == len("shared/\n") + 1000
+
+
+def test_export_refuses_files_the_tool_would_drop(tmp_path: Path) -> None:
+    """Only 8 files come back and which one the tool leaves out is not said: a checkpoint with a
+    file beyond the six shipped ones could cost the results file. Trainer state stays behind."""
+    import device_run
+    import torch
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "checkpoint-3"
+    for name in device_run.SHIPPED_FILES:
+        path = checkpoint / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".safetensors"):
+            save_file({"w": torch.ones(2)}, path)
+        else:
+            path.write_text("{}")
+    (checkpoint / "trainer").mkdir()
+    (checkpoint / "trainer" / "state.json").write_text("{}")
+    written = device_run.export_checkpoint(checkpoint, tmp_path / "out")
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == sorted(
+        device_run.SHIPPED_FILES
+    )
+    (checkpoint / "extra.json").write_text("{}")
+    with pytest.raises(ValueError, match="extra.json"):
+        device_run.export_checkpoint(checkpoint, tmp_path / "out2")
