@@ -421,5 +421,5 @@ def test_export_refuses_files_the_tool_would_drop(tmp_path: Path) -> None:
         device_run.SHIPPED_FILES
     )
     (checkpoint / "extra.json").write_text("{}")
-    with pytest.raises(ValueError, match="extra.json"):
+    with pytest.raises(ValueError, match=r"extra\.json"):
         device_run.export_checkpoint(checkpoint, tmp_path / "out2")
