@@ -268,7 +268,7 @@ def plan_calls(
     budget_s: int = RUN_BUDGET_S,
 ) -> list[DeviceCall]:
     """The device calls: the first carries the first part and the wheels (and checks the imports),
-    the middle ones a part each, the last one the last part, the `SHA_NAME` file and
+    the middle ones a part each (stopping, exit 3, when earlier parts are gone), the last one the last part, the `SHA_NAME` file and
     ``last_paths`` (data, teacher files) and runs ``device_run``. Payloads are ``tree`` plus the
     carried bytes; every call is checked (`check_call`).
 
@@ -283,6 +283,9 @@ def plan_calls(
         carry = [part]
         first, last = index == 0, index == len(rel) - 1
         command = f"set -o pipefail; ls -l {Path(part).parent}; "
+        if not first and not last:  # a fresh machine: stop before carrying more in vain
+            command = "set -o pipefail; " + warm_check([*rel[:index], wheels_rel])
+            command += f"ls -l {Path(part).parent}; "
         if first:
             carry.append(wheels_rel)
             command += (

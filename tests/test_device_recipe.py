@@ -80,6 +80,11 @@ def test_calls_are_checked_against_the_limits(tmp_path: Path) -> None:
     assert [c.payload for c in calls] == [1100, 1100 + 13]
     assert calls[-1].carry == ["p1", "SHA256"] and "device_run.py" in calls[-1].command
     assert "test -e p0" in calls[-1].command  # stops at once when the machine went back
+    parts.append(tmp_path / "p2")
+    parts[-1].write_bytes(b"x" * 10)
+    calls = device_pack.plan_calls(100, parts, wheels, [], root=tmp_path, limit=2000)
+    assert "test -e p0" in calls[1].command  # a middle call too: no part carried in vain
+    assert "test -e p1" not in calls[1].command and "test -e p1" in calls[2].command
     with pytest.raises(ValueError, match="MiB"):
         device_pack.plan_calls(1500, parts, wheels, [], root=tmp_path, limit=2000)
     long = device_pack.DeviceCall(carry=[], command="x" * (device_pack.COMMAND_LIMIT + 1))
