@@ -155,7 +155,13 @@ held-out questions is exact tokens (names, numbers), which reconstruction trains
 Measured and not shipped: 240 steps lowered held-out accuracy at r=4 and r=8 within noise
 (docs/experiments.md)."""
 SCALE = TrainConfig.model_validate(
-    {**MIX.model_dump(), "steps": 600, "output_dir": str(RUN / "scale"), "eval_every": 100}
+    {
+        **MIX.model_dump(),
+        "steps": 600,
+        "encoder_warmup_steps": 600,  # held throughout, as in the fifth phase (MIX's 200 >= 150)
+        "output_dir": str(RUN / "scale"),
+        "eval_every": 100,
+    }
 )
 """The fifth phase's settings and proportions on all the data there is: every teacher answer
 (``teach --teach-limit 0`` answers every training question), the mixed prompts and a third as many

@@ -428,3 +428,16 @@ def test_export_refuses_files_the_tool_would_drop(tmp_path: Path) -> None:
     (checkpoint / "extra.json").write_text("{}")
     with pytest.raises(ValueError, match=r"extra\.json"):
         device_run.export_checkpoint(checkpoint, tmp_path / "out2")
+
+
+def test_scale_holds_the_encoder_side_as_the_fifth_phase_does() -> None:
+    """``scale`` is the fifth phase's settings on more data: the encoder adapter and converter stay
+    where alignment put them for all its steps, on the CPU and for however many steps the device
+    takes (releasing them is the sixth phase, measured worse)."""
+    import default as recipe
+    import device_run
+
+    assert recipe.MIX.encoder_warmup_steps >= recipe.MIX.steps
+    assert recipe.SCALE.encoder_warmup_steps >= recipe.SCALE.steps
+    for phase in ("mix", "scale"):
+        assert device_run.phase_config(phase, 16, "bf16").encoder_warmup_steps >= 10**9
