@@ -377,11 +377,12 @@ def exclude_device_dir(root: Path = ROOT) -> None:
 
 
 def copy_inputs(data: Path, teacher_files: Sequence[Path], out: Path) -> list[Path]:
-    """Copy the recipe's data folders (SQuAD, HotpotQA) and the teacher files that exist into
-    ``out/data`` and ``out/teacher``; return those two folders.
+    """Copy the recipe's data folders (SQuAD, HotpotQA) and the teacher files into ``out/data``
+    and ``out/teacher``; return those two folders.
 
     Raises:
-        FileNotFoundError: a data folder is missing.
+        FileNotFoundError: a data folder or a teacher file is missing.
+        ValueError: a teacher file holds a line that is not JSON (`copy_whole_lines`).
     """
     targets = [out / "data", out / "teacher"]
     for target in targets:
@@ -395,10 +396,9 @@ def copy_inputs(data: Path, teacher_files: Sequence[Path], out: Path) -> list[Pa
         if folder.is_dir():
             folder.chmod(0o755)
     for path in teacher_files:
-        if path.is_file():
-            copy_whole_lines(path, targets[1] / path.name)
-        else:
-            logger.warning("%s is missing: the device run will lack it", path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the phases the device runs train on it")
+        copy_whole_lines(path, targets[1] / path.name)
     return targets
 
 

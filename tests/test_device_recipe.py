@@ -441,3 +441,13 @@ def test_scale_holds_the_encoder_side_as_the_fifth_phase_does() -> None:
     assert recipe.SCALE.encoder_warmup_steps >= recipe.SCALE.steps
     for phase in ("mix", "scale"):
         assert device_run.phase_config(phase, 16, "bf16").encoder_warmup_steps >= 10**9
+
+
+def test_pack_refuses_a_missing_teacher_file(tmp_path: Path) -> None:
+    """Without ``teacher_mixed.jsonl`` the device run would train the fifth phase without its
+    mixed prompts (an empty work copy), a warning here the only sign."""
+    data = tmp_path / "data"
+    for name in ("squad", "hotpotqa"):
+        (data / name).mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="teacher_mixed"):
+        device_pack.copy_inputs(data, [tmp_path / "teacher_mixed.jsonl"], tmp_path / "out")
