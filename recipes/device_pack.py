@@ -291,8 +291,8 @@ def plan_calls(
             command += (
                 install_command(wheels_rel) + "nvidia-smi -L; python3 -c 'import pydantic, gguf, "
                 "torch, transformers, peft, semidyn_rag.training.trainer as t; "
-                'print("imports ok", torch.__version__, transformers.__version__, '
-                "torch.cuda.is_available())'"
+                'print("imports ok", torch.__version__, transformers.__version__); '
+                'assert torch.cuda.is_available(), "no GPU"\''
             )
         if last:
             carry.append(str(Path(part).parent / SHA_NAME))

@@ -451,3 +451,27 @@ def test_pack_refuses_a_missing_teacher_file(tmp_path: Path) -> None:
         (data / name).mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="teacher_mixed"):
         device_pack.copy_inputs(data, [tmp_path / "teacher_mixed.jsonl"], tmp_path / "out")
+
+
+def test_first_call_fails_without_a_gpu(tmp_path: Path) -> None:
+    """The first call's check must fail (not print ``False`` and exit 0) when torch sees no GPU:
+    the 8-minute last call would otherwise find out."""
+    import shlex
+    import subprocess
+
+    part = tmp_path / "p0"
+    part.write_bytes(b"x")
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "SHA256").write_text("abc  f  1\n")
+    calls = device_pack.plan_calls(0, [part, part], tmp_path / "wheels", [], root=tmp_path)
+    check = calls[0].command.split("nvidia-smi -L; ")[1]
+    argv = shlex.split(check)
+    assert argv[:2] == ["python3", "-c"]
+    result = subprocess.run(
+        [sys.executable, "-c", argv[2]],
+        capture_output=True,
+        text=True,
+        env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"},
+        cwd=RECIPES.parent,
+    )
+    assert result.returncode != 0 and "no GPU" in result.stderr
