@@ -147,7 +147,13 @@ bundled default (the fifth phase shipped) with a fresh optimizer; ``density`` wo
 on the released encoder's layer 2. Measured and not shipped: 160 steps lowered held-out accuracy at
 r=4 within noise (docs/experiments.md)."""
 RECALL = TrainConfig.model_validate(
-    {**MIX.model_dump(), "steps": 240, "output_dir": str(RUN / "recall"), "eval_every": 80}
+    {
+        **MIX.model_dump(),
+        "steps": 240,
+        "encoder_warmup_steps": 240,  # held throughout (MIX's 200 would release it at step 200)
+        "output_dir": str(RUN / "recall"),
+        "eval_every": 80,
+    }
 )
 """Experiment after the sixth phase: the fifth phase's settings (encoder side held) with every
 distilled sample and as many reconstructions as QA samples, because what the latents lose on
