@@ -590,57 +590,58 @@ def mixed_training_set(
     return [*mixed, *taught, *recon]
 
 
-def _from_default() -> SemiDynamicCompressor:
-    return SemiDynamicCompressor.from_pretrained(None, dtype=torch.float32, head_layer=HEAD_LAYER)
+PHASE_DRAWS = {
+    "mix": lambda mixed, taught: (mixed, mixed // 3),
+    "release": lambda mixed, taught: (256, 192),
+    "recall": lambda mixed, taught: (taught, mixed + taught),
+    "scale": lambda mixed, taught: (taught, (mixed + taught) // 3),
+}
+"""The phases that start from the bundled default, and what each draws: ``(mixed, taught) ->
+(distilled single-paragraph samples, reconstructions)``, from the counts of mixed prompts and of
+teacher answers it reads."""
+
+
+def phase_training_set(phase: str, count, every_answer: bool | None = None) -> list[TrainSample]:
+    """The training set of ``phase`` (a name in `PHASE_DRAWS`): `mixed_training_set` with that
+    phase's draw sizes, from every teacher answer (``scale``) or the first ``TEACH_LIMIT`` (the
+    others), unless ``every_answer`` says otherwise."""
+    every = phase == "scale" if every_answer is None else every_answer
+    mixed = len(read_jsonl(MIXED_TEACHER))
+    taught = len(read_jsonl(TEACHER)[: None if every else TEACH_LIMIT])
+    single, reconstructions = PHASE_DRAWS[phase](mixed, taught)
+    return mixed_training_set(count, min(single, taught), reconstructions, every_answer=every)
+
+
+def _train_phase(phase: str) -> None:
+    """Train ``phase`` from the bundled default (fresh optimizer); resumes its own checkpoint."""
+    torch.manual_seed(SEED)
+    model = SemiDynamicCompressor.from_pretrained(None, dtype=torch.float32, head_layer=HEAD_LAYER)
+    count = _count_tokens(model.tokenizer)
+    _, monitor = training_samples(count)
+    Trainer(model, phase_training_set(phase, count), PHASES[phase], eval_samples=monitor).train()
 
 
 def mix() -> None:
     """The fifth phase (``MIX``) from the bundled default, which must be the fourth phase shipped
     (``make train-default`` runs ``ship`` before it); resumes its own last checkpoint."""
-    torch.manual_seed(SEED)
-    model = _from_default()
-    count = _count_tokens(model.tokenizer)
-    n = len(read_jsonl(MIXED_TEACHER))
-    samples = mixed_training_set(count, single=n, reconstructions=n // 3)
-    _, monitor = training_samples(count)
-    Trainer(model, samples, MIX, eval_samples=monitor).train()
+    _train_phase("mix")
 
 
 def release() -> None:
     """The sixth phase (``RELEASE``) from the bundled default, which must be the fifth phase
     shipped; resumes its own last checkpoint. Reconstructions weigh more than in the fifth phase:
     every context token is a target, the densest signal for what the latents must keep."""
-    torch.manual_seed(SEED)
-    model = _from_default()
-    count = _count_tokens(model.tokenizer)
-    samples = mixed_training_set(count, single=256, reconstructions=192)
-    _, monitor = training_samples(count)
-    Trainer(model, samples, RELEASE, eval_samples=monitor).train()
+    _train_phase("release")
 
 
 def recall() -> None:
     """``RECALL`` from the bundled default (the fifth phase shipped); resumes its own checkpoint."""
-    torch.manual_seed(SEED)
-    model = _from_default()
-    count = _count_tokens(model.tokenizer)
-    taught = len(read_jsonl(TEACHER)[:TEACH_LIMIT])
-    n = len(read_jsonl(MIXED_TEACHER)) + taught
-    samples = mixed_training_set(count, single=taught, reconstructions=n)
-    _, monitor = training_samples(count)
-    Trainer(model, samples, RECALL, eval_samples=monitor).train()
+    _train_phase("recall")
 
 
 def scale() -> None:
     """``SCALE`` from the bundled default (the fifth phase shipped); resumes its own checkpoint."""
-    torch.manual_seed(SEED)
-    model = _from_default()
-    count = _count_tokens(model.tokenizer)
-    taught, mixed = len(read_jsonl(TEACHER)), len(read_jsonl(MIXED_TEACHER))
-    samples = mixed_training_set(
-        count, single=taught, reconstructions=(mixed + taught) // 3, every_answer=True
-    )
-    _, monitor = training_samples(count)
-    Trainer(model, samples, SCALE, eval_samples=monitor).train()
+    _train_phase("scale")
 
 
 def ship(phase: str) -> None:

@@ -69,17 +69,6 @@ TEACHER_OUT = "teacher_device.jsonl"
 """Teacher answers written on the device (``--out``), capped at `RETURN_FILE_LIMIT`."""
 RETURN_FILE_LIMIT = 15 * 2**20
 """Bytes of one returned file (the tool takes 16 MiB at most)."""
-PHASE_SIZES = {
-    # (distilled single-paragraph samples, reconstructions) of each phase's training set, as the
-    # recipe's mix(), release() and recall() draw them, from (mixed teacher, teacher) counts
-    "mix": lambda mixed, taught: (mixed, mixed // 3),
-    "release": lambda mixed, taught: (256, 192),
-    "recall": lambda mixed, taught: (taught, mixed + taught),
-    "scale": lambda mixed, taught: (taught, (mixed + taught) // 3),
-}
-"""The phases that start from the bundled default: ``mix`` produced it, ``release`` and ``recall``
-are later attempts that were not shipped, ``scale`` (the default here) is ``mix`` on every teacher
-answer, the ones this run adds included."""
 EVAL_SETTINGS = ("fixed_ratio_4", "fixed_ratio_8")
 TINY_VOCAB = 400
 
@@ -229,12 +218,8 @@ def training_set(
 ) -> tuple[list[TrainSample], list[TrainSample]]:
     """The phase's training samples (the recipe's builder and draw sizes) and the monitor rows."""
     count = count_tokens(model)
-    mixed, taught = len(read_jsonl(recipe.MIXED_TEACHER)), len(read_jsonl(recipe.TEACHER))
-    single, reconstructions = PHASE_SIZES[phase](mixed, taught)
-    # the recipe's own builder and seeded draws, from every teacher answer (as ``scale``)
-    samples = recipe.mixed_training_set(
-        count, min(single, taught), reconstructions, every_answer=True
-    )
+    # the recipe's own builder and seeded draws, from every teacher answer (this run's included)
+    samples = recipe.phase_training_set(phase, count, every_answer=True)
     _, monitor = recipe.training_samples(count)
     return samples, monitor
 
@@ -390,7 +375,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True, help="returned files ($OUT)")
     parser.add_argument("--budget-s", type=float, default=480, help="whole run, seconds")
-    parser.add_argument("--phase", choices=sorted(PHASE_SIZES), default="scale")
+    parser.add_argument("--phase", choices=sorted(recipe.PHASE_DRAWS), default="scale")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     parser.add_argument("--teach-s", type=float, default=90, help="teacher answers, seconds")
