@@ -206,13 +206,12 @@ def synth(limit: int) -> None:
     config = SynthConfig(
         tasks=["qa"], qa_per_seed=2, max_new_tokens=160, temperature=0.0, limit=limit
     )
-    stats = synthesize(
-        seeds, teacher, RUN / "synth.jsonl", config, _count_tokens(teacher.tokenizer)
-    )
+    stats = synthesize(seeds, teacher, RUN / "synth.jsonl", config, count_tokens(teacher.tokenizer))
     logger.info("synthesis stats: %s", stats.model_dump_json())
 
 
-def _count_tokens(tokenizer):
+def count_tokens(tokenizer):
+    """Encoder tokens of a text, the unit the density labels count."""
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -344,7 +343,7 @@ def teach(limit: int | None = None) -> None:
     """Distillation targets: the untouched base decoder answers every training question from the
     full text (`distill.teacher_answers`). Appends in chunks; a rerun continues where it stopped."""
     model = SemiDynamicCompressor.from_pretrained(None).eval()
-    samples, _ = training_samples(_count_tokens(model.tokenizer))
+    samples, _ = training_samples(count_tokens(model.tokenizer))
     samples = [s for s in samples if s.provenance.get("kind") == "qa"][: limit or None]
     done = {s.id for s in read_jsonl(TEACHER)} if TEACHER.exists() else set()
     todo = [s for s in samples if s.id not in done]
@@ -525,7 +524,7 @@ def train() -> None:
     """All three phases; each resumes from the last checkpoint in ``output_dir``."""
     torch.manual_seed(SEED)
     model = SemiDynamicCompressor.from_config(COMPRESSOR)
-    count = _count_tokens(model.tokenizer)  # density labels count encoder tokens
+    count = count_tokens(model.tokenizer)  # density labels count encoder tokens
     samples, monitor = training_samples(count)
     Trainer(model, samples, TRAIN, eval_samples=monitor).train()
     contexts = [c for s in samples for c in s.contexts]
@@ -553,7 +552,7 @@ def distill(init: str) -> None:
     model = SemiDynamicCompressor.from_pretrained(
         source, dtype=torch.float32, head_layer=HEAD_LAYER
     )
-    count = _count_tokens(model.tokenizer)
+    count = count_tokens(model.tokenizer)
     taught = taught_samples(count)
     samples, monitor = training_samples(count)
     contexts = [c for s in samples for c in s.contexts]
@@ -616,7 +615,7 @@ def _train_phase(phase: str) -> None:
     """Train ``phase`` from the bundled default (fresh optimizer); resumes its own checkpoint."""
     torch.manual_seed(SEED)
     model = SemiDynamicCompressor.from_pretrained(None, dtype=torch.float32, head_layer=HEAD_LAYER)
-    count = _count_tokens(model.tokenizer)
+    count = count_tokens(model.tokenizer)
     _, monitor = training_samples(count)
     Trainer(model, phase_training_set(phase, count), PHASES[phase], eval_samples=monitor).train()
 
@@ -644,6 +643,20 @@ def scale() -> None:
     _train_phase("scale")
 
 
+SHIPPED_SUFFIXES = frozenset({".json", ".safetensors"})
+
+
+def shippable_files(checkpoint: Path) -> list[tuple[Path, Path]]:
+    """``(file, path relative to checkpoint)`` of what a shipped compressor holds: the JSON and
+    safetensors files of ``checkpoint``, its trainer state left out, in sorted order."""
+    found = []
+    for path in sorted(checkpoint.rglob("*")):
+        relative = path.relative_to(checkpoint)
+        if path.is_file() and relative.parts[0] != STATE_DIR and path.suffix in SHIPPED_SUFFIXES:
+            found.append((path, relative))
+    return found
+
+
 def ship(phase: str) -> None:
     """Copy the last checkpoint of ``phase`` (a name in ``PHASES``) into the package, tensors cast
     to fp16, with the ratio head fitted by ``density`` on layer ``HEAD_LAYER`` (so encoding stops
@@ -657,14 +670,7 @@ def ship(phase: str) -> None:
     card_text = card.read_text() if card.exists() else None
     if DEFAULT_CHECKPOINT.exists():
         shutil.rmtree(DEFAULT_CHECKPOINT)
-    for path in last.rglob("*"):
-        relative = path.relative_to(last)
-        if (
-            path.is_dir()
-            or relative.parts[0] == STATE_DIR
-            or path.suffix not in {".json", ".safetensors"}
-        ):
-            continue
+    for path, relative in shippable_files(last):
         target = DEFAULT_CHECKPOINT / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".safetensors":

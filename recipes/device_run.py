@@ -47,7 +47,7 @@ from semidyn_rag.loading import CACHE_ENV, PACKAGE_PREFIX, SMOLLM2, SMOLLM2_GGUF
 from semidyn_rag.training.diagnostics import latent_use
 from semidyn_rag.training.distill import teacher_answers
 from semidyn_rag.training.samples import TrainSample, read_jsonl, write_jsonl
-from semidyn_rag.training.trainer import STATE_DIR, TrainConfig, Trainer
+from semidyn_rag.training.trainer import TrainConfig, Trainer
 
 logger = logging.getLogger("recipes.device_run")
 
@@ -140,11 +140,6 @@ def point_recipe(data: Path, teacher_dir: Path, work: Path) -> None:
         setattr(recipe, attr, copy)
 
 
-def count_tokens(model: SemiDynamicCompressor):
-    """Encoder tokens of a text (what the recipe's density labels count)."""
-    return lambda text: len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 # ---------------------------------------------------------------------------- models
 def load_default(device: str) -> SemiDynamicCompressor:
     """The bundled default on ``device`` in float32, the head read at the recipe's layer."""
@@ -181,7 +176,7 @@ def grow_teacher(
     until ``seconds`` have passed or less than a quarter of the budget is left for training;
     returns how many were written."""
     deadline = time.monotonic() + seconds
-    samples, _ = recipe.training_samples(count_tokens(model))
+    samples, _ = recipe.training_samples(recipe.count_tokens(model.tokenizer))
     done = {s.id for s in read_jsonl(recipe.TEACHER)}
     todo = [s for s in samples if s.provenance.get("kind") == "qa" and s.id not in done]
     logger.info("teacher: %d training questions unanswered; %.0f s for them", len(todo), seconds)
@@ -217,7 +212,7 @@ def training_set(
     model: SemiDynamicCompressor, phase: str
 ) -> tuple[list[TrainSample], list[TrainSample]]:
     """The phase's training samples (the recipe's builder and draw sizes) and the monitor rows."""
-    count = count_tokens(model)
+    count = recipe.count_tokens(model.tokenizer)
     # the recipe's own builder and seeded draws, from every teacher answer (this run's included)
     samples = recipe.phase_training_set(phase, count, every_answer=True)
     _, monitor = recipe.training_samples(count)
@@ -302,12 +297,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> list[Path]:
             the files are not `SHIPPED_FILES` (one missing, or one more).
     """
     written = []
-    for path in sorted(checkpoint.rglob("*")):
-        relative = path.relative_to(checkpoint)
-        if path.is_dir() or relative.parts[0] == STATE_DIR:
-            continue
-        if path.suffix not in {".json", ".safetensors"}:
-            continue
+    for path, relative in recipe.shippable_files(checkpoint):
         target = out / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".safetensors":
