@@ -11,7 +11,7 @@ from semidyn_rag.training import (
     relative_spread,
     to_examples,
 )
-from semidyn_rag.training.diagnostics import swap_contexts
+from semidyn_rag.training.diagnostics import effective_rank, swap_contexts
 
 torch.set_num_threads(1)
 
@@ -66,3 +66,20 @@ def test_trainer_logs_latent_use_during_training(make_compressor):
     assert [step for step, _ in trainer.latent_use] == [2, 4]
     with pytest.raises(ValueError, match="eval_samples"):
         Trainer(model, samples(), config)
+
+
+def test_effective_rank_counts_the_directions_that_carry_energy():
+    torch.manual_seed(0)
+    u, v = torch.randn(40, 1), torch.randn(1, 30)
+    assert effective_rank(u @ v) == pytest.approx(1.0, abs=1e-6)
+    q, _ = torch.linalg.qr(torch.randn(40, 8))
+    assert effective_rank(q @ torch.eye(8)) == pytest.approx(8.0, rel=1e-6)
+    skewed = q @ torch.diag(torch.tensor([10.0, 1, 1, 1, 1, 1, 1, 1]))
+    assert 1.0 < effective_rank(skewed) < 2.0
+    assert effective_rank(torch.zeros(4, 4)) == 0.0
+
+
+@pytest.mark.parametrize("bad", [torch.ones(3), torch.ones(2, 2, 2)])
+def test_effective_rank_rejects_what_is_not_a_matrix(bad):
+    with pytest.raises(ValueError, match="2-D"):
+        effective_rank(bad)

@@ -104,3 +104,22 @@ def relative_spread(latents: torch.Tensor) -> float:
     latents = latents.float()
     rms = latents.pow(2).mean().sqrt().clamp_min(1e-12)
     return float(latents.std(0).pow(2).mean().sqrt() / rms)
+
+
+def effective_rank(matrix: torch.Tensor) -> float:
+    """Effective rank of a 2-D ``matrix`` (Roy & Vetterli 2007): ``exp`` of the entropy of its
+    normalized squared singular values. 0.0 for the zero matrix, 1.0 for a rank-1 matrix,
+    ``min(shape)`` when every direction carries equal energy; it tells how much of a LoRA
+    adapter's rank its update uses.
+
+    Raises:
+        ValueError: ``matrix`` is not 2-D.
+    """
+    if matrix.dim() != 2:
+        raise ValueError(f"effective_rank needs a 2-D matrix, got shape {tuple(matrix.shape)}")
+    energy = torch.linalg.svdvals(matrix.double()) ** 2
+    if energy.sum() == 0:
+        return 0.0
+    p = energy / energy.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
