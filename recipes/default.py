@@ -173,6 +173,21 @@ SCALE = TrainConfig.model_validate(
 (``teach --teach-limit 0`` answers every training question), the mixed prompts and a third as many
 reconstructions. The CPU phases saw 448-640 samples; this is the phase ``recipes/device_run.py``
 runs by default on a GPU, where the teacher answers take a minute (it runs on the CPU too, slowly)."""
+ANNEAL = TrainConfig.model_validate(
+    {
+        **SCALE.model_dump(),
+        "steps": 240,
+        "encoder_warmup_steps": 240,
+        "schedule": "linear",  # 2e-4 down to 0: every earlier phase held the rate constant
+        "min_lr_ratio": 0.0,
+        "output_dir": str(RUN / "anneal"),
+        "eval_every": 80,
+    }
+)
+"""The decay step of a warmup-stable-decay schedule (Hu et al. 2024, MiniCPM; Hägele et al. 2024):
+every phase before it trained at a constant 2e-4, where the loss plateaus above what the same
+weights reach once the rate falls. ``SCALE``'s data (every teacher answer) with the rate decayed
+linearly to 0, from the bundled default with a fresh optimizer."""
 DEVICE = TrainConfig.model_validate({**MIX.model_dump(), "output_dir": str(RUN / "device")})
 """Where ``recipes/device_fetch.py`` installs a checkpoint trained on a GPU by
 ``recipes/device_run.py`` (docs/gpu.md), so that ``ship --phase device`` ships it."""
@@ -182,6 +197,7 @@ PHASES = {
     "release": RELEASE,
     "recall": RECALL,
     "scale": SCALE,
+    "anneal": ANNEAL,
     "device": DEVICE,
 }
 """The phases ``ship`` can ship, by name (``--phase``); the bundled default is ``mix``."""
@@ -594,6 +610,7 @@ PHASE_DRAWS = {
     "release": lambda mixed, taught: (256, 192),
     "recall": lambda mixed, taught: (taught, mixed + taught),
     "scale": lambda mixed, taught: (taught, (mixed + taught) // 3),
+    "anneal": lambda mixed, taught: (taught, (mixed + taught) // 3),
 }
 """The phases that start from the bundled default, and what each draws: ``(mixed, taught) ->
 (distilled single-paragraph samples, reconstructions)``, from the counts of mixed prompts and of
@@ -604,7 +621,7 @@ def phase_training_set(phase: str, count, every_answer: bool | None = None) -> l
     """The training set of ``phase`` (a name in `PHASE_DRAWS`): `mixed_training_set` with that
     phase's draw sizes, from every teacher answer (``scale``) or the first ``TEACH_LIMIT`` (the
     others), unless ``every_answer`` says otherwise."""
-    every = phase == "scale" if every_answer is None else every_answer
+    every = phase in ("scale", "anneal") if every_answer is None else every_answer
     mixed = len(read_jsonl(MIXED_TEACHER))
     taught = len(read_jsonl(TEACHER)[: None if every else TEACH_LIMIT])
     single, reconstructions = PHASE_DRAWS[phase](mixed, taught)
@@ -641,6 +658,11 @@ def recall() -> None:
 def scale() -> None:
     """``SCALE`` from the bundled default (the fifth phase shipped); resumes its own checkpoint."""
     _train_phase("scale")
+
+
+def anneal() -> None:
+    """``ANNEAL`` from the bundled default; resumes its own checkpoint."""
+    _train_phase("anneal")
 
 
 SHIPPED_SUFFIXES = frozenset({".json", ".safetensors"})
@@ -741,6 +763,7 @@ def main() -> None:
             "release",
             "recall",
             "scale",
+            "anneal",
             "ship",
             "eval",
         ],
@@ -779,6 +802,8 @@ def main() -> None:
         recall()
     elif args.step == "scale":
         scale()
+    elif args.step == "anneal":
+        anneal()
     elif args.step == "ship":
         ship(args.phase)
     else:

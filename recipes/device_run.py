@@ -219,12 +219,26 @@ def training_set(
     return samples, monitor
 
 
+DEVICE_PHASES = sorted(p for p in recipe.PHASE_DRAWS if recipe.PHASES[p].schedule == "constant")
+"""The phases a device run can train: those from the bundled default at a constant rate."""
+
+
 def phase_config(phase: str, batch_size: int, mixed_precision: str) -> TrainConfig:
     """The recipe's config of ``phase`` for a device run: its optimisation settings, a larger
     batch, no resuming, no periodic saves or evaluations (the run saves and measures at its end).
     A side the phase holds for all its steps (``*_warmup_steps >= steps``) stays held for however
-    many steps the device takes."""
+    many steps the device takes.
+
+    Raises:
+        ValueError: ``phase`` decays its learning rate: `train_within` sets the number of steps
+            while training, which would move a decaying schedule's end under it.
+    """
     config = recipe.PHASES[phase]
+    if config.schedule != "constant":
+        raise ValueError(
+            f"phase {phase!r} has a {config.schedule} schedule; a device run plans its steps "
+            "while training and needs a constant learning rate"
+        )
     held = {
         name: 10**9
         for name in ("encoder_warmup_steps", "decoder_warmup_steps")
@@ -365,7 +379,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True, help="returned files ($OUT)")
     parser.add_argument("--budget-s", type=float, default=480, help="whole run, seconds")
-    parser.add_argument("--phase", choices=sorted(recipe.PHASE_DRAWS), default="scale")
+    parser.add_argument("--phase", choices=DEVICE_PHASES, default="scale")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     parser.add_argument("--teach-s", type=float, default=90, help="teacher answers, seconds")

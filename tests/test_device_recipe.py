@@ -443,6 +443,18 @@ def test_scale_holds_the_encoder_side_as_the_fifth_phase_does() -> None:
         assert device_run.phase_config(phase, 16, "bf16").encoder_warmup_steps >= 10**9
 
 
+def test_device_run_refuses_a_decaying_schedule() -> None:
+    """``train_within`` grows ``steps`` stage by stage; a linear decay would reach 0 at the end of
+    the probe stage, so the phases that decay are refused, not trained at the wrong rate."""
+    import default as recipe
+    import device_run
+
+    assert recipe.ANNEAL.schedule == "linear"
+    assert "anneal" not in device_run.DEVICE_PHASES and "scale" in device_run.DEVICE_PHASES
+    with pytest.raises(ValueError, match="linear schedule"):
+        device_run.phase_config("anneal", 16, "bf16")
+
+
 def test_pack_refuses_a_missing_teacher_file(tmp_path: Path) -> None:
     """Without ``teacher_mixed.jsonl`` the device run would train the fifth phase without its
     mixed prompts (an empty work copy), a warning here the only sign."""
