@@ -83,3 +83,85 @@ def test_effective_rank_counts_the_directions_that_carry_energy():
 def test_effective_rank_rejects_what_is_not_a_matrix(bad):
     with pytest.raises(ValueError, match="2-D"):
         effective_rank(bad)
+
+
+def _adapter(directory, r=4, alpha=8, zero=False, **config):
+    """A PEFT LoRA adapter directory with one update, ``layers.0.self_attn.q_proj``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    settings = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, **config}
+    (directory / "adapter_config.json").write_text(json.dumps(settings))
+    torch.manual_seed(0)
+    a, b = torch.randn(r, 6), torch.zeros(5, r) if zero else torch.randn(5, r)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file(
+        {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b},
+        directory / "adapter_model.safetensors",
+    )
+    return a.double(), b.double()
+
+
+@pytest.fixture
+def adapter_rank(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import adapter_rank
+
+    return adapter_rank
+
+
+def test_adapter_rank_scales_as_peft_does(tmp_path, adapter_rank):
+    """``alpha / r``, or ``alpha / sqrt(r)`` with rank-stabilized LoRA (``use_rslora``)."""
+    a, b = _adapter(tmp_path / "plain")
+    plain = adapter_rank.adapter_updates(tmp_path / "plain")[("q_proj", 0)]
+    assert torch.allclose(plain, 2.0 * b @ a)
+    a, b = _adapter(tmp_path / "rslora", use_rslora=True)
+    rslora = adapter_rank.adapter_updates(tmp_path / "rslora")[("q_proj", 0)]
+    assert torch.allclose(rslora, 4.0 * b @ a)
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+        ({"alpha_pattern": {"q_proj": 32}}, "alpha_pattern"),
+        ({"peft_type": "LOHA"}, "LOHA"),
+    ],
+)
+def test_adapter_rank_refuses_what_is_not_one_scale_times_b_a(
+    tmp_path, adapter_rank, config, match
+):
+    _adapter(tmp_path, **config)
+    with pytest.raises(ValueError, match=match):
+        adapter_rank.adapter_updates(tmp_path)
+
+
+def test_adapter_rank_names_what_is_not_an_adapter(tmp_path, adapter_rank):
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):
+        adapter_rank.adapter_updates(tmp_path)
+    _adapter(tmp_path / "decoder")  # a compressor checkpoint: its adapters lie one level down
+    with pytest.raises(FileNotFoundError, match="decoder"):
+        adapter_rank.adapter_updates(tmp_path)
+    (tmp_path / "decoder" / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors"):
+        adapter_rank.adapter_updates(tmp_path / "decoder")
+
+
+def test_adapter_rank_reports_an_all_zero_adapter_and_writes_out(
+    tmp_path, adapter_rank, monkeypatch, capsys
+):
+    """LoRA starts with ``B = 0``: an adapter that never trained is said to be zero, not shown
+    as a table of zeros; ``--out`` into a folder not yet made writes there."""
+    _adapter(tmp_path / "held", zero=True)
+    out = tmp_path / "new" / "rank"
+    monkeypatch.setattr("sys.argv", ["adapter_rank.py", str(tmp_path / "held"), "--out", str(out)])
+    adapter_rank.main()
+    printed = capsys.readouterr().out
+    assert "Every update is zero" in printed and "| q_proj" not in printed
+    assert out.with_suffix(".md").read_text() == printed.rstrip("\n") + "\n"
+    assert out.with_suffix(".json").is_file()
