@@ -77,6 +77,8 @@ def test_effective_rank_counts_the_directions_that_carry_energy():
     skewed = q @ torch.diag(torch.tensor([10.0, 1, 1, 1, 1, 1, 1, 1]))
     assert 1.0 < effective_rank(skewed) < 2.0
     assert effective_rank(torch.zeros(4, 4)) == 0.0
+    # energies (squared singular values), not Roy & Vetterli's singular values: exp(H(.8, .2))
+    assert effective_rank(torch.diag(torch.tensor([2.0, 1.0]))) == pytest.approx(1.6493, abs=1e-4)
 
 
 @pytest.mark.parametrize("bad", [torch.ones(3), torch.ones(2, 2, 2)])
