@@ -682,12 +682,21 @@ def shippable_files(checkpoint: Path) -> list[tuple[Path, Path]]:
 def ship(phase: str) -> None:
     """Copy the last checkpoint of ``phase`` (a name in ``PHASES``) into the package, tensors cast
     to fp16, with the ratio head fitted by ``density`` on layer ``HEAD_LAYER`` (so encoding stops
-    there)."""
-    directory = PHASES[phase].output_dir
+    there). A phase whose rate decays (``anneal``) ships only once it has trained all its steps:
+    before that its last checkpoint was trained at rates the decay has not yet lowered."""
+    config = PHASES[phase]
+    directory = config.output_dir
     found = list_checkpoints(directory)
     if not found or not HEAD_FILE.exists():
         raise SystemExit(f"ship --phase {phase} needs a checkpoint in {directory}, and {HEAD_FILE}")
     last = found[-1]
+    done = int(last.name.rpartition("-")[2])
+    if config.schedule != "constant" and done < config.steps:
+        raise SystemExit(
+            f"ship --phase {phase}: {last.name} is step {done} of the {config.steps} of its "
+            f"{config.schedule} schedule, whose rate has not decayed yet; finish the phase "
+            f"(`python recipes/default.py {phase}` resumes it)"
+        )
     card = DEFAULT_CHECKPOINT / "README.md"
     card_text = card.read_text() if card.exists() else None
     if DEFAULT_CHECKPOINT.exists():

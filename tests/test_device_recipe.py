@@ -455,6 +455,38 @@ def test_device_run_refuses_a_decaying_schedule() -> None:
         device_run.phase_config("anneal", 16, "bf16")
 
 
+def _trained(root: Path, steps: int) -> Path:
+    """``root/checkpoint-<steps>`` with its trainer state, as `list_checkpoints` counts one."""
+    (root / f"checkpoint-{steps}").mkdir(parents=True)
+    (root / "trainer-state" / f"checkpoint-{steps}").mkdir(parents=True)
+    (root / "trainer-state" / f"checkpoint-{steps}" / "state.json").write_text("{}")
+    return root / f"checkpoint-{steps}"
+
+
+def test_ship_refuses_an_anneal_that_has_not_decayed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partly trained anneal ends mid-decay, at a rate every earlier phase also had: shipping it
+    would replace the default with what the phase exists to improve on. A finished one ships."""
+    import default as recipe
+
+    shipped = tmp_path / "default"
+    (shipped / "decoder").mkdir(parents=True)
+    monkeypatch.setattr(recipe, "DEFAULT_CHECKPOINT", shipped)
+    monkeypatch.setattr(recipe, "HEAD_FILE", tmp_path / "head.safetensors")
+    recipe.HEAD_FILE.write_text("")
+    runs = tmp_path / "anneal"
+    phases = {**recipe.PHASES, "anneal": recipe.ANNEAL.model_copy(update={"output_dir": str(runs)})}
+    monkeypatch.setattr(recipe, "PHASES", phases)
+    _trained(runs, 100)
+    with pytest.raises(SystemExit, match=r"checkpoint-100 .* 240"):
+        recipe.ship("anneal")
+    assert (shipped / "decoder").is_dir()  # the default is left as it was
+    _trained(runs, 240)
+    recipe.ship("anneal")
+    assert not (shipped / "decoder").exists()
+
+
 def test_pack_refuses_a_missing_teacher_file(tmp_path: Path) -> None:
     """Without ``teacher_mixed.jsonl`` the device run would train the fifth phase without its
     mixed prompts (an empty work copy), a warning here the only sign."""
