@@ -186,8 +186,10 @@ ANNEAL = TrainConfig.model_validate(
 )
 """The decay step of a warmup-stable-decay schedule (Hu et al. 2024, MiniCPM; Hägele et al. 2024):
 every phase before it trained at a constant 2e-4, where the loss plateaus above what the same
-weights reach once the rate falls. ``SCALE``'s data (every teacher answer) with the rate decayed
-linearly to 0, from the bundled default with a fresh optimizer."""
+weights reach once the rate falls. ``SCALE``'s data (every teacher answer), from the bundled
+default with a fresh optimizer: ten warm-up steps to 2e-4 (``warmup_steps``, as in every phase),
+then a linear decay that reaches 0 at step 240 (the last step's rate is 2e-4 / 230). The rate is a
+function of the step, so a resumed anneal keeps its schedule; ``ship`` refuses one not finished."""
 DEVICE = TrainConfig.model_validate({**MIX.model_dump(), "output_dir": str(RUN / "device")})
 """Where ``recipes/device_fetch.py`` installs a checkpoint trained on a GPU by
 ``recipes/device_run.py`` (docs/gpu.md), so that ``ship --phase device`` ships it."""
@@ -619,8 +621,8 @@ teacher answers it reads."""
 
 def phase_training_set(phase: str, count, every_answer: bool | None = None) -> list[TrainSample]:
     """The training set of ``phase`` (a name in `PHASE_DRAWS`): `mixed_training_set` with that
-    phase's draw sizes, from every teacher answer (``scale``) or the first ``TEACH_LIMIT`` (the
-    others), unless ``every_answer`` says otherwise."""
+    phase's draw sizes, from every teacher answer (``scale``, ``anneal``) or the first
+    ``TEACH_LIMIT`` (the others), unless ``every_answer`` says otherwise."""
     every = phase in ("scale", "anneal") if every_answer is None else every_answer
     mixed = len(read_jsonl(MIXED_TEACHER))
     taught = len(read_jsonl(TEACHER)[: None if every else TEACH_LIMIT])

@@ -455,6 +455,24 @@ def test_device_run_refuses_a_decaying_schedule() -> None:
         device_run.phase_config("anneal", 16, "bf16")
 
 
+def test_anneal_warms_up_then_decays_linearly_to_zero() -> None:
+    """What ``ANNEAL``'s docstring says: ten warm-up steps (a fresh optimizer) to 2e-4, then a
+    linear decay that reaches 0 where the phase ends; the rate is a function of the step alone,
+    so a resumed anneal continues the same schedule."""
+    import itertools
+
+    import default as recipe
+
+    from semidyn_rag.training.trainer import lr_at
+
+    config = recipe.ANNEAL
+    rates = [lr_at(config, step) for step in range(config.steps)]
+    assert config.warmup_steps == 10 and rates[0] == pytest.approx(2e-5)
+    assert rates[9] == rates[10] == pytest.approx(2e-4)
+    assert all(a > b for a, b in itertools.pairwise(rates[10:]))
+    assert rates[-1] == pytest.approx(2e-4 / 230) and lr_at(config, config.steps) == 0.0
+
+
 def _trained(root: Path, steps: int) -> Path:
     """``root/checkpoint-<steps>`` with its trainer state, as `list_checkpoints` counts one."""
     (root / f"checkpoint-{steps}").mkdir(parents=True)
