@@ -409,6 +409,8 @@ def run(args: argparse.Namespace) -> dict:
             f"--budget-s {args.budget_s} leaves no training time after the {reserve} s kept for "
             "--export-s and --eval-s: lower those or raise the budget"
         )
+    precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
+    config = phase_config(args.phase, args.batch_size, precision)  # refuses before anything loads
     clock = Clock(budget_s=args.budget_s, reserve_s=reserve)
     torch.manual_seed(recipe.SEED)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -428,9 +430,7 @@ def run(args: argparse.Namespace) -> dict:
         grow_teacher(model, clock, args.teach_s, args.teach_batch, args.out / TEACHER_OUT)
         taught = cap_file(args.out / TEACHER_OUT)
     since = clock.lap("teach", since)
-    precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
     samples, monitor = training_set(model, args.phase)
-    config = phase_config(args.phase, args.batch_size, precision)
     trainer = Trainer(model, samples, config, eval_samples=monitor)
     timing = train_within(trainer, clock, args.probe_steps, args.max_steps, args.max_epochs)
     use = latent_use(model, trainer.eval_examples, batch_size=args.batch_size)

@@ -455,6 +455,20 @@ def test_device_run_refuses_a_decaying_schedule() -> None:
         device_run.phase_config("anneal", 16, "bf16")
 
 
+def test_device_run_refuses_a_decaying_schedule_before_anything_loads(tmp_path: Path) -> None:
+    """``run`` called with ``anneal`` (argparse's choices bypassed) stops before the base model
+    loads and the teacher spends device time, as a budget it cannot keep does."""
+    import device_run
+
+    args = device_run.parse_args(
+        ["--device", "cpu", "--tiny", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]
+    )
+    args.phase = "anneal"
+    with pytest.raises(ValueError, match="linear schedule"):
+        device_run.run(args)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+
+
 def test_anneal_warms_up_then_decays_linearly_to_zero() -> None:
     """What ``ANNEAL``'s docstring says: ten warm-up steps (a fresh optimizer) to 2e-4, then a
     linear decay that reaches 0 where the phase ends; the rate is a function of the step alone,
