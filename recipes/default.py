@@ -146,6 +146,17 @@ learn from its distillation and reconstruction losses what it can read best. It 
 bundled default (the fifth phase shipped) with a fresh optimizer; ``density`` would refit the head
 on the released encoder's layer 2. Measured and not shipped: 160 steps lowered held-out accuracy at
 r=4 within noise (docs/experiments.md)."""
+ADAPT = TrainConfig.model_validate(
+    {
+        **RELEASE.model_dump(),
+        "decoder_warmup_steps": 160,  # held throughout: the decoder reads as the fifth phase taught
+        "output_dir": str(RUN / "adapt"),
+    }
+)
+"""``RELEASE`` with the decoder's adapter held: the encoder side (its adapter below the pooled
+layer and the converter) learns alone what the decoder the fifth phase trained reads best. In
+``RELEASE`` both sides moved at once and the decoder's use of the latents fell; this separates
+the two."""
 RECALL = TrainConfig.model_validate(
     {
         **MIX.model_dump(),
@@ -197,6 +208,7 @@ PHASES = {
     "distill": DISTILL,
     "mix": MIX,
     "release": RELEASE,
+    "adapt": ADAPT,
     "recall": RECALL,
     "scale": SCALE,
     "anneal": ANNEAL,
@@ -610,6 +622,7 @@ def mixed_training_set(
 PHASE_DRAWS = {
     "mix": lambda mixed, taught: (mixed, mixed // 3),
     "release": lambda mixed, taught: (256, 192),
+    "adapt": lambda mixed, taught: (256, 192),
     "recall": lambda mixed, taught: (taught, mixed + taught),
     "scale": lambda mixed, taught: (taught, (mixed + taught) // 3),
     "anneal": lambda mixed, taught: (taught, (mixed + taught) // 3),
@@ -630,41 +643,16 @@ def phase_training_set(phase: str, count, every_answer: bool | None = None) -> l
     return mixed_training_set(count, min(single, taught), reconstructions, every_answer=every)
 
 
-def _train_phase(phase: str) -> None:
-    """Train ``phase`` from the bundled default (fresh optimizer); resumes its own checkpoint."""
+def train_phase(phase: str) -> None:
+    """Train ``phase`` (a name in `PHASE_DRAWS`; its config is ``PHASES[phase]``) from the bundled
+    default, which must be what that phase starts from (the fifth phase for all but ``mix``,
+    which starts from the fourth: ``make train-default`` ships it first), with a fresh optimizer;
+    resumes the phase's own last checkpoint."""
     torch.manual_seed(SEED)
     model = SemiDynamicCompressor.from_pretrained(None, dtype=torch.float32, head_layer=HEAD_LAYER)
     count = count_tokens(model.tokenizer)
     _, monitor = training_samples(count)
     Trainer(model, phase_training_set(phase, count), PHASES[phase], eval_samples=monitor).train()
-
-
-def mix() -> None:
-    """The fifth phase (``MIX``) from the bundled default, which must be the fourth phase shipped
-    (``make train-default`` runs ``ship`` before it); resumes its own last checkpoint."""
-    _train_phase("mix")
-
-
-def release() -> None:
-    """The sixth phase (``RELEASE``) from the bundled default, which must be the fifth phase
-    shipped; resumes its own last checkpoint. Reconstructions weigh more than in the fifth phase:
-    every context token is a target, the densest signal for what the latents must keep."""
-    _train_phase("release")
-
-
-def recall() -> None:
-    """``RECALL`` from the bundled default (the fifth phase shipped); resumes its own checkpoint."""
-    _train_phase("recall")
-
-
-def scale() -> None:
-    """``SCALE`` from the bundled default (the fifth phase shipped); resumes its own checkpoint."""
-    _train_phase("scale")
-
-
-def anneal() -> None:
-    """``ANNEAL`` from the bundled default; resumes its own checkpoint."""
-    _train_phase("anneal")
 
 
 SHIPPED_SUFFIXES = frozenset({".json", ".safetensors"})
@@ -770,11 +758,7 @@ def main() -> None:
             "train",
             "distill",
             "teach-mixed",
-            "mix",
-            "release",
-            "recall",
-            "scale",
-            "anneal",
+            *PHASE_DRAWS,
             "ship",
             "eval",
         ],
@@ -805,16 +789,8 @@ def main() -> None:
         train()
     elif args.step == "teach-mixed":
         teach_mixed()
-    elif args.step == "mix":
-        mix()
-    elif args.step == "release":
-        release()
-    elif args.step == "recall":
-        recall()
-    elif args.step == "scale":
-        scale()
-    elif args.step == "anneal":
-        anneal()
+    elif args.step in PHASE_DRAWS:
+        train_phase(args.step)
     elif args.step == "ship":
         ship(args.phase)
     else:
