@@ -157,6 +157,12 @@ ADAPT = TrainConfig.model_validate(
 layer and the converter) learns alone what the decoder the fifth phase trained reads best. In
 ``RELEASE`` both sides moved at once and the decoder's use of the latents fell; this separates
 the two."""
+NUDGE = TrainConfig.model_validate(
+    {**ADAPT.model_dump(), "lr": 2e-5, "output_dir": str(RUN / "nudge")}
+)
+"""``ADAPT`` at a tenth of the rate. With the decoder held the rate moves only the encoder side,
+whose LoRA scale (alpha / r = 8) makes 2e-4 a large step; this asks whether ``ADAPT``'s drop in
+`latent_use` within 40 steps is the step size."""
 RECALL = TrainConfig.model_validate(
     {
         **MIX.model_dump(),
@@ -209,6 +215,7 @@ PHASES = {
     "mix": MIX,
     "release": RELEASE,
     "adapt": ADAPT,
+    "nudge": NUDGE,
     "recall": RECALL,
     "scale": SCALE,
     "anneal": ANNEAL,
@@ -623,6 +630,7 @@ PHASE_DRAWS = {
     "mix": lambda mixed, taught: (mixed, mixed // 3),
     "release": lambda mixed, taught: (256, 192),
     "adapt": lambda mixed, taught: (256, 192),
+    "nudge": lambda mixed, taught: (256, 192),
     "recall": lambda mixed, taught: (taught, mixed + taught),
     "scale": lambda mixed, taught: (taught, (mixed + taught) // 3),
     "anneal": lambda mixed, taught: (taught, (mixed + taught) // 3),
