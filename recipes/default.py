@@ -163,6 +163,17 @@ NUDGE = TrainConfig.model_validate(
 """``ADAPT`` at a tenth of the rate. With the decoder held the rate moves only the encoder side,
 whose LoRA scale (alpha / r = 8) makes 2e-4 a large step; this asks whether ``ADAPT``'s drop in
 `latent_use` within 40 steps is the step size."""
+NUDGE2 = TrainConfig.model_validate(
+    {
+        **NUDGE.model_dump(),
+        "steps": 480,
+        "decoder_warmup_steps": 480,
+        "output_dir": str(RUN / "nudge2"),
+        "eval_every": 80,
+    }
+)
+"""``NUDGE`` continued: 480 more steps from ``nudge`` shipped (``ship --phase nudge`` first), with a
+fresh optimizer, because 160 steps at 2e-5 moved the encoder side little."""
 RECALL = TrainConfig.model_validate(
     {
         **MIX.model_dump(),
@@ -216,6 +227,7 @@ PHASES = {
     "release": RELEASE,
     "adapt": ADAPT,
     "nudge": NUDGE,
+    "nudge2": NUDGE2,
     "recall": RECALL,
     "scale": SCALE,
     "anneal": ANNEAL,
@@ -631,6 +643,7 @@ PHASE_DRAWS = {
     "release": lambda mixed, taught: (256, 192),
     "adapt": lambda mixed, taught: (256, 192),
     "nudge": lambda mixed, taught: (256, 192),
+    "nudge2": lambda mixed, taught: (256, 192),
     "recall": lambda mixed, taught: (taught, mixed + taught),
     "scale": lambda mixed, taught: (taught, (mixed + taught) // 3),
     "anneal": lambda mixed, taught: (taught, (mixed + taught) // 3),
