@@ -638,29 +638,39 @@ def mixed_training_set(
     return [*mixed, *taught, *recon]
 
 
+def _release_draw(mixed: int, taught: int) -> tuple[int, int]:
+    return 256, 192  # RELEASE's draw, kept by the phases that vary its optimisation
+
+
+def _every_answer(mixed: int, taught: int) -> tuple[int, int]:
+    return taught, (mixed + taught) // 3  # the fifth phase's proportions on all the data
+
+
 PHASE_DRAWS = {
     "mix": lambda mixed, taught: (mixed, mixed // 3),
-    "release": lambda mixed, taught: (256, 192),
-    "adapt": lambda mixed, taught: (256, 192),
-    "nudge": lambda mixed, taught: (256, 192),
-    "nudge2": lambda mixed, taught: (256, 192),
+    "release": _release_draw,
+    "adapt": _release_draw,
+    "nudge": _release_draw,
+    "nudge2": _release_draw,
     "recall": lambda mixed, taught: (taught, mixed + taught),
-    "scale": lambda mixed, taught: (taught, (mixed + taught) // 3),
-    "anneal": lambda mixed, taught: (taught, (mixed + taught) // 3),
+    "scale": _every_answer,
+    "anneal": _every_answer,
 }
 """The phases that start from the bundled default, and what each draws: ``(mixed, taught) ->
 (distilled single-paragraph samples, reconstructions)``, from the counts of mixed prompts and of
-teacher answers it reads."""
+teacher answers it reads: every answer for the phases drawing `_every_answer`, the first
+``TEACH_LIMIT`` for the others."""
 
 
 def phase_training_set(phase: str, count, every_answer: bool | None = None) -> list[TrainSample]:
     """The training set of ``phase`` (a name in `PHASE_DRAWS`): `mixed_training_set` with that
-    phase's draw sizes, from every teacher answer (``scale``, ``anneal``) or the first
-    ``TEACH_LIMIT`` (the others), unless ``every_answer`` says otherwise."""
-    every = phase in ("scale", "anneal") if every_answer is None else every_answer
+    phase's draw sizes, from the teacher answers `PHASE_DRAWS` says it reads, unless
+    ``every_answer`` says otherwise."""
+    draw = PHASE_DRAWS[phase]
+    every = draw is _every_answer if every_answer is None else every_answer
     mixed = len(read_jsonl(MIXED_TEACHER))
     taught = len(read_jsonl(TEACHER)[: None if every else TEACH_LIMIT])
-    single, reconstructions = PHASE_DRAWS[phase](mixed, taught)
+    single, reconstructions = draw(mixed, taught)
     return mixed_training_set(count, min(single, taught), reconstructions, every_answer=every)
 
 

@@ -377,6 +377,34 @@ def test_cpu_phases_draw_from_the_recipes_teacher_answers_only(
     assert {s.id for s in every if s.id.startswith("t")} == {f"t{i}" for i in range(8)}
 
 
+@pytest.mark.parametrize(
+    ("phase", "every"),
+    [("scale", True), ("anneal", True), ("mix", False), ("release", False), ("nudge", False)],
+)
+def test_phase_training_set_reads_every_answer_only_where_its_draw_says(
+    phase: str, every: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The phases on all the data (``scale``, ``anneal``) read every teacher answer; the others
+    the first ``TEACH_LIMIT``, as the runs that measured them did."""
+    import default as recipe
+
+    data, teacher = _fixture_data(tmp_path)
+    monkeypatch.setattr(recipe, "DATA", data)
+    monkeypatch.setattr(recipe, "TEACHER", teacher / "teacher.jsonl")
+    monkeypatch.setattr(recipe, "MIXED_TEACHER", teacher / "teacher_mixed.jsonl")
+    monkeypatch.setattr(recipe, "TEACH_LIMIT", 4)
+    drawn = {}
+
+    def fake_set(count, single, reconstructions, every_answer=False):
+        drawn.update(single=single, every_answer=every_answer)
+        return []
+
+    monkeypatch.setattr(recipe, "mixed_training_set", fake_set)
+    recipe.phase_training_set(phase, lambda text: len(text.split()))
+    assert drawn["every_answer"] is every
+    assert drawn["single"] <= (8 if every else 4)
+
+
 def test_pack_checks_the_kept_wheels_against_the_pins(tmp_path: Path) -> None:
     """``--no-download`` keeps ``.device/wheels`` as it is: a wheel missing, of another version
     than this ``.venv`` holds, or there twice would fail the install on the device, minutes in."""
