@@ -7,6 +7,9 @@
   answered* samples only (the paper's strict validity filter), so that a model cannot raise its
   ratio by crushing contexts it then fails to answer from.
 
+Beside them, :func:`reconstruction_counts` scores a decoder asked to repeat a compressed text: how
+much of the text its latents carry, which bounds what any answer read from them can use.
+
 No model objects are involved, so evaluation results can be re-scored or re-plotted offline.
 """
 
@@ -24,10 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validato
 __all__ = [
     "EvalRecord",
     "EvalSummary",
+    "ReconstructionCounts",
     "average_compression_ratio",
     "mcnemar_exact",
     "normalize_answer",
     "pareto_front",
+    "reconstruction_counts",
     "substring_match",
     "summarize",
 ]
@@ -195,3 +200,89 @@ def mcnemar_exact(a: Mapping[str, bool], b: Mapping[str, bool]) -> tuple[int, in
     n = only_a + only_b
     tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2**n
     return only_a, only_b, min(1.0, 2 * tail)
+
+
+_WORD = re.compile(r"\w+")
+
+
+class ReconstructionCounts(BaseModel):
+    """How much of a reference text a reconstruction reproduces, as counts that add up over texts
+    (``sum(counts, ReconstructionCounts())``), so that recalls are micro-averaged over words.
+
+    ``words``: the reference's words (case-folded ``\\w+`` runs); ``in_order``: the longest run of
+    them the reconstruction reproduces in the same order (a longest common subsequence), so a
+    paraphrase that keeps the words but scrambles them scores low. ``details``: the reference's
+    distinct names and numbers (words that hold a digit, or start with a capital letter without
+    opening a sentence; case kept), the exact tokens questions ask for; ``details_found``: those the reconstruction contains.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    words: int = Field(default=0, ge=0)
+    in_order: int = Field(default=0, ge=0)
+    details: int = Field(default=0, ge=0)
+    details_found: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ReconstructionCounts:
+        if self.in_order > self.words or self.details_found > self.details:
+            raise ValueError(f"found more than the reference holds: {self}")
+        return self
+
+    def __add__(self, other: ReconstructionCounts) -> ReconstructionCounts:
+        return ReconstructionCounts(
+            **{k: getattr(self, k) + getattr(other, k) for k in type(self).model_fields}
+        )
+
+    def __radd__(self, other: object) -> ReconstructionCounts:
+        if other == 0:  # sum()'s start value
+            return self
+        return NotImplemented
+
+    @property
+    def word_recall(self) -> float:
+        """``in_order / words``; raises ``ZeroDivisionError`` when no reference had words."""
+        return self.in_order / self.words
+
+    @property
+    def detail_recall(self) -> float:
+        """``details_found / details``; raises ``ZeroDivisionError`` when no reference had one."""
+        return self.details_found / self.details
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    # One row of the classic dynamic programme: O(len(a) * len(b)) time, O(len(b)) memory.
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, start=1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _details(text: str) -> set[str]:
+    # A capital that only opens a sentence marks no name.
+    found = set()
+    for sentence in _SENTENCE_END.split(text):
+        for i, w in enumerate(_WORD.findall(sentence)):
+            if any(c.isdigit() for c in w) or (i > 0 and w[0].isupper()):
+                found.add(w)
+    return found
+
+
+def reconstruction_counts(reference: str, generated: str) -> ReconstructionCounts:
+    """Score ``generated``, a decoder's attempt to repeat ``reference`` (see
+    :class:`ReconstructionCounts`). Words compare after NFKC normalization; ``in_order`` ignores
+    case, details keep it ("May" the name is not "may")."""
+    reference, generated = (unicodedata.normalize("NFKC", t) for t in (reference, generated))
+    ref, gen = _WORD.findall(reference), _WORD.findall(generated)
+    details = _details(reference)
+    return ReconstructionCounts(
+        words=len(ref),
+        in_order=_lcs_length([w.casefold() for w in ref], [w.casefold() for w in gen]),
+        details=len(details),
+        details_found=len(details & set(gen)),
+    )

@@ -13,10 +13,12 @@ from pydantic import ValidationError
 from semidyn_rag.metrics import (
     EvalRecord,
     EvalSummary,
+    ReconstructionCounts,
     average_compression_ratio,
     mcnemar_exact,
     normalize_answer,
     pareto_front,
+    reconstruction_counts,
     substring_match,
     summarize,
 )
@@ -236,3 +238,38 @@ def test_mcnemar_exact_by_hand() -> None:
     six = {f"q{i}": True for i in range(6)}
     assert mcnemar_exact({k: False for k in six}, six) == (0, 6, 2 / 64)
     assert mcnemar_exact(six, six) == (0, 0, 1.0)  # no discordant pair: no evidence either way
+
+
+def test_reconstruction_counts_by_hand() -> None:
+    counts = reconstruction_counts(
+        "In 1986 the Court met in May. The end.", "the court met in 1986, may"
+    )
+    # in order: "the court met in may"; details: 1986, Court, May ("In"/"The" open sentences)
+    assert counts == ReconstructionCounts(words=9, in_order=5, details=3, details_found=1)
+
+
+def test_a_scrambled_reconstruction_keeps_its_words_but_not_their_order() -> None:
+    text = "alpha beta gamma delta epsilon"
+    assert reconstruction_counts(text, text).word_recall == 1.0
+    assert reconstruction_counts(text, " ".join(reversed(text.split()))).in_order == 1
+    assert reconstruction_counts(text, "").in_order == 0
+
+
+@given(st.text(), st.text())
+def test_reconstruction_counts_stay_within_the_reference(reference: str, generated: str) -> None:
+    counts = reconstruction_counts(reference, generated)
+    assert 0 <= counts.in_order <= counts.words
+    assert 0 <= counts.details_found <= counts.details
+    assert reconstruction_counts(reference, reference).in_order == counts.words
+
+
+def test_reconstruction_counts_add_up_to_a_micro_average() -> None:
+    short = reconstruction_counts("a b", "a b")
+    long = reconstruction_counts("c d e f g h", "")
+    total = sum([short, long])
+    assert total == ReconstructionCounts(words=8, in_order=2)
+    assert total.word_recall == 2 / 8  # not the mean of 1.0 and 0.0
+    with pytest.raises(ZeroDivisionError):
+        _ = total.detail_recall
+    with pytest.raises(ValidationError, match="more than the reference"):
+        ReconstructionCounts(words=1, in_order=2)
