@@ -167,3 +167,39 @@ def test_adapter_rank_reports_an_all_zero_adapter_and_writes_out(
     assert "Every update is zero" in printed and "| q_proj" not in printed
     assert out.with_suffix(".md").read_text() == printed.rstrip("\n") + "\n"
     assert out.with_suffix(".json").is_file()
+
+
+@pytest.fixture
+def reconstruction_bench(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import reconstruction
+
+    return reconstruction
+
+
+@pytest.mark.parametrize("ratio", [2.0, 4.0])
+def test_reconstruction_slices_read_every_latent_once_in_order(
+    compressor, monkeypatch, reconstruction_bench, ratio
+):
+    texts = [" ".join(c for c, _, _ in FACTS * k) for k in (1, 3, 6)]
+    seen: list[torch.Tensor] = []
+
+    def complete(prompts, **kwargs):
+        assert kwargs["max_new_tokens"] >= max(p.latents[0].shape[0] for p in prompts) * ratio
+        for p in prompts:
+            seen.append(p.latents[0])
+        return [f"part{len(seen) - len(prompts) + i}" for i in range(len(prompts))]
+
+    monkeypatch.setattr(compressor, "complete", complete)
+    monkeypatch.setattr(reconstruction_bench, "BATCH", 3)  # slices of one text across batches
+    out = reconstruction_bench.reconstruct(compressor, texts, ratio, piece_tokens=16)
+    expected = compressor.compress(texts, ratio=ratio)
+    assert len(out) == len(texts)
+    assert torch.equal(torch.cat(seen), torch.cat([c.latents for c in expected]))
+    per_slice = 16 / ratio
+    counts = [len(o.split()) for o in out]
+    assert counts == [max(1, round(c.num_latents / per_slice)) for c in expected]
+    assert counts[-1] > counts[0] >= 1
+    assert " ".join(out).split() == [f"part{i}" for i in range(sum(counts))]
