@@ -132,6 +132,7 @@ def test_swapping_contexts_swaps_their_expanded_text_too(compressor):
     assert swapped[0].contexts == examples[1].contexts and swapped[0].as_text is None
     assert swapped[1].contexts == examples[0].contexts
     assert swapped[1].as_text == [None, CONTEXTS[1], None]
+    assert [ex.texts for ex in swapped] == [CONTEXTS[2:], CONTEXTS[:3]]
     assert [ex.question for ex in swapped] == [ex.question for ex in examples]
     assert math.isfinite(latent_use(compressor, examples, ratio=2).gap)
 

@@ -49,7 +49,13 @@ def evaluate_loss(
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         out = loss_fn(
-            model, batch, ratio=ratio, mse_weight=mse_weight, encoder_grad=True, kd_weight=0.0
+            model,
+            batch,
+            ratio=ratio,
+            mse_weight=mse_weight,
+            encoder_grad=True,
+            kd_weight=0.0,
+            hidden_weight=0.0,
         )
         totals += torch.tensor([float(out.loss), float(out.lm_loss), float(out.mse_loss)]) * len(
             batch
@@ -60,14 +66,16 @@ def evaluate_loss(
 
 
 def swap_contexts(examples: Sequence[TrainExample]) -> list[TrainExample]:
-    """Each example with the contexts (labels and expanded texts too) of the one before it,
+    """Each example with the contexts (labels, texts and expanded texts too) of the one before it,
     cyclically: the whole context set moves, so the counts always match. On examples with
     expanded contexts the gap of `latent_use` therefore counts what their text gives as well."""
     if len(examples) < 2:
         raise ValueError("swapping contexts needs at least two examples")
     previous = [examples[-1], *examples[:-1]]
     return [
-        dataclasses.replace(ex, contexts=prev.contexts, y=prev.y, as_text=prev.as_text)
+        dataclasses.replace(
+            ex, contexts=prev.contexts, y=prev.y, as_text=prev.as_text, texts=prev.texts
+        )
         for ex, prev in zip(examples, previous, strict=True)
     ]
 

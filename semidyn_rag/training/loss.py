@@ -1,4 +1,5 @@
-"""The training objective (Eq. 7) and its types: ``LM + λ·MSE(ŷ, y)``, plus optional token KD.
+"""The training objective (Eq. 7) and its types: ``LM + λ·MSE(ŷ, y)``, plus optional token KD
+and hidden-state distillation.
 
 `compressor_loss` runs one batch of `TrainExample`s through a compressor the way inference does
 (encoder → backbone → converter → decoder prompt) and scores the answer tokens. It is a function of
@@ -47,10 +48,15 @@ class TrainExample:
     """Per context, the plain text the decoder reads in place of its latents (selective
     expansion, as ``expand_top_k`` sends the retriever's best chunks); ``None`` entries, or no
     list, are compressed. An expanded context is not encoded and adds no MSE term."""
+    texts: list[str] | None = None
+    """The plain text of each context, exactly what ``contexts`` tokenizes (for a teacher that
+    reads the text: `hidden_state_loss`); ``None``: unknown, no hidden-state term."""
 
     def __post_init__(self) -> None:
         if len(self.y) != len(self.contexts):
             raise ValueError(f"{len(self.y)} labels for {len(self.contexts)} contexts")
+        if self.texts is not None and len(self.texts) != len(self.contexts):
+            raise ValueError(f"{len(self.texts)} texts for {len(self.contexts)} contexts")
         if self.as_text is not None and len(self.as_text) != len(self.contexts):
             raise ValueError(
                 f"{len(self.as_text)} as_text entries for {len(self.contexts)} contexts"
@@ -74,6 +80,9 @@ class LossOutput:
     """Mean squared error of the ratio head over the labelled compressed contexts (0: none)."""
     kd_loss: torch.Tensor | None = None
     """Token-level distillation term (before its weight); ``None`` when no example has targets."""
+    hidden_loss: torch.Tensor | None = None
+    """Hidden-state distillation term (before its weight); ``None`` when it is off or no example
+    carries its texts."""
 
 
 class LossFn(Protocol):
@@ -81,7 +90,8 @@ class LossFn(Protocol):
 
     ``ratio`` fixes the compression ratio for the batch (``None``: the model's mode decides),
     ``mse_weight`` is λ of Eq. 7, ``encoder_grad=False`` builds the latents without a graph, and
-    ``kd_weight`` weighs token-level distillation (see `compressor_loss`). A loss may ignore an
+    ``kd_weight`` weighs token-level distillation and ``hidden_weight`` hidden-state distillation
+    (see `compressor_loss`). A loss may ignore an
     argument that means nothing for its model, and raises ``ValueError`` for one it cannot honour.
     ``model`` is `Any` because each loss takes its own model class.
     """
@@ -95,6 +105,7 @@ class LossFn(Protocol):
         mse_weight: float,
         encoder_grad: bool,
         kd_weight: float,
+        hidden_weight: float,
     ) -> LossOutput: ...
 
 
@@ -125,6 +136,57 @@ def distillation_loss(
     return torch.cat(terms).mean() if terms else None
 
 
+def common_suffix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many trailing rows of ``a`` ``[n, d]`` and ``b`` ``[m, d]`` are equal, row by row from
+    the end: the positions two prompts share after their contexts (question, template, answer)."""
+    n = min(a.shape[0], b.shape[0])
+    same = (a[a.shape[0] - n :].flip(0) == b[b.shape[0] - n :].flip(0)).all(-1)
+    differs = (~same).nonzero()
+    return int(differs[0]) if differs.numel() else n
+
+
+def hidden_state_loss(
+    student: Sequence[torch.Tensor],
+    teacher: Sequence[torch.Tensor],
+    student_inputs: torch.Tensor,
+    teacher_inputs: torch.Tensor,
+    student_mask: torch.Tensor,
+    teacher_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Hidden-state distillation: the student (reading latents) should hold at every layer what
+    the teacher (the base decoder reading the plain text) holds at the positions both share.
+
+    ``student``/``teacher``: one ``[B, T, d]`` tensor per layer output (``hidden_states[1:]``;
+    the same count), of right-padded batches whose ``*_inputs`` ``[B, T, d]`` embeddings and
+    ``*_mask`` ``[B, T]`` are those the models read. Per example, the positions compared are the
+    trailing ones whose input embeddings are equal in both prompts (`common_suffix`: the text
+    after the last context, then the answer), where a causal decoder's state can differ only by
+    what it read of the contexts. Per layer, the squared error over those positions relative to
+    the teacher's mean squared norm there (layers differ in scale by orders of magnitude); the
+    mean over layers. This feature-level signal is denser than the answer tokens' KL: it says what
+    the question's positions should have gathered from the context. Raises ``ValueError`` when
+    the layer counts differ or an example shares no position.
+    """
+    if len(student) != len(teacher):
+        raise ValueError(f"{len(student)} student layers against {len(teacher)} teacher layers")
+    rows_s, rows_t = [], []
+    for i in range(student_inputs.shape[0]):
+        n_s, n_t = int(student_mask[i].sum()), int(teacher_mask[i].sum())
+        shared = common_suffix(student_inputs[i, :n_s], teacher_inputs[i, :n_t])
+        if shared == 0:
+            raise ValueError(f"example {i}: student and teacher prompts share no position")
+        rows_s.append(torch.arange(n_s - shared, n_s, device=student_inputs.device))
+        rows_t.append(torch.arange(n_t - shared, n_t, device=teacher_inputs.device))
+    batch = torch.cat([torch.full_like(r, i) for i, r in enumerate(rows_s)])
+    pos_s, pos_t = torch.cat(rows_s), torch.cat(rows_t)
+    terms = []
+    for s, t in zip(student, teacher, strict=True):
+        picked_t = t[batch, pos_t].float()
+        error = (s[batch, pos_s].float() - picked_t).pow(2).mean()
+        terms.append(error / picked_t.pow(2).mean().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
 def compressor_loss(
     model: SemiDynamicCompressor,
     examples: Sequence[TrainExample],
@@ -133,9 +195,12 @@ def compressor_loss(
     mse_weight: float = 1.0,
     encoder_grad: bool = True,
     kd_weight: float = 0.0,
+    hidden_weight: float = 0.0,
 ) -> LossOutput:
     """Eq. 7: ``LM + λ·MSE(ŷ, y)`` for one batch (the LM loss counts answer tokens only), plus
-    ``kd_weight ×`` `distillation_loss` where examples carry teacher targets.
+    ``kd_weight ×`` `distillation_loss` where examples carry teacher targets, plus
+    ``hidden_weight ×`` `hidden_state_loss` against the base decoder (adapter off, no gradient)
+    reading the plain ``texts`` of the examples that carry them.
 
     ``ratio`` fixes the structure for the whole batch (multi-ratio training draws one per batch);
     ``None`` lets the mode decide, with the label ``y`` standing in for the prediction so that
@@ -167,8 +232,13 @@ def compressor_loss(
         parts = [next(spans) if text is None else text for text in texts]
         prompts.append(model.latent_prompt(ex.question, parts))
     embeds, mask, targets = model.embed_prompts(prompts, [ex.answer for ex in examples])
+    taught = [i for i, ex in enumerate(examples) if ex.texts is not None] if hidden_weight else []
     with model.adapter("decoder") as decoder:
-        logits = decoder(inputs_embeds=embeds, attention_mask=mask).logits
+        out = decoder(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=bool(taught))
+        hidden = None
+        if taught:
+            hidden = _hidden_distillation(model, decoder, examples, taught, out, embeds, mask)
+    logits = out.logits
     lm = nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100
     )
@@ -178,9 +248,39 @@ def compressor_loss(
     kd = distillation_loss(logits, targets, examples) if kd_weight else None
     if kd is not None:
         loss = loss + kd_weight * kd
+    if hidden is not None:
+        loss = loss + hidden_weight * hidden
     return LossOutput(
         loss=loss,
         lm_loss=lm.detach(),
         mse_loss=mse.detach(),
         kd_loss=None if kd is None else kd.detach(),
+        hidden_loss=None if hidden is None else hidden.detach(),
+    )
+
+
+def _hidden_distillation(
+    model: SemiDynamicCompressor,
+    decoder: nn.Module,
+    examples: Sequence[TrainExample],
+    taught: list[int],
+    student: Any,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """`hidden_state_loss` of the ``taught`` rows against the base decoder reading their texts."""
+    prompts = [model.latent_prompt(examples[i].question, examples[i].texts) for i in taught]
+    t_embeds, t_mask, _ = model.embed_prompts(prompts, [examples[i].answer for i in taught])
+    with torch.no_grad(), decoder.disable_adapter():
+        teacher = decoder(
+            inputs_embeds=t_embeds, attention_mask=t_mask, output_hidden_states=True
+        ).hidden_states
+    rows = torch.as_tensor(taught, device=embeds.device)
+    return hidden_state_loss(
+        [h[rows] for h in student.hidden_states[1:]],
+        teacher[1:],
+        embeds[rows],
+        t_embeds,
+        mask[rows],
+        t_mask,
     )

@@ -184,6 +184,7 @@ def regressor_loss(
     mse_weight: float = 1.0,
     encoder_grad: bool = True,
     kd_weight: float = 0.0,
+    hidden_weight: float = 0.0,
 ) -> LossOutput:
     """The regressor's `loss.LossFn`: MSE of its prediction against the known labels ``y``.
 
@@ -192,12 +193,12 @@ def regressor_loss(
     ``lm_loss`` is 0. A batch without labels gives a zero loss that still carries a graph.
 
     Raises:
-        ValueError: ``kd_weight`` is not 0 (the regressor has no decoder to distil into).
+        ValueError: ``kd_weight`` or ``hidden_weight`` is not 0 (the regressor has no decoder
+            to distil into).
     """
-    if kd_weight:
-        raise ValueError(
-            f"kd_weight={kd_weight}: the ratio regressor has no decoder to distil into"
-        )
+    for name, weight in (("kd_weight", kd_weight), ("hidden_weight", hidden_weight)):
+        if weight:
+            raise ValueError(f"{name}={weight}: the ratio regressor has no decoder to distil into")
     pairs = [(ctx, y) for ex in examples for ctx, y in zip(ex.contexts, ex.y) if math.isfinite(y)]
     if not pairs:
         zero = model.head.weight.sum() * 0.0

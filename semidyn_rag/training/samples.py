@@ -156,6 +156,7 @@ def to_examples(
     so a training context is one segment); their labels are kept, as the density of a prefix is
     that of its text. An expanded context (``expanded``) is read whole, as plain text. Answers get the decoder's ``<eos>`` appended so the model learns to stop;
     a distilled sample's answer is its teacher's token ids as generated (with their top-k targets).
+    Each example keeps its contexts' ``texts`` for hidden-state distillation, unless one was cut.
     """
     if max_context_tokens is None:
         max_context_tokens = model.config.max_segment_tokens  # type: ignore[attr-defined]
@@ -167,10 +168,13 @@ def to_examples(
     for sample, answer in zip(samples, answers, strict=True):
         contexts = []
         flags = sample.expanded
+        cut = False
         for i in range(len(sample.contexts)):
             ids = next(ctx_ids)
             # an expanded context reaches the decoder as its whole text: only latents are cut
-            truncated += len(ids) > max_context_tokens and not (flags and flags[i])
+            cut_here = len(ids) > max_context_tokens and not (flags and flags[i])
+            truncated += cut_here
+            cut = cut or cut_here
             contexts.append(ids[:max_context_tokens])
         teacher = sample.teacher
         examples.append(
@@ -184,6 +188,8 @@ def to_examples(
                 as_text=None
                 if flags is None
                 else [c if f else None for c, f in zip(sample.contexts, flags, strict=True)],
+                # a cut context's text is not what its latents hold: no text, no hidden-state term
+                texts=None if cut else list(sample.contexts),
             )
         )
     if truncated:

@@ -97,6 +97,10 @@ class TrainConfig(BaseModel):
     kd_weight: float = Field(0.0, ge=0)
     """Weight of token-level distillation (`loss.distillation_loss`) on samples that carry
     teacher targets (`distill.teacher_answers`); 0: off."""
+    hidden_weight: float = Field(0.0, ge=0)
+    """Weight of hidden-state distillation (`loss.hidden_state_loss`: the decoder's states at the
+    question and answer against the base decoder's reading the plain text) on samples whose
+    contexts' texts are known; 0: off. Costs one more decoder pass (no gradient) per batch."""
     ratio_sampling: Literal["multi", "mode"] = "multi"
     """``multi``: one ratio drawn from the model's candidate set per optimizer step (multi-ratio
     and semi-dynamic mean pooling); ``mode``: the mode decides (fixed ratio/length; semi- and fully
@@ -214,6 +218,7 @@ class _Loss(nn.Module):
         mse_weight: float,
         encoder_grad: bool,
         kd_weight: float,
+        hidden_weight: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.loss_fn(
             self.model,
@@ -222,6 +227,7 @@ class _Loss(nn.Module):
             mse_weight=mse_weight,
             encoder_grad=encoder_grad,
             kd_weight=kd_weight,
+            hidden_weight=hidden_weight,
         )
         return out.loss, out.lm_loss, out.mse_loss
 
@@ -419,6 +425,7 @@ class Trainer:
                         cfg.mse_weight,
                         self.step >= cfg.encoder_warmup_steps,
                         cfg.kd_weight,
+                        cfg.hidden_weight,
                     )
                 acc.backward(loss / cfg.grad_accum)
             sums += torch.tensor([float(loss.detach()), float(lm), float(mse)]) / cfg.grad_accum
