@@ -218,6 +218,23 @@ weights reach once the rate falls. ``SCALE``'s data (every teacher answer), from
 default with a fresh optimizer: ten warm-up steps to 2e-4 (``warmup_steps``, as in every phase),
 then a linear decay that reaches 0 at step 240 (the last step's rate is 2e-4 / 230). The rate is a
 function of the step, so a resumed anneal keeps its schedule; ``ship`` refuses one not finished."""
+MIRROR = TrainConfig.model_validate(
+    {
+        **MIX.model_dump(),
+        "steps": 160,
+        "encoder_warmup_steps": 160,  # held throughout, as in the fifth phase
+        "hidden_weight": 4.0,  # ~0.15 at the start: 0.6 sits beside the LM and KD terms (~0.9 each)
+        "output_dir": str(RUN / "mirror"),
+        "eval_every": 40,
+    }
+)
+"""The fifth phase's settings and ``RELEASE``'s data, plus hidden-state distillation
+(`loss.hidden_state_loss`): at the question and answer positions, every layer of the decoder
+reading latents is pulled toward the base decoder reading the plain text. Answering through the
+adapter's own reconstruction of the latents answers more questions than reading them directly
+(``benchmarks/reconstruction.py``), so the latents carry more than the decoder's direct reading
+takes; the answer tokens' KL says only what to answer, this says what the question's positions
+should have gathered from the context."""
 DEVICE = TrainConfig.model_validate({**MIX.model_dump(), "output_dir": str(RUN / "device")})
 """Where ``recipes/device_fetch.py`` installs a checkpoint trained on a GPU by
 ``recipes/device_run.py`` (docs/gpu.md), so that ``ship --phase device`` ships it."""
@@ -231,6 +248,7 @@ PHASES = {
     "recall": RECALL,
     "scale": SCALE,
     "anneal": ANNEAL,
+    "mirror": MIRROR,
     "device": DEVICE,
 }
 """The phases ``ship`` can ship, by name (``--phase``); the bundled default is ``mix``."""
@@ -652,6 +670,7 @@ PHASE_DRAWS = {
     "adapt": _release_draw,
     "nudge": _release_draw,
     "nudge2": _release_draw,
+    "mirror": _release_draw,
     "recall": lambda mixed, taught: (taught, mixed + taught),
     "scale": _every_answer,
     "anneal": _every_answer,
