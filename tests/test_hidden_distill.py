@@ -123,3 +123,28 @@ def test_the_trainer_passes_its_hidden_weight_to_the_loss(compressor, monkeypatc
     assert calls == []
     Trainer(compressor, SAMPLES, config.model_copy(update={"hidden_weight": 0.5})).train()
     assert len(calls) == 2
+
+
+def test_the_teacher_pass_leaves_the_encoder_adapter_learning_on_a_shared_base(compressor) -> None:
+    # peft's disable_adapter re-enables by set_adapter("decoder"), which freezes the encoder's
+    # LoRA tensors after its graph was built: their gradient would vanish at backward.
+    from semidyn_rag.training.trainer import mark_trainable
+
+    assert compressor.encoder is compressor.decoder  # the shared base this is about
+    mark_trainable(compressor)
+    compressor.train()
+    flags = {n: p.requires_grad for n, p in compressor.decoder.named_parameters()}
+    out = compressor_loss(compressor, to_examples(compressor, SAMPLES), ratio=2, hidden_weight=1.0)
+    assert out.hidden_loss is not None
+    assert {n: p.requires_grad for n, p in compressor.decoder.named_parameters()} == flags
+    out.loss.backward()
+    grads = [p.grad for n, p in compressor.encoder.named_parameters() if "lora_A.encoder" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_the_trainer_refuses_a_hidden_weight_no_example_can_use(compressor) -> None:
+    from semidyn_rag.training import TrainConfig, Trainer
+
+    config = TrainConfig(steps=1, batch_size=2, hidden_weight=0.5, progress=False)
+    with pytest.raises(ValueError, match="no training example carries"):
+        Trainer(compressor, SAMPLES, config.model_copy(update={"max_context_tokens": 3}))

@@ -259,6 +259,23 @@ def compressor_loss(
     )
 
 
+@contextlib.contextmanager
+def _base_decoder(decoder: Any) -> Iterator[None]:
+    """``decoder`` with its adapters disabled, every tensor's ``requires_grad`` as it was after.
+
+    peft's ``disable_adapter`` re-enables by ``set_adapter(active)``, which freezes every other
+    adapter: on a shared base the encoder's LoRA tensors, whose graph the batch has already built,
+    so their gradient would be dropped at ``backward`` without a word.
+    """
+    flags = [(p, p.requires_grad) for p in decoder.parameters()]
+    try:
+        with decoder.disable_adapter():
+            yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
 def _hidden_distillation(
     model: SemiDynamicCompressor,
     decoder: nn.Module,
@@ -271,7 +288,7 @@ def _hidden_distillation(
     """`hidden_state_loss` of the ``taught`` rows against the base decoder reading their texts."""
     prompts = [model.latent_prompt(examples[i].question, examples[i].texts) for i in taught]
     t_embeds, t_mask, _ = model.embed_prompts(prompts, [examples[i].answer for i in taught])
-    with torch.no_grad(), decoder.disable_adapter():
+    with torch.no_grad(), _base_decoder(decoder):
         teacher = decoder(
             inputs_embeds=t_embeds, attention_mask=t_mask, output_hidden_states=True
         ).hidden_states

@@ -100,7 +100,8 @@ class TrainConfig(BaseModel):
     hidden_weight: float = Field(0.0, ge=0)
     """Weight of hidden-state distillation (`loss.hidden_state_loss`: the decoder's states at the
     question and answer against the base decoder's reading the plain text) on samples whose
-    contexts' texts are known; 0: off. Costs one more decoder pass (no gradient) per batch."""
+    contexts' texts are known; 0: off. Costs one more decoder pass (no gradient) per batch. The
+    `Trainer` refuses a weight above 0 when no training example carries its texts."""
     ratio_sampling: Literal["multi", "mode"] = "multi"
     """``multi``: one ratio drawn from the model's candidate set per optimizer step (multi-ratio
     and semi-dynamic mean pooling); ``mode``: the mode decides (fixed ratio/length; semi- and fully
@@ -261,6 +262,12 @@ class Trainer:
         self.loss_fn = loss_fn
         self.examples = self._examples(samples)
         self.eval_examples = self._examples(eval_samples)
+        if config.hidden_weight and all(getattr(ex, "texts", None) is None for ex in self.examples):
+            raise ValueError(
+                f"hidden_weight={config.hidden_weight}, but no training example carries its "
+                "contexts' texts (TrainExample.texts; to_examples drops them where a context was "
+                "cut to max_context_tokens): hidden-state distillation would never run"
+            )
         self.labelled = sum(
             1 for ex in self.examples if any(math.isfinite(y) for y in getattr(ex, "y", ()))
         )
