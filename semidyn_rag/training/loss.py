@@ -290,7 +290,10 @@ def _hidden_distillation(
     t_embeds, t_mask, _ = model.embed_prompts(prompts, [examples[i].answer for i in taught])
     with torch.no_grad(), _base_decoder(decoder):
         teacher = decoder(
-            inputs_embeds=t_embeds, attention_mask=t_mask, output_hidden_states=True
+            inputs_embeds=t_embeds,
+            attention_mask=t_mask,
+            output_hidden_states=True,
+            use_cache=False,  # one pass, no generation: a KV cache would only hold memory
         ).hidden_states
     rows = torch.as_tensor(taught, device=embeds.device)
     return hidden_state_loss(
