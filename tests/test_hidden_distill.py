@@ -119,10 +119,13 @@ def test_the_trainer_passes_its_hidden_weight_to_the_loss(compressor, monkeypatc
     real = loss.hidden_state_loss
     monkeypatch.setattr(loss, "hidden_state_loss", lambda *a: calls.append(1) or real(*a))
     config = TrainConfig(steps=2, batch_size=2, ratio_sampling="mode", progress=False)
-    Trainer(compressor, SAMPLES, config).train()
+    plain = Trainer(compressor, SAMPLES, config).train()
     assert calls == []
-    Trainer(compressor, SAMPLES, config.model_copy(update={"hidden_weight": 0.5})).train()
+    assert [log.hidden_loss for log in plain] == [None, None]
+    taught = Trainer(compressor, SAMPLES, config.model_copy(update={"hidden_weight": 0.5})).train()
     assert len(calls) == 2
+    assert all(log.hidden_loss is not None and log.hidden_loss > 0 for log in taught)
+    assert all(log.kd_loss is None for log in taught)  # no teacher targets in these samples
 
 
 def test_the_teacher_pass_leaves_the_encoder_adapter_learning_on_a_shared_base(compressor) -> None:

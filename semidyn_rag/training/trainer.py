@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -141,6 +142,10 @@ class StepLog(BaseModel):
     loss: float
     lm_loss: float
     mse_loss: float
+    kd_loss: float | None = None
+    """Token-level distillation term, mean over the step's micro-batches that had one."""
+    hidden_loss: float | None = None
+    """Hidden-state distillation term, mean over the step's micro-batches that had one."""
     lr: float
     ratio: float | None = None
 
@@ -220,7 +225,8 @@ class _Loss(nn.Module):
         encoder_grad: bool,
         kd_weight: float,
         hidden_weight: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
+        """``(loss, lm, mse, kd, hidden)``; a distillation term that is off or absent is NaN."""
         out = self.loss_fn(
             self.model,
             examples,
@@ -230,7 +236,10 @@ class _Loss(nn.Module):
             kd_weight=kd_weight,
             hidden_weight=hidden_weight,
         )
-        return out.loss, out.lm_loss, out.mse_loss
+        nan = torch.tensor(float("nan"))
+        kd = nan if out.kd_loss is None else out.kd_loss
+        hidden = nan if out.hidden_loss is None else out.hidden_loss
+        return out.loss, out.lm_loss, out.mse_loss, kd, hidden
 
 
 class Trainer:
@@ -366,13 +375,19 @@ class Trainer:
             bar.set_postfix(loss=f"{log.loss:.4f}", lr=f"{log.lr:.2e}")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 mse = f"{log.mse_loss:.4f}" if self.labelled else "n/a: no density labels"
+                extra = "".join(
+                    f", {name} {value:.4f}"
+                    for name, value in (("kd", log.kd_loss), ("hidden", log.hidden_loss))
+                    if value is not None
+                )
                 logger.info(
-                    "step %d/%d loss %.4f (lm %.4f, mse %s) lr %.2e ratio %s",
+                    "step %d/%d loss %.4f (lm %.4f, mse %s%s) lr %.2e ratio %s",
                     self.step,
                     cfg.steps,
                     log.loss,
                     log.lm_loss,
                     mse,
+                    extra,
                     log.lr,
                     log.ratio,
                 )
@@ -422,11 +437,12 @@ class Trainer:
             group["lr"] = lr * group["lr_scale"]
         ratio = self.ratio_for(self.step)
         sums = torch.zeros(3)
+        terms: dict[str, list[float]] = {"kd": [], "hidden": []}
         for micro in range(cfg.grad_accum):
             last = micro == cfg.grad_accum - 1
             with nullcontext() if last else acc.no_sync(self.loss_module):
                 with acc.autocast():
-                    loss, lm, mse = self.loss_module(
+                    loss, lm, mse, kd, hidden = self.loss_module(
                         self.batch(self.step, micro),
                         ratio,
                         cfg.mse_weight,
@@ -436,6 +452,9 @@ class Trainer:
                     )
                 acc.backward(loss / cfg.grad_accum)
             sums += torch.tensor([float(loss.detach()), float(lm), float(mse)]) / cfg.grad_accum
+            for name, value in (("kd", float(kd)), ("hidden", float(hidden))):
+                if not math.isnan(value):
+                    terms[name].append(value)
         for name, param in self.params:  # AdamW leaves tensors without a gradient untouched
             if self._held(name):
                 param.grad = None
@@ -449,6 +468,8 @@ class Trainer:
             loss=float(sums[0]),
             lm_loss=float(sums[1]),
             mse_loss=float(sums[2]),
+            kd_loss=statistics.fmean(terms["kd"]) if terms["kd"] else None,
+            hidden_loss=statistics.fmean(terms["hidden"]) if terms["hidden"] else None,
             lr=lr,
             ratio=ratio,
         )
