@@ -354,6 +354,13 @@ FIELDS = json.loads(
    "help": "Weight of token-level distillation (`loss.distillation_loss`) on samples that carry teacher targets (`distill.teacher_answers`); 0: off"
   },
   {
+   "name": "hidden_weight",
+   "metavar": "NUMBER",
+   "syntax": "a number",
+   "default": "0.0",
+   "help": "Weight of hidden-state distillation (`loss.hidden_state_loss`: the decoder's states at the question and answer against the base decoder's reading the plain text) on samples whose contexts' texts are known; 0: off"
+  },
+  {
    "name": "ratio_sampling",
    "metavar": "multi|mode",
    "syntax": "one of multi|mode",
