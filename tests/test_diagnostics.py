@@ -203,3 +203,21 @@ def test_reconstruction_slices_read_every_latent_once_in_order(
     assert counts == [max(1, round(c.num_latents / per_slice)) for c in expected]
     assert counts[-1] > counts[0] >= 1
     assert " ".join(out).split() == [f"part{i}" for i in range(sum(counts))]
+
+
+@pytest.mark.parametrize("align", ["start", "end"])
+def test_latent_token_recall_lines_windows_up_with_their_latents(
+    make_compressor, monkeypatch, align
+):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import latent_tokens
+
+    compressor = make_compressor(pooling_alignment=align)
+    texts = [c for c, _, _ in FACTS]
+    ids = compressor.tokenize(texts)
+    recall = latent_tokens.token_recall(compressor, ids, 2)
+    # a window's exact mean embedding lies nearest its own tokens, wherever the windows start
+    assert recall["mean_embedding"][16] > 0.9
+    assert all(0.0 <= v <= 1.0 for v in recall["latents"].values())
