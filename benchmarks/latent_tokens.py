@@ -51,19 +51,34 @@ def token_recall(
 ) -> dict[str, dict[int, float]]:
     """Nearest-embedding recall (see the module docstring) of the latents and of the exact mean
     embeddings, ``{"latents": {k: recall}, "mean_embedding": {k: recall}}``, micro-averaged."""
+    config = model.config
+    if config.backbone != "mean_pooling":
+        raise ValueError("token recall is defined for the mean_pooling backbone")
+    if config.pool_eos:
+        raise ValueError("with pool_eos the last window covers the <eos>, which has no token here")
     table = model.decoder.get_input_embeddings().weight.float()
     unit = torch.nn.functional.normalize(table, dim=-1)
-    align = model.config.pooling_alignment
+    # an explicit ratio pools with fixed_ratio_alignment when set (`backbones.MeanPooling.extract`)
+    align = config.fixed_ratio_alignment or config.pooling_alignment
+    size = config.max_segment_tokens
     found = {"latents": dict.fromkeys(KS, 0), "mean_embedding": dict.fromkeys(KS, 0)}
     total = 0
     for ids, compressed in zip(token_lists, model.compress_tokens(token_lists, ratio=ratio)):
-        means = pooling.mean_pool(table[torch.as_tensor(ids)], ratio, align)
-        count = pooling.num_windows(len(ids), ratio)
-        if not means.shape[0] == count == compressed.num_latents:
+        windows, means = [], []
+        # compress_tokens pools each segment of max_segment_tokens on its own (`_segments`)
+        for start in range(0, len(ids), size):
+            segment = ids[start : start + size]
+            means.append(pooling.mean_pool(table[torch.as_tensor(segment)], ratio, align))
+            count = pooling.num_windows(len(segment), ratio)
+            first = len(segment) - count * ratio if align == "end" else 0  # "end" pads the front
+            windows += [
+                set(segment[max(0, first + j * ratio) : first + (j + 1) * ratio])
+                for j in range(count)
+            ]
+        means = torch.cat(means)
+        if not means.shape[0] == len(windows) == compressed.num_latents:
             raise ValueError("latents and windows do not line up: pooling changed")
-        first = len(ids) - count * ratio if align == "end" else 0  # "end" pads the front
-        for j, (latent, mean) in enumerate(zip(compressed.latents.float(), means, strict=True)):
-            window = set(ids[max(0, first + j * ratio) : first + (j + 1) * ratio])
+        for window, latent, mean in zip(windows, compressed.latents.float(), means, strict=True):
             total += len(window)
             for name, vector in (("latents", latent), ("mean_embedding", mean)):
                 sims = torch.nn.functional.normalize(vector, dim=-1) @ unit.T

@@ -221,3 +221,59 @@ def test_latent_token_recall_lines_windows_up_with_their_latents(
     # a window's exact mean embedding lies nearest its own tokens, wherever the windows start
     assert recall["mean_embedding"][16] > 0.9
     assert all(0.0 <= v <= 1.0 for v in recall["latents"].values())
+
+
+def _embedding_latents(compressor, monkeypatch) -> None:
+    """Make every latent the exact mean decoder embedding of what the model pooled: the encoder's
+    states are the tokens' embeddings and the converter is the identity."""
+    table = compressor.decoder.get_input_embeddings().weight.detach().float()
+
+    def encode(contexts):
+        width = max(len(c) for c in contexts) + 1  # + <eos>
+        hidden = torch.zeros(len(contexts), width, table.shape[1])
+        for row, ids in enumerate(contexts):
+            hidden[row, : len(ids)] = table[torch.as_tensor(ids)]
+        return hidden, torch.zeros(len(contexts))
+
+    monkeypatch.setattr(compressor, "encode", encode)
+    monkeypatch.setattr(compressor, "converter", torch.nn.Identity())
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"pooling_alignment": "start"},
+        {"pooling_alignment": "end"},
+        {"pooling_alignment": "start", "fixed_ratio_alignment": "end"},  # an explicit ratio's
+        {"pooling_alignment": "end", "fixed_ratio_alignment": "start"},
+        {"pooling_alignment": "start", "max_segment_tokens": 10},  # segments pooled in turn
+        {"pooling_alignment": "end", "max_segment_tokens": 10},
+    ],
+)
+def test_latent_token_recall_windows_are_the_ones_the_model_pooled(
+    make_compressor, monkeypatch, fields
+):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import latent_tokens
+
+    compressor = make_compressor(**fields)
+    _embedding_latents(compressor, monkeypatch)
+    vocab = compressor.decoder.get_input_embeddings().weight.shape[0]
+    # distinct tokens, lengths that no ratio or segment size divides
+    ids = [[(7 * i + 3 * n) % vocab for i in range(n)] for n in (13, 23, 30, 37)]
+    recall = latent_tokens.token_recall(compressor, ids, 4)
+    # latents that are their windows' exact mean embeddings score what those embeddings score
+    assert recall["latents"] == pytest.approx(recall["mean_embedding"])
+
+
+def test_latent_token_recall_refuses_latents_that_cover_the_eos(make_compressor, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import latent_tokens
+
+    compressor = make_compressor(pool_eos=True)
+    with pytest.raises(ValueError, match="eos"):
+        latent_tokens.token_recall(compressor, [list(range(5, 12))], 2)  # 8 states, 4 latents
