@@ -15,6 +15,8 @@ On held-out SQuAD paragraphs (those ``recipes/default.py eval`` holds out), at e
    training paragraphs (SQuAD training articles and HotpotQA training rows), its held-out error
    again, and fixed ratios 4 and 8 on ``--questions`` held-out questions with the decoder as it
    is. Does a converter closer to the mean embeddings make the latents easier to read?
+   ``--pool-layer L`` pools another encoder layer (0: the embeddings themselves), so the
+   refitted converter maps that layer's pooled states, for the decoder trained on layer 2's.
 
 Writes ``latent_tokens.json`` and ``latent_tokens.md`` (and with a refit, the evaluation's
 records) to ``--out``.
@@ -96,11 +98,25 @@ def main() -> None:
     p.add_argument("--refit-steps", type=int, default=0)
     p.add_argument("--refit-contexts", type=int, default=3000)
     p.add_argument("--questions", type=int, default=100)
+    p.add_argument(
+        "--pool-layer",
+        type=int,
+        default=None,
+        help="pool this encoder layer instead (0: the embeddings); needs --refit-steps, as the "
+        "converter was fitted to another layer",
+    )
     args = p.parse_args()
+    if args.pool_layer is not None and not args.refit_steps:
+        p.error("--pool-layer needs --refit-steps: the shipped converter reads another layer")
     dtype = setup(args)
     model, what, trained = load_model(args, dtype)
     if not trained:
         p.error("an untrained converter has nothing to measure: pass --checkpoint")
+    if args.pool_layer is not None:
+        model = SemiDynamicCompressor.from_pretrained(
+            args.checkpoint, device=args.device, dtype=dtype, pool_layer=args.pool_layer
+        ).eval()
+        what += f", pooling layer {args.pool_layer}"
     train, held_out = squad_article_split(args.squad, n_eval_articles=EVAL_ARTICLES, seed=SEED)
     paragraphs = list(dict.fromkeys(c for s in held_out for c in s.contexts))
     random.Random(SEED).shuffle(paragraphs)
