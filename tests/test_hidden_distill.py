@@ -67,6 +67,9 @@ def test_hidden_state_loss_refuses_what_cannot_be_compared() -> None:
     layer = torch.zeros(1, 2, 1)
     with pytest.raises(ValueError, match="share no position"):
         hidden_state_loss([layer], [layer], s_in, t_in, s_mask, t_mask)
+    left = torch.tensor([[0.0, 1.0]])
+    with pytest.raises(ValueError, match="not right-padded"):
+        hidden_state_loss([layer], [layer], s_in, t_in, left, t_mask)
     with pytest.raises(ValueError, match="1 student layers against 2"):
         hidden_state_loss([layer], [layer, layer], s_in, s_in, s_mask, s_mask)
 

@@ -165,13 +165,15 @@ def hidden_state_loss(
     the teacher's mean squared norm there (layers differ in scale by orders of magnitude); the
     mean over layers. This feature-level signal is denser than the answer tokens' KL: it says what
     the question's positions should have gathered from the context. Raises ``ValueError`` when
-    the layer counts differ or an example shares no position.
+    the layer counts differ, a batch is not right-padded or an example shares no position.
     """
     if len(student) != len(teacher):
         raise ValueError(f"{len(student)} student layers against {len(teacher)} teacher layers")
     rows_s, rows_t = [], []
     for i in range(student_inputs.shape[0]):
         n_s, n_t = int(student_mask[i].sum()), int(teacher_mask[i].sum())
+        if not (student_mask[i, :n_s].all() and teacher_mask[i, :n_t].all()):
+            raise ValueError(f"example {i}: the batch is not right-padded")
         shared = common_suffix(student_inputs[i, :n_s], teacher_inputs[i, :n_t])
         if shared == 0:
             raise ValueError(f"example {i}: student and teacher prompts share no position")
