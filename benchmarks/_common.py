@@ -17,7 +17,7 @@ from _timing import load_note, passive_openmp
 
 from semidyn_rag.checkpoint import DEFAULT_CHECKPOINT
 from semidyn_rag.config import CompressorConfig
-from semidyn_rag.data import load_squad
+from semidyn_rag.data import QASample, load_squad, squad_article_split
 from semidyn_rag.loading import SMOLLM2, SMOLLM2_GGUF
 from semidyn_rag.modeling import SemiDynamicCompressor
 
@@ -25,6 +25,15 @@ logger = logging.getLogger("benchmarks")
 
 ROOT = Path(__file__).resolve().parent
 SQUAD = ROOT.parents[1] / "shared" / "data" / "squad" / "dev-v2.0-part.json"
+
+
+EVAL_ARTICLES, SEED = 4, 0  # as recipes/default.py holds them out
+
+
+def recipe_split(path: Path = SQUAD) -> tuple[list[QASample], list[QASample]]:
+    """SQuAD ``(training, held-out)`` questions, split by article as ``recipes/default.py``
+    splits them, so a benchmark asks the questions ``eval`` asks."""
+    return squad_article_split(path, n_eval_articles=EVAL_ARTICLES, seed=SEED)
 
 
 def portable(value: object) -> str:

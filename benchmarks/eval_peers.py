@@ -16,14 +16,13 @@ import logging
 from pathlib import Path
 
 import torch
+from _common import SEED, SQUAD, recipe_split
 from _timing import passive_openmp
 
-from semidyn_rag.data import sample, squad_article_split
+from semidyn_rag.data import sample
 from semidyn_rag.evaluation import CheckpointRef, Evaluator, select_settings
 
 ROOT = Path(__file__).resolve().parent
-SQUAD = ROOT.parents[1] / "shared" / "data" / "squad" / "dev-v2.0-part.json"
-EVAL_ARTICLES, SEED = 4, 0  # as recipes/default.py holds them out
 
 
 def main() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
     passive_openmp()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    _, held_out = squad_article_split(SQUAD, n_eval_articles=EVAL_ARTICLES, seed=SEED)
+    _, held_out = recipe_split(SQUAD)
     model = CheckpointRef(args.checkpoint)
     evaluator = Evaluator(
         model, sample(held_out, args.limit, SEED), args.out, max_new_tokens=args.max_new_tokens

@@ -31,17 +31,16 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import load_model, parser, portable, setup
+from _common import SEED, load_model, parser, portable, recipe_split, setup
 
 from semidyn_rag import pooling
-from semidyn_rag.data import load_hotpotqa, sample, squad_article_split
+from semidyn_rag.data import load_hotpotqa, sample
 from semidyn_rag.evaluation import Evaluator, select_settings
 from semidyn_rag.modeling import SemiDynamicCompressor
 from semidyn_rag.training.align import align_converter
 
 logger = logging.getLogger("benchmarks.latent_tokens")
 
-EVAL_ARTICLES, SEED = 4, 0  # as recipes/default.py holds them out
 HOTPOT_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "hotpotqa" / "train.jsonl"
 MAX_TOKENS = 384  # the recipe's training contexts
 KS = (4, 16)
@@ -117,7 +116,7 @@ def main() -> None:
             args.checkpoint, device=args.device, dtype=dtype, pool_layer=args.pool_layer
         ).eval()
         what += f", pooling layer {args.pool_layer}"
-    train, held_out = squad_article_split(args.squad, n_eval_articles=EVAL_ARTICLES, seed=SEED)
+    train, held_out = recipe_split(args.squad)
     paragraphs = list(dict.fromkeys(c for s in held_out for c in s.contexts))
     random.Random(SEED).shuffle(paragraphs)
     held_ids = [ids[:MAX_TOKENS] for ids in model.tokenize(paragraphs[: args.paragraphs])]

@@ -30,9 +30,9 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import load_model, parser, portable, setup
+from _common import SEED, load_model, parser, portable, recipe_split, setup
 
-from semidyn_rag.data import QASample, sample, squad_article_split
+from semidyn_rag.data import QASample, sample
 from semidyn_rag.metrics import (
     ReconstructionCounts,
     mcnemar_exact,
@@ -44,7 +44,6 @@ from semidyn_rag.training.samples import RECONSTRUCTION_PROMPT
 
 logger = logging.getLogger("benchmarks.reconstruction")
 
-EVAL_ARTICLES, SEED = 4, 0  # as recipes/default.py holds them out
 ANSWER_TOKENS = 24  # as recipes/default.py evaluates
 BATCH = 8
 
@@ -131,7 +130,7 @@ def main() -> None:
     model, what, trained = load_model(args, dtype)
     if not trained:
         p.error("an untrained compressor has no reading to measure: pass --checkpoint")
-    _, held_out = squad_article_split(args.squad, n_eval_articles=EVAL_ARTICLES, seed=SEED)
+    _, held_out = recipe_split(args.squad)
     paragraphs = list(dict.fromkeys(c for s in held_out for c in s.contexts))
     random.Random(SEED).shuffle(paragraphs)
     pieces = [" ".join(t.split()[: args.words]) for t in paragraphs[: args.pieces]]
