@@ -579,3 +579,29 @@ def test_first_call_fails_without_a_gpu(tmp_path: Path) -> None:
         cwd=RECIPES.parent,
     )
     assert result.returncode != 0 and "no GPU" in result.stderr
+
+
+class _Loaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("phase", "layer"), [("shallow", 0), ("mix", None), ("mirror", None)])
+def test_train_phase_loads_the_pool_layer_its_phase_names(
+    phase: str, layer: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``shallow`` pools the input embeddings (``POOL_LAYERS``); every other phase loads the
+    bundled default as it is, pooling what its config says."""
+    import default as recipe
+
+    seen = {}
+
+    def fake_load(path, **kwargs):
+        seen.update(kwargs)
+        raise _Loaded
+
+    monkeypatch.setattr(recipe.SemiDynamicCompressor, "from_pretrained", fake_load)
+    with pytest.raises(_Loaded):
+        recipe.train_phase(phase)
+    assert seen.get("pool_layer") == layer
+    assert seen["head_layer"] == recipe.HEAD_LAYER
+    assert set(recipe.POOL_LAYERS) <= set(recipe.PHASE_DRAWS)
