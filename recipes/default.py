@@ -253,7 +253,20 @@ its latents keep 0.57 of a window's tokens at r=4, from layer 0 0.03 and 0.74, n
 exact means hold (``benchmarks/latent_tokens.py``). The fifth phase's decoder reads the sharper
 latents no worse untouched; this asks whether it learns to use what they add. The ratio head
 still reads layer 2. ``RELEASE``'s data, from the bundled default with a fresh optimizer."""
-POOL_LAYERS = {"shallow": 0}
+SHALLOW2 = TrainConfig.model_validate(
+    {
+        **SHALLOW.model_dump(),
+        "steps": 320,
+        "encoder_warmup_steps": 320,
+        "align_steps": 0,  # the converter ``shallow`` aligned stays as it is
+        "output_dir": str(RUN / "shallow2"),
+        "eval_every": 80,
+    }
+)
+"""``SHALLOW`` continued: 320 more steps from ``shallow`` shipped (``ship --phase shallow`` first),
+with a fresh optimizer, on ``SCALE``'s data (every teacher answer), because 160 steps on 640
+examples left both its answers and its reconstructions where the fifth phase's were."""
+POOL_LAYERS = {"shallow": 0, "shallow2": 0}
 """Phases that pool another encoder layer than the bundled default's (0: the input embeddings)."""
 DEVICE = TrainConfig.model_validate({**MIX.model_dump(), "output_dir": str(RUN / "device")})
 """Where ``recipes/device_fetch.py`` installs a checkpoint trained on a GPU by
@@ -270,6 +283,7 @@ PHASES = {
     "anneal": ANNEAL,
     "mirror": MIRROR,
     "shallow": SHALLOW,
+    "shallow2": SHALLOW2,
     "device": DEVICE,
 }
 """The phases ``ship`` can ship, by name (``--phase``); the bundled default is ``mix``."""
@@ -693,6 +707,7 @@ PHASE_DRAWS = {
     "nudge2": _release_draw,
     "mirror": _release_draw,
     "shallow": _release_draw,
+    "shallow2": _every_answer,
     "recall": lambda mixed, taught: (taught, mixed + taught),
     "scale": _every_answer,
     "anneal": _every_answer,

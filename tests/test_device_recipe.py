@@ -585,7 +585,9 @@ class _Loaded(Exception):
     pass
 
 
-@pytest.mark.parametrize(("phase", "layer"), [("shallow", 0), ("mix", None), ("mirror", None)])
+@pytest.mark.parametrize(
+    ("phase", "layer"), [("shallow", 0), ("shallow2", 0), ("mix", None), ("mirror", None)]
+)
 def test_train_phase_loads_the_pool_layer_its_phase_names(
     phase: str, layer: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
