@@ -737,6 +737,14 @@ def train_phase(phase: str) -> None:
     resumes the phase's own last checkpoint."""
     torch.manual_seed(SEED)
     layers = {"pool_layer": POOL_LAYERS[phase]} if phase in POOL_LAYERS else {}
+    if layers and not PHASES[phase].align_steps:
+        # without alignment the phase reads the shipped converter, fitted to the shipped layer
+        shipped = json.loads((DEFAULT_CHECKPOINT / CONFIG_NAME).read_text()).get("pool_layer")
+        if shipped != layers["pool_layer"]:
+            raise SystemExit(
+                f"{phase} pools layer {layers['pool_layer']} with the bundled default's converter, "
+                f"which reads layer {shipped}: ship the phase it continues first"
+            )
     model = SemiDynamicCompressor.from_pretrained(
         None, dtype=torch.float32, head_layer=HEAD_LAYER, **layers
     )

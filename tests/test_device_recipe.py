@@ -585,9 +585,7 @@ class _Loaded(Exception):
     pass
 
 
-@pytest.mark.parametrize(
-    ("phase", "layer"), [("shallow", 0), ("shallow2", 0), ("mix", None), ("mirror", None)]
-)
+@pytest.mark.parametrize(("phase", "layer"), [("shallow", 0), ("mix", None), ("mirror", None)])
 def test_train_phase_loads_the_pool_layer_its_phase_names(
     phase: str, layer: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -607,3 +605,30 @@ def test_train_phase_loads_the_pool_layer_its_phase_names(
     assert seen.get("pool_layer") == layer
     assert seen["head_layer"] == recipe.HEAD_LAYER
     assert set(recipe.POOL_LAYERS) <= set(recipe.PHASE_DRAWS)
+
+
+@pytest.mark.parametrize("shipped", [2, 0])
+def test_a_phase_that_does_not_align_needs_the_layer_its_converter_reads(
+    shipped: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``shallow2`` keeps the converter it loads; on a bundled default whose converter reads
+    another layer than it pools, it would train on latents nothing was fitted to."""
+    import default as recipe
+
+    (tmp_path / recipe.CONFIG_NAME).write_text(json.dumps({"pool_layer": shipped}))
+    monkeypatch.setattr(recipe, "DEFAULT_CHECKPOINT", tmp_path)
+    seen = {}
+
+    def fake_load(path, **kwargs):
+        seen.update(kwargs)
+        raise _Loaded
+
+    monkeypatch.setattr(recipe.SemiDynamicCompressor, "from_pretrained", fake_load)
+    if shipped == recipe.POOL_LAYERS["shallow2"]:
+        with pytest.raises(_Loaded):
+            recipe.train_phase("shallow2")
+        assert seen["pool_layer"] == shipped
+    else:
+        with pytest.raises(SystemExit, match="reads layer 2: ship the phase it continues first"):
+            recipe.train_phase("shallow2")
+        assert not seen
