@@ -30,6 +30,7 @@ from .modeling import SemiDynamicCompressor
 from .service import LatentService
 from .store import LatentStore
 from .tiny import build_qwen3, build_tokenizer
+from .training.samples import TrainSample
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -48,6 +49,16 @@ PASSAGES = [
     "The Rhine flows from the Alps through Germany to the North Sea at Rotterdam.",
 ]
 """Five retrievable documents: the integrations' corpus (their tokenizer is trained on it)."""
+
+QA_SAMPLES = [
+    TrainSample(contexts=["Paris is the capital of France."], question="Capital?", answer="Paris"),
+    TrainSample(
+        contexts=["Alice was born in 1990 in Lyon.", "Bob moved to Oslo in 2004."],
+        question="Where was Alice born?",
+        answer="Lyon",
+    ),
+]
+"""Two training samples, one and two contexts: the distillation tests' data."""
 
 
 def randomize_lora(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

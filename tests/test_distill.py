@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from semidyn_rag.decoder import LatentPrompt
+from semidyn_rag.testing import QA_SAMPLES as SAMPLES
 from semidyn_rag.training.distill import plain_prompt, teacher_answers
 from semidyn_rag.training.loss import TrainExample, compressor_loss, distillation_loss
 from semidyn_rag.training.samples import (
@@ -18,15 +19,6 @@ from semidyn_rag.training.samples import (
     to_examples,
     write_jsonl,
 )
-
-SAMPLES = [
-    TrainSample(contexts=["Paris is the capital of France."], question="Capital?", answer="Paris"),
-    TrainSample(
-        contexts=["Alice was born in 1990 in Lyon.", "Bob moved to Oslo in 2004."],
-        question="Where was Alice born?",
-        answer="Lyon",
-    ),
-]
 
 
 def _talkative(model):

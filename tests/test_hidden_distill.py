@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from semidyn_rag.testing import QA_SAMPLES as SAMPLES
 from semidyn_rag.testing import randomize_lora
 from semidyn_rag.training.loss import (
     TrainExample,
@@ -12,16 +13,7 @@ from semidyn_rag.training.loss import (
     compressor_loss,
     hidden_state_loss,
 )
-from semidyn_rag.training.samples import TrainSample, to_examples
-
-SAMPLES = [
-    TrainSample(contexts=["Paris is the capital of France."], question="Capital?", answer="Paris"),
-    TrainSample(
-        contexts=["Alice was born in 1990 in Lyon.", "Bob moved to Oslo in 2004."],
-        question="Where was Alice born?",
-        answer="Lyon",
-    ),
-]
+from semidyn_rag.training.samples import to_examples
 
 
 def test_common_suffix_counts_equal_rows_from_the_end() -> None:
