@@ -266,6 +266,18 @@ SHALLOW2 = TrainConfig.model_validate(
 """``SHALLOW`` continued: 320 more steps from ``shallow`` shipped (``ship --phase shallow`` first),
 with a fresh optimizer, on ``SCALE``'s data (every teacher answer), because 160 steps on 640
 examples left both its answers and its reconstructions where the fifth phase's were."""
+JOINT = TrainConfig.model_validate(
+    {
+        **RELEASE.model_dump(),
+        "steps": 2000,
+        "output_dir": str(RUN / "joint"),
+        "eval_every": 200,
+    }
+)
+"""The paper's end-to-end training at GPU scale: ``RELEASE``'s optimisation (encoder adapter,
+converter and decoder adapter all train from step 0) on ``SCALE``'s data (every teacher answer),
+for thousands of steps. Every CPU phase that moved the encoder side ran 160-640 steps; this is the
+phase ``recipes/device_pack.py --run-args "--phase joint"`` runs on a GPU (a CPU takes days)."""
 POOL_LAYERS = {"shallow": 0, "shallow2": 0}
 """Phases that pool another encoder layer than the bundled default's (0: the input embeddings)."""
 DEVICE = TrainConfig.model_validate({**MIX.model_dump(), "output_dir": str(RUN / "device")})
@@ -284,6 +296,7 @@ PHASES = {
     "mirror": MIRROR,
     "shallow": SHALLOW,
     "shallow2": SHALLOW2,
+    "joint": JOINT,
     "device": DEVICE,
 }
 """The phases ``ship`` can ship, by name (``--phase``); the bundled default is ``mix``."""
@@ -711,6 +724,7 @@ PHASE_DRAWS = {
     "recall": lambda mixed, taught: (taught, mixed + taught),
     "scale": _every_answer,
     "anneal": _every_answer,
+    "joint": _every_answer,
 }
 """The phases that start from the bundled default, and what each draws: ``(mixed, taught) ->
 (distilled single-paragraph samples, reconstructions)``, from the counts of mixed prompts and of

@@ -266,14 +266,16 @@ def plan_calls(
     root: Path = ROOT,
     limit: int = PAYLOAD_LIMIT,
     budget_s: int = RUN_BUDGET_S,
+    run_args: Sequence[str] = (),
 ) -> list[DeviceCall]:
     """The device calls: the first carries the first part and the wheels (and checks the imports),
-    the middle ones a part each (stopping, exit 3, when earlier parts are gone), the last one the last part, the `SHA_NAME` file and
-    ``last_paths`` (data, teacher files) and runs ``device_run``. Payloads are ``tree`` plus the
-    carried bytes; every call is checked (`check_call`).
+        the middle ones a part each (stopping, exit 3, when earlier parts are gone), the last one the last part, the `SHA_NAME` file and
+        ``last_paths`` (data, teacher files) and runs ``device_run`` with ``run_args`` appended (its
+    options: ``--phase``, ``--batch-size``, ...). Payloads are ``tree`` plus the
+        carried bytes; every call is checked (`check_call`).
 
-    Raises:
-        ValueError: a call is over a limit, or ``budget_s`` is refused by `check_budget`.
+        Raises:
+            ValueError: a call is over a limit, or ``budget_s`` is refused by `check_budget`.
     """
     check_budget(budget_s)
     rel = [str(p.relative_to(root)) for p in parts]
@@ -302,6 +304,7 @@ def plan_calls(
                 + warm_check([*rel[:-1], wheels_rel])
                 + install_command(wheels_rel)
                 + f'python3 recipes/device_run.py --device cuda --budget-s {budget_s} --out "$OUT"'
+                + "".join(f" {shlex.quote(a)}" for a in run_args)
             )
         payload = tree + sum(path_bytes(root / c) for c in carry)
         call = DeviceCall(
@@ -446,8 +449,10 @@ def pack(
     data: Path | None = None,
     budget_s: int = RUN_BUDGET_S,
     limit: int = PAYLOAD_LIMIT,
+    run_args: Sequence[str] = (),
 ) -> list[DeviceCall]:
-    """Fill ``root/.device`` and return the checked device calls (see the module docstring).
+    """Fill ``root/.device`` and return the checked device calls (see the module docstring);
+    ``run_args`` are appended to the last call's ``device_run`` command.
 
     ``download=None`` keeps the wheels already in ``.device/wheels`` (tests, a second packing).
 
@@ -474,7 +479,7 @@ def pack(
     last_extra = sum(path_bytes(p) for p in inputs) + 4096  # + the SHA256 line
     sizes = part_sizes(gguf.stat().st_size, room, first_extra, last_extra)
     parts = split_file(gguf, out / "gguf", sizes)
-    calls = plan_calls(tree, parts, wheels, inputs, root, limit, budget_s)
+    calls = plan_calls(tree, parts, wheels, inputs, root, limit, budget_s, run_args)
     (out / "calls.json").write_text(json.dumps([c.__dict__ for c in calls], indent=1))
     return calls
 
@@ -499,6 +504,23 @@ def log_calls(calls: Sequence[DeviceCall]) -> None:
     )
 
 
+def check_run_args(run_args: Sequence[str]) -> None:
+    """Parse ``run_args`` with ``device_run``'s own parser here, so that a misspelt option fails
+    before any device time is spent; the options the last call sets itself are refused.
+
+    Raises:
+        ValueError: an option is one the call sets (``--device``, ``--budget-s``, ``--out``);
+        SystemExit: ``device_run``'s parser refuses ``run_args``.
+    """
+    fixed = {"--device", "--budget-s", "--out"}
+    clash = sorted(a.split("=")[0] for a in run_args if a.split("=")[0] in fixed)
+    if clash:
+        raise ValueError(f"--run-args sets {clash}, which the last call sets itself")
+    import device_run  # torch and the recipe: here only, never on the device before the install
+
+    device_run.parse_args([*run_args, "--out", "unused"])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__)
@@ -506,8 +528,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--no-download", action="store_true", help="keep the wheels in .device/wheels"
     )
     parser.add_argument("--budget-s", type=int, default=RUN_BUDGET_S)
+    parser.add_argument(
+        "--run-args",
+        default="",
+        help='device_run options for the last call, e.g. "--phase joint --batch-size 32"',
+    )
     args = parser.parse_args(argv)
-    calls = pack(download=None if args.no_download else download_wheels, budget_s=args.budget_s)
+    run_args = shlex.split(args.run_args)
+    check_run_args(run_args)
+    calls = pack(
+        download=None if args.no_download else download_wheels,
+        budget_s=args.budget_s,
+        run_args=run_args,
+    )
     log_calls(calls)
     logger.info("calls also written to %s", shlex.quote(str(ROOT / DEVICE_DIR / "calls.json")))
 

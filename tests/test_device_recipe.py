@@ -5,6 +5,7 @@ limits are refused, and the time-boxed run exports a checkpoint that loads."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -181,9 +182,10 @@ def test_device_run_tiny_smoke_exports_a_loadable_checkpoint(tmp_path: Path) -> 
     torch.set_num_threads(1)
     data, teacher = _fixture_data(tmp_path)
     out = tmp_path / "out"
+    device = os.environ.get("SEMIDYN_TEST_DEVICE", "cpu")  # cuda: the first device call's check
     args = device_run.parse_args(
         [
-            *("--device", "cpu", "--tiny", "--budget-s", "10", "--out", str(out)),
+            *("--device", device, "--tiny", "--budget-s", "10", "--out", str(out)),
             *("--data", str(data), "--teacher-dir", str(teacher), "--work", str(tmp_path / "w")),
             *("--batch-size", "2", "--probe-steps", "2", "--tiny-samples", "6"),
             *("--eval-limit", "2", "--eval-s", "2", "--export-s", "1", "--teach-s", "1"),
@@ -632,3 +634,21 @@ def test_a_phase_that_does_not_align_needs_the_layer_its_converter_reads(
         with pytest.raises(SystemExit, match="reads layer 2: ship the phase it continues first"):
             recipe.train_phase("shallow2")
         assert not seen
+
+
+def test_pack_appends_run_args_to_the_last_call_only(tmp_path: Path) -> None:
+    parts = [tmp_path / ".device" / "gguf" / f"part-0{i}" for i in range(3)]
+    wheels = tmp_path / ".device" / "wheels"
+    calls = device_pack.plan_calls(
+        0, parts, wheels, [], root=tmp_path, run_args=["--phase", "joint", "--batch-size", "32"]
+    )
+    assert calls[-1].command.endswith("--phase joint --batch-size 32")
+    assert all("--phase" not in c.command for c in calls[:-1])
+
+
+def test_pack_refuses_run_args_device_run_would_refuse() -> None:
+    device_pack.check_run_args(["--phase", "joint", "--max-epochs", "6"])
+    with pytest.raises(SystemExit):
+        device_pack.check_run_args(["--phase", "no-such-phase"])
+    with pytest.raises(ValueError, match="--budget-s"):
+        device_pack.check_run_args(["--budget-s", "100"])
