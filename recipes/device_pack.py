@@ -58,6 +58,8 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 DEVICE_PYTHON = "3.12"
 SITE = "/tmp/site"
 """Where the wheels are installed on the device (put first on ``PYTHONPATH``)."""
+STASH = "/tmp/semidyn_parts"
+"""Where each call copies the GGUF part it carries, on the device (`stash_command`)."""
 RUN_BUDGET_S = 480
 """``device_run --budget-s`` of the last call: its whole run, loading to export, in seconds."""
 RUN_TIMEOUT_S = 600
@@ -229,18 +231,34 @@ def check_call(call: DeviceCall, limit: int = PAYLOAD_LIMIT) -> None:
 
 # ---------------------------------------------------------------------------- the calls
 def install_command(wheels_dir: str) -> str:
-    """Shell lines installing the carried wheels on the device and setting the environment."""
+    """Shell lines installing the carried wheels into `SITE` on the device (the first call)."""
     return (
         f"python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade "
         f"--target {SITE} {wheels_dir}/*.whl || exit 1; "
-        f"export PYTHONPATH={SITE}:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 "
-        "TOKENIZERS_PARALLELISM=false SEMIDYN_CACHE=/tmp/semidyn_cache; "
     )
 
 
+ENVIRONMENT = (
+    f"export PYTHONPATH={SITE}:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 "
+    "TOKENIZERS_PARALLELISM=false SEMIDYN_CACHE=/tmp/semidyn_cache; "
+)
+"""Shell line setting the environment the package and the run need on the device."""
+SMOKE = "SEMIDYN_TEST_DEVICE=cuda python3 -m pytest -x -q tests/test_device_recipe.py -k tiny_smoke"
+"""The first call's check of the code path on the GPU: the time-boxed run on a random tiny Qwen3
+(training, evaluation, export), seconds, before any minute of the real run is spent."""
+
+
+def stash_command(paths: Sequence[str]) -> str:
+    """Shell lines copying carried files into `STASH` on the device: each call's working tree
+    replaces the last one's and drops the ignored files it does not carry, so the parts of earlier
+    calls live outside the repository, where a warm machine keeps them."""
+    quoted = " ".join(shlex.quote(p) for p in paths)
+    return f"mkdir -p {STASH} && cp {quoted} {STASH}/ || exit 1; ls -l {STASH}; "
+
+
 def warm_check(paths: Sequence[str]) -> str:
-    """Shell lines that stop the last call (exit 3, saying why) when what earlier calls carried
-    is gone: the machine went back between the calls."""
+    """Shell lines that stop a call (exit 3, saying why) when what earlier calls left on the
+    machine (``paths`` there) is gone: the machine went back between the calls."""
     tests = " && ".join(f"test -e {shlex.quote(p)}" for p in paths)
     return (
         f"{{ {tests}; }} || {{ echo 'earlier parts are gone: the machine was not kept warm "
@@ -268,42 +286,46 @@ def plan_calls(
     budget_s: int = RUN_BUDGET_S,
     run_args: Sequence[str] = (),
 ) -> list[DeviceCall]:
-    """The device calls: the first carries the first part and the wheels (and checks the imports),
-        the middle ones a part each (stopping, exit 3, when earlier parts are gone), the last one the last part, the `SHA_NAME` file and
-        ``last_paths`` (data, teacher files) and runs ``device_run`` with ``run_args`` appended (its
-    options: ``--phase``, ``--batch-size``, ...). Payloads are ``tree`` plus the
-        carried bytes; every call is checked (`check_call`).
+    """The device calls. Each copies the GGUF part it carries to `STASH` (`stash_command`); the
+    first also carries the wheels, installs them, checks the imports and the GPU and runs the tiny
+    smoke test on it (`SMOKE`); every later one first stops (exit 3) when what earlier calls left
+    is gone; the last one also carries the `SHA_NAME` file and ``last_paths`` (data, teacher files)
+    and runs ``device_run`` with ``run_args`` appended (its options: ``--phase``, ...). Payloads
+    are ``tree`` plus the carried bytes; every call is checked (`check_call`).
 
-        Raises:
-            ValueError: a call is over a limit, or ``budget_s`` is refused by `check_budget`.
+    Raises:
+        ValueError: a call is over a limit, or ``budget_s`` is refused by `check_budget`.
     """
     check_budget(budget_s)
     rel = [str(p.relative_to(root)) for p in parts]
     wheels_rel = str(wheels.relative_to(root))
+    stashed = [f"{STASH}/{Path(p).name}" for p in rel]
     calls = []
     for index, part in enumerate(rel):
-        carry = [part]
         first, last = index == 0, index == len(rel) - 1
-        command = f"set -o pipefail; ls -l {Path(part).parent}; "
-        if not first and not last:  # a fresh machine: stop before carrying more in vain
-            command = "set -o pipefail; " + warm_check([*rel[:index], wheels_rel])
-            command += f"ls -l {Path(part).parent}; "
+        carry = [part]
+        command = "set -o pipefail; "
+        if not first:  # a fresh machine: stop before carrying more in vain
+            command += warm_check([*stashed[:index], SITE])
+        if last:
+            carry.append(str(Path(part).parent / SHA_NAME))
+        command += stash_command(carry)
         if first:
             carry.append(wheels_rel)
             command += (
-                install_command(wheels_rel) + "nvidia-smi -L; python3 -c 'import pydantic, gguf, "
+                install_command(wheels_rel)
+                + ENVIRONMENT
+                + "nvidia-smi -L; python3 -c 'import pydantic, gguf, "
                 "torch, transformers, peft, semidyn_rag.training.trainer as t; "
                 'print("imports ok", torch.__version__, transformers.__version__); '
-                'assert torch.cuda.is_available(), "no GPU"\''
+                'assert torch.cuda.is_available(), "no GPU"\' || exit 1; ' + SMOKE + " || exit 1; "
             )
         if last:
-            carry.append(str(Path(part).parent / SHA_NAME))
             carry += [str(p.relative_to(root)) for p in last_paths]
-            command = (
-                "set -o pipefail; "
-                + warm_check([*rel[:-1], wheels_rel])
-                + install_command(wheels_rel)
-                + f'python3 recipes/device_run.py --device cuda --budget-s {budget_s} --out "$OUT"'
+            command += (
+                ENVIRONMENT
+                + f"python3 recipes/device_run.py --device cuda --budget-s {budget_s} "
+                + f'--out "$OUT" --parts {STASH}'
                 + "".join(f" {shlex.quote(a)}" for a in run_args)
             )
         payload = tree + sum(path_bytes(root / c) for c in carry)

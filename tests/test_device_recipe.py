@@ -80,12 +80,16 @@ def test_calls_are_checked_against_the_limits(tmp_path: Path) -> None:
     calls = device_pack.plan_calls(100, parts, wheels, [], root=tmp_path, limit=2000)
     assert [c.payload for c in calls] == [1100, 1100 + 13]
     assert calls[-1].carry == ["p1", "SHA256"] and "device_run.py" in calls[-1].command
-    assert "test -e p0" in calls[-1].command  # stops at once when the machine went back
+    assert f"test -e {device_pack.STASH}/p0" in calls[-1].command  # the machine went back
+    assert f"--parts {device_pack.STASH}" in calls[-1].command
+    assert all(f"cp {c.carry[0]} " in c.command for c in calls)  # each stashes its part
     parts.append(tmp_path / "p2")
     parts[-1].write_bytes(b"x" * 10)
     calls = device_pack.plan_calls(100, parts, wheels, [], root=tmp_path, limit=2000)
-    assert "test -e p0" in calls[1].command  # a middle call too: no part carried in vain
-    assert "test -e p1" not in calls[1].command and "test -e p1" in calls[2].command
+    stash = device_pack.STASH
+    assert f"test -e {stash}/p0" in calls[1].command  # a middle call too: none carried in vain
+    assert f"test -e {stash}/p1" not in calls[1].command
+    assert f"test -e {stash}/p1" in calls[2].command
     with pytest.raises(ValueError, match="MiB"):
         device_pack.plan_calls(1500, parts, wheels, [], root=tmp_path, limit=2000)
     long = device_pack.DeviceCall(carry=[], command="x" * (device_pack.COMMAND_LIMIT + 1))
@@ -183,6 +187,7 @@ def test_device_run_tiny_smoke_exports_a_loadable_checkpoint(tmp_path: Path) -> 
     data, teacher = _fixture_data(tmp_path)
     out = tmp_path / "out"
     device = os.environ.get("SEMIDYN_TEST_DEVICE", "cpu")  # cuda: the first device call's check
+    torch.zeros(1, device=device)  # the CUDA context (seconds) starts before the run's clock
     args = device_run.parse_args(
         [
             *("--device", device, "--tiny", "--budget-s", "10", "--out", str(out)),
@@ -652,3 +657,45 @@ def test_pack_refuses_run_args_device_run_would_refuse() -> None:
         device_pack.check_run_args(["--phase", "no-such-phase"])
     with pytest.raises(ValueError, match="--budget-s"):
         device_pack.check_run_args(["--budget-s", "100"])
+
+
+class _TimedTrainer:
+    """A `Trainer` stand-in whose steps take ``slow_s`` while probing (the first 12) and
+    ``fast_s`` after, as a GPU's first steps do."""
+
+    def __init__(self, slow_s: float, fast_s: float) -> None:
+        from semidyn_rag.training.trainer import TrainConfig
+
+        self.config = TrainConfig(steps=1, batch_size=2)
+        self.examples = list(range(10**6))
+        self.step, self.slow_s, self.fast_s = 0, slow_s, fast_s
+
+    def train(self) -> None:
+        import time
+
+        while self.step < self.config.steps:
+            time.sleep(self.slow_s if self.step < 12 else self.fast_s)
+            self.step += 1
+
+
+def test_train_within_replans_when_steps_speed_up() -> None:
+    import device_run
+
+    trainer = _TimedTrainer(slow_s=0.04, fast_s=0.004)
+    clock = device_run.Clock(budget_s=1.6, reserve_s=0.2)
+    timing = device_run.train_within(trainer, clock, probe_steps=10, max_steps=None)
+    first_plan = timing["plans"][0]
+    # planning once from the probe's 0.04 s would stop near 12 + 0.9 * 0.9 s / 0.04 s = 32 steps
+    assert first_plan < 40 and trainer.step > 2 * first_plan
+    assert timing["planned_steps"] == trainer.step and timing["step_s"] < 0.02
+    assert clock.train_left() > -0.3  # and the stages stayed within the training time
+
+
+def test_train_within_stops_at_the_epoch_cap() -> None:
+    import device_run
+
+    trainer = _TimedTrainer(slow_s=0.001, fast_s=0.001)
+    trainer.examples = list(range(20))  # 10 steps an epoch at batch 2
+    clock = device_run.Clock(budget_s=30.0, reserve_s=0.0)
+    device_run.train_within(trainer, clock, probe_steps=3, max_steps=None, max_epochs=2)
+    assert trainer.step == 20
