@@ -699,3 +699,50 @@ def test_train_within_stops_at_the_epoch_cap() -> None:
     clock = device_run.Clock(budget_s=30.0, reserve_s=0.0)
     device_run.train_within(trainer, clock, probe_steps=3, max_steps=None, max_epochs=2)
     assert trainer.step == 20
+
+
+def _hotpot_row(id: str, titles: list[str]) -> dict:
+    return {
+        "id": id,
+        "question": "Where?",
+        "answer": "there",
+        "type": "bridge",
+        "level": "hard",
+        "supporting_facts": {"title": titles[:1], "sent_id": [0]},
+        "context": {
+            "title": titles,
+            "sentences": [
+                [f"The {t} museum opened in Vienna in {1900 + i}.", " It shows old maps of rivers."]
+                for i, t in enumerate(titles)
+            ],
+        },
+    }
+
+
+def test_corpus_leaves_out_the_evaluated_and_monitored_paragraphs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`corpus_tasks` draws on every HotpotQA training paragraph, distractors included, except
+    those whose title the dev rows (evaluated) or the monitor rows (watched) hold."""
+    import default as recipe
+
+    hotpot = tmp_path / "hotpotqa"
+    hotpot.mkdir()
+    train = [
+        _hotpot_row("t0", ["Alpha", "Beta", "Gamma"]),
+        _hotpot_row("t1", ["Delta", "Alpha", "Epsilon"]),
+        _hotpot_row("t2", ["Zeta", "Eta"]),  # the monitor row
+    ]
+    dev = [_hotpot_row("d0", ["Gamma", "Theta"])]
+    (hotpot / "train.jsonl").write_text("\n".join(json.dumps(r) for r in train))
+    (hotpot / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in dev))
+    monkeypatch.setattr(recipe, "DATA", tmp_path)
+    monkeypatch.setattr(recipe, "MONITOR", 1)
+    paragraphs = recipe.corpus_paragraphs()
+    assert [p.split(":")[0] for p in paragraphs] == ["Alpha", "Beta", "Delta", "Alpha", "Epsilon"]
+    tasks = recipe.corpus_tasks(lambda text: len(text.split()))
+    kinds = sorted({t.provenance["kind"] for t in tasks})
+    assert kinds == ["cloze", "reconstruction"]
+    assert all(t.contexts[0] in paragraphs for t in tasks)
+    assert all(t.y is not None for t in tasks)  # density-labelled like every other sample
+    assert len({t.id for t in tasks}) == len(tasks)
