@@ -108,7 +108,7 @@ def test_steps_that_fit() -> None:
 
 
 def _fixture_data(root: Path) -> tuple[Path, Path]:
-    """A SQuAD file of six articles, 20 HotpotQA rows and both teacher files, in the formats the
+    """A SQuAD file of six articles, 20 HotpotQA training rows, 2 dev rows and both teacher files, in the formats the
     recipe reads."""
     from semidyn_rag.training.samples import TrainSample, write_jsonl
 
@@ -146,15 +146,16 @@ def _fixture_data(root: Path) -> tuple[Path, Path]:
             "answer": WORDS[(i + 1) % 20],
             "type": "bridge",
             "level": "easy",
-            "supporting_facts": {"title": ["A", "B"], "sent_id": [0, 0]},
+            "supporting_facts": {"title": [f"A{i}", f"B{i}"], "sent_id": [0, 0]},
             "context": {
-                "title": ["A", "B", "C"],
+                "title": [f"A{i}", f"B{i}", f"C{i}"],
                 "sentences": [[_text(i, 20)], [_text(i + 1, 20)], [_text(i + 2, 20)]],
             },
         }
-        for i in range(20)
+        for i in range(22)
     ]
-    (data / "hotpotqa" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (data / "hotpotqa" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:20]))
+    (data / "hotpotqa" / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in rows[20:]))
     teacher.mkdir()
     single = [
         TrainSample(id=f"t{i}", contexts=[_text(i)], question="What?", answer="x", source="squad")
