@@ -277,3 +277,35 @@ def test_latent_token_recall_refuses_latents_that_cover_the_eos(make_compressor,
     compressor = make_compressor(pool_eos=True)
     with pytest.raises(ValueError, match="eos"):
         latent_tokens.token_recall(compressor, [list(range(5, 12))], 2)  # 8 states, 4 latents
+
+
+@pytest.fixture
+def memorization(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import memorization
+
+    return memorization
+
+
+def test_memorization_swap_gives_every_question_another_paragraph(memorization):
+    from semidyn_rag.data import QASample
+
+    # questions 0-2 share a paragraph, as a sample of one article's questions often does
+    paragraphs = ["p0", "p0", "p0", "p1", "p2", "p2"]
+    questions = [
+        QASample(id=f"q{i}", question=f"Q{i}?", contexts=[c], answers=["a"], source="squad")
+        for i, c in enumerate(paragraphs)
+    ]
+    swapped = memorization.swap_paragraphs(questions)
+    assert [s.id for s in swapped] == [q.id for q in questions]
+    assert [s.question for s in swapped] == [q.question for q in questions]
+    assert all(s.contexts != q.contexts for s, q in zip(swapped, questions, strict=True))
+    # the next question's paragraph that differs from its own, cyclically
+    assert [s.contexts[0] for s in swapped] == ["p1", "p1", "p1", "p2", "p0", "p0"]
+    assert memorization.swap_paragraphs(questions) == swapped
+    with pytest.raises(ValueError, match="two different paragraphs"):
+        memorization.swap_paragraphs(questions[:3])
+    with pytest.raises(ValueError, match="two different paragraphs"):
+        memorization.swap_paragraphs([])
