@@ -11,6 +11,7 @@ from semidyn_rag.training.cloze import (
     BLANK,
     MAX_CONTEXT_WORDS,
     candidate_spans,
+    cloze_options,
     cloze_sample,
     cloze_samples,
     sentences,
@@ -30,6 +31,9 @@ def _spans(sentence: str) -> list[str]:
         ("They toured Paris, France and Rome.", ["Paris,", "France", "Rome."]),
         ("In 1922 the Communist Reds won.", ["1922", "Communist Reds"]),
         ("It was Kornilov (Russian: general) who led.", ["Kornilov", "(Russian:"]),
+        ("Rove goat: The Rove is a breed of goat.", ["Rove"]),  # after a colon: a clause
+        ("He said: In Rome The Senate met.", ["Rome", "Senate"]),  # function words start none
+        ('It aired on The Simpsons"<nowiki> once.', []),  # markup inside a word
         ("Names are what Alpha Beta Gamma Delta Epsilon lists.", []),  # over four words
         ("Nothing here is capitalised at all.", []),
     ],
@@ -51,9 +55,25 @@ def test_cloze_sample_blanks_a_span_of_its_context() -> None:
     text = "The tower stands in the old town. It was built by Gustave Eiffel in 1889 for a fair."
     sample = cloze_sample(text, random.Random(0), "c0", source="test")
     assert sample is not None and sample.contexts == [text] and sample.id == "c0"
-    assert sample.answer in {"Gustave Eiffel", "1889"}
-    assert BLANK in sample.question and sample.answer not in sample.question
-    assert sample.answer in text and sample.provenance == {"kind": "cloze"}
+    span = sample.provenance["span"]
+    assert span in {"Gustave Eiffel", "1889"} and sample.provenance["kind"] == "cloze"
+    assert BLANK in sample.question and span not in sample.question
+    # the answer is the sentence as the text has it, blank filled: the decoder's answer style
+    assert sample.answer == "It was built by Gustave Eiffel in 1889 for a fair."
+
+
+def test_spans_and_sentences_are_substrings_of_the_text() -> None:
+    # a no-break space inside a name: a span re-joined from split words would not be in the text
+    text = "The road meets US\xa011 and then runs north to the old town of Ely."
+    options = cloze_options(text)
+    assert {o.span for o in options} == {"US\xa011", "Ely"}
+    assert all(o.span in text and o.sentence in text for o in options)
+    assert all(o.blanked.replace(BLANK, o.span) == o.sentence for o in options)
+
+
+def test_a_span_the_prompt_itself_holds_is_never_asked() -> None:
+    options = cloze_options("The film Fill was released in 1999 by a small studio.")
+    assert [o.span for o in options] == ["1999"]  # "Fill" is in "Fill in the blank ..."
 
 
 def test_a_span_repeated_in_its_sentence_is_never_asked() -> None:
@@ -85,14 +105,15 @@ def test_cloze_samples_are_deterministic_one_per_distinct_text() -> None:
     ]
     first = cloze_samples(texts, seed=3)
     assert [s.id for s in first] == ["cloze-0-0", "cloze-2-0"]
-    assert [s.answer for s in first] == ["Vienna", "1932"]
+    assert [s.provenance["span"] for s in first] == ["Vienna", "1932"]
     assert [s.question for s in cloze_samples(texts, seed=3)] == [s.question for s in first]
 
 
 def test_several_cloze_samples_per_text_ask_different_blanks() -> None:
     text = "It was built by Gustave Eiffel in 1889 for the fair in Paris that year."
     samples = cloze_samples([text], per_text=5)
-    assert sorted(s.answer for s in samples) == ["1889", "Gustave Eiffel", "Paris"]  # all there are
+    spans = sorted(s.provenance["span"] for s in samples)
+    assert spans == ["1889", "Gustave Eiffel", "Paris"]  # all there are
     assert len({s.id for s in samples}) == 3
     with pytest.raises(ValueError, match="per_text"):
         cloze_samples([text], per_text=0)

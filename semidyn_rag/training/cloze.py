@@ -1,18 +1,23 @@
-"""Cloze questions: a sentence of the context with one name or number blanked, answered by it.
+"""Cloze questions: a sentence of the context with one name or number blanked.
 
 Cloze data asks for the exact tokens a compressed context loses first (names, numbers) and can be
 drawn from any paragraph without an LLM or annotations, so a corpus of thousands of paragraphs
 becomes questions the decoder cannot answer from memory. Cloze questions as training data for
 reading comprehension: Hermann et al. 2015 (CNN/Daily Mail) and Lewis et al. 2019 ("Unsupervised
 Question Answering by Cloze Translation"), whose Wikipedia clozes taught SQuAD-style extraction.
-Pure text logic: no model objects.
+
+The answer is the whole sentence, blank filled: the base decoder answers questions in sentences
+that restate them, the distilled answers teach that style, and a bare span would teach the
+fragments the substring metric misses. Pure text logic: no model objects.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from .samples import TrainSample
 
@@ -26,24 +31,65 @@ MAX_CONTEXT_WORDS = 240
 ``max_context_tokens`` (384 in the recipe) before the encoder reads it."""
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+_WORD = re.compile(r"\S+")
 _EDGE = "\"'()[],;:.!?"
 _NUMBER = re.compile(r"^\d[\d,.]*$")
+_CLEAN = re.compile(r"^[\w'’.&/-]+$")
+"""A word of a span, outer punctuation stripped: no brackets, quotes or markup inside."""
 _CONNECTORS = frozenset({"of", "de", "the", "von", "van", "la", "du", "del"})
+_FUNCTION_WORDS = frozenset(
+    {
+        *("a", "an", "the", "in", "on", "at", "of", "to", "for", "from", "by", "with", "as"),
+        *("into", "after", "before", "during", "since", "until", "according", "following"),
+        *("despite", "unlike", "between", "among", "this", "that", "these", "those", "it"),
+        *("its", "he", "she", "they", "his", "her", "their", "there", "when", "while"),
+        *("although", "however", "but", "and", "or", "if"),
+    }
+)
+"""Capitalised only where a clause starts (after a colon, a quote): never the start of a name."""
+
+
+@dataclass(frozen=True)
+class ClozeOption:
+    """One blank: the sentence with it (``blanked``), the blanked words (``span``) and the
+    sentence as the text has it (``sentence``, a substring of the text)."""
+
+    blanked: str
+    span: str
+    sentence: str
+
+
+def _sentence_offsets(text: str) -> list[tuple[int, int]]:
+    """``[start, end)`` character offsets of the sentences of ``text``: split after ``.``, ``!``
+    or ``?`` followed by space and a capital, digit or quote (a heuristic: "St. Louis" splits too,
+    which only costs a candidate)."""
+    cuts = [0, *(m.start() for m in _SENTENCE_END.finditer(text)), len(text)]
+    spans = []
+    for start, end in itertools.pairwise(cuts):
+        piece = text[start:end]
+        lead = len(piece) - len(piece.lstrip())
+        spans.append((start + lead, start + len(piece.rstrip())))
+    return [(a, b) for a, b in spans if b > a]
 
 
 def sentences(text: str) -> list[str]:
-    """``text`` split after ``.``, ``!`` or ``?`` followed by space and a capital, digit or quote
-    (a heuristic: abbreviations such as "St. Louis" split too, which only costs a candidate)."""
-    return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
+    """The sentences of ``text`` (`_sentence_offsets`), each a substring of it."""
+    return [text[a:b] for a, b in _sentence_offsets(text)]
+
+
+def _core(word: str) -> str:
+    return word.strip(_EDGE)
 
 
 def _is_entity_word(word: str) -> bool:
-    core = word.strip(_EDGE)
-    return bool(core) and (core[0].isupper() or bool(_NUMBER.match(core)))
+    core = _core(word)
+    if not core or core.lower() in _FUNCTION_WORDS:
+        return False
+    return core[0].isupper() or bool(_NUMBER.match(core))
 
 
 def _is_name_word(word: str) -> bool:
-    core = word.strip(_EDGE)
+    core = _core(word)
     return bool(core) and core[0].isupper()
 
 
@@ -57,15 +103,22 @@ def _opens(word: str) -> bool:
     return word != word.lstrip(_EDGE)
 
 
+def _starts_clause(words: list[str], i: int) -> bool:
+    """Word ``i`` is capitalised whatever it is: the sentence's first, or after a colon (the
+    ``"Title: "`` that HotpotQA paragraphs start with)."""
+    return i == 0 or words[i - 1].endswith(":")
+
+
 def candidate_spans(words: list[str]) -> list[tuple[int, int]]:
     """Word ranges ``[start, end)`` of a sentence's names and numbers: maximal runs of capitalised
     or numeric words ("18 August 1870"; names joined by "of", "de", ... as in "Bank of England"),
-    at most `MAX_SPAN_WORDS` long, never the sentence's first word (capitalised whatever it is),
-    and never across punctuation ("Paris, France" and "Kornilov (Russian" are two runs)."""
+    at most `MAX_SPAN_WORDS` long, never starting with a word that starts a clause or is a
+    function word ("The", "In"), never across punctuation ("Paris, France" and "Kornilov
+    (Russian" are two runs), and never with brackets, quotes or markup inside a word."""
     spans: list[tuple[int, int]] = []
-    i = 1
+    i = 0
     while i < len(words):
-        if not _is_entity_word(words[i]):
+        if _starts_clause(words, i) or not _is_entity_word(words[i]):
             i += 1
             continue
         end = i + 1
@@ -74,7 +127,7 @@ def candidate_spans(words: list[str]) -> list[tuple[int, int]]:
             if _is_entity_word(nxt):
                 end += 1
             elif (
-                nxt.lower() in _CONNECTORS
+                nxt in _CONNECTORS  # lower case: "The" after a name starts another one
                 and end + 1 < len(words)
                 and _is_name_word(words[end - 1])
                 and _is_name_word(words[end + 1])
@@ -83,51 +136,49 @@ def candidate_spans(words: list[str]) -> list[tuple[int, int]]:
                 end += 2
             else:
                 break
-        if end - i <= MAX_SPAN_WORDS:
+        clean = all(_CLEAN.match(_core(w)) for w in words[i:end])
+        if end - i <= MAX_SPAN_WORDS and clean:
             spans.append((i, end))
         i = end
     return spans
 
 
-def _blank(words: list[str], start: int, end: int) -> tuple[str, str]:
-    """The sentence with words ``[start, end)`` blanked (outer punctuation kept) and the span."""
-    first, last = words[start], words[end - 1]
-    lead = first[: len(first) - len(first.lstrip(_EDGE))]
-    trail = last[len(last.rstrip(_EDGE)) :]
-    span = " ".join(words[start:end])[len(lead) : len(" ".join(words[start:end])) - len(trail)]
-    sentence = " ".join([*words[:start], f"{lead}{BLANK}{trail}", *words[end:]])
-    return sentence, span
-
-
-def cloze_options(text: str) -> list[tuple[str, str]]:
-    """Every ``(blanked sentence, span)`` of ``text``: a sentence within its first
-    `MAX_CONTEXT_WORDS` words, of at least `MIN_SENTENCE_WORDS` words, with one name or number
-    (`candidate_spans`) blanked that does not also appear elsewhere in the sentence (the blank
-    would be answered in plain sight)."""
-    options: list[tuple[str, str]] = []
+def cloze_options(text: str) -> list[ClozeOption]:
+    """Every blank of ``text``: in a sentence within its first `MAX_CONTEXT_WORDS` words, of at
+    least `MIN_SENTENCE_WORDS` words, one name or number (`candidate_spans`), cut out of the text
+    by character offsets (so the span and the sentence are substrings of it), that the question
+    does not also hold elsewhere (the blank would be answered in plain sight)."""
+    options: list[ClozeOption] = []
     seen = 0
-    for sentence in sentences(text):
-        words = sentence.split()
-        seen += len(words)
+    for a, b in _sentence_offsets(text):
+        sentence = text[a:b]
+        matches = list(_WORD.finditer(sentence))
+        seen += len(matches)
         if seen > MAX_CONTEXT_WORDS:
             break
-        if len(words) < MIN_SENTENCE_WORDS:
+        if len(matches) < MIN_SENTENCE_WORDS:
             continue
+        words = [m.group() for m in matches]
         for start, end in candidate_spans(words):
-            blanked, span = _blank(words, start, end)
-            if len(span) > 1 and span.lower() not in blanked.lower():
-                options.append((blanked, span))
+            first, last = words[start], words[end - 1]
+            lo = matches[start].start() + len(first) - len(first.lstrip(_EDGE))
+            hi = matches[end - 1].end() - (len(last) - len(last.rstrip(_EDGE)))
+            span = sentence[lo:hi]
+            blanked = sentence[:lo] + BLANK + sentence[hi:]
+            question = CLOZE_PROMPT.format(sentence=blanked)
+            if len(span) > 1 and span.lower() not in question.lower():
+                options.append(ClozeOption(blanked=blanked, span=span, sentence=sentence))
     return options
 
 
-def _sample(text: str, blanked: str, span: str, id: str, source: str) -> TrainSample:
+def _sample(text: str, option: ClozeOption, id: str, source: str) -> TrainSample:
     return TrainSample(
         id=id,
         contexts=[text],
-        question=CLOZE_PROMPT.format(sentence=blanked),
-        answer=span,
+        question=CLOZE_PROMPT.format(sentence=option.blanked),
+        answer=option.sentence,
         source=source,
-        provenance={"kind": "cloze"},
+        provenance={"kind": "cloze", "span": option.span},
     )
 
 
@@ -135,11 +186,12 @@ def cloze_sample(
     text: str, rng: random.Random, id: str, source: str = "unknown"
 ) -> TrainSample | None:
     """One cloze sample on ``text`` (its context), drawn with ``rng`` from `cloze_options`, or
-    ``None`` when it has none."""
+    ``None`` when it has none. Its answer is the sentence as the text has it; its provenance
+    keeps the blanked ``span``."""
     options = cloze_options(text)
     if not options:
         return None
-    return _sample(text, *rng.choice(options), id, source)
+    return _sample(text, rng.choice(options), id, source)
 
 
 def cloze_samples(
@@ -159,6 +211,6 @@ def cloze_samples(
     out = []
     for i, text in enumerate(dict.fromkeys(texts)):
         options = cloze_options(text)
-        for k, (blanked, span) in enumerate(rng.sample(options, min(per_text, len(options)))):
-            out.append(_sample(text, blanked, span, f"cloze-{i}-{k}", source))
+        for k, option in enumerate(rng.sample(options, min(per_text, len(options)))):
+            out.append(_sample(text, option, f"cloze-{i}-{k}", source))
     return out
