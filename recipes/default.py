@@ -281,7 +281,8 @@ for thousands of steps. Every CPU phase that moved the encoder side ran 160-640 
 phase ``recipes/device_pack.py --run-args "--phase joint"`` runs on a GPU (a CPU takes days)."""
 DIVERSE = TrainConfig.model_validate({**JOINT.model_dump(), "output_dir": str(RUN / "diverse")})
 """``JOINT`` on a corpus of thousands of paragraphs beside the teacher answers (`corpus_tasks`):
-cloze questions and reconstructions of every HotpotQA training paragraph, distractors included.
+cloze questions on every HotpotQA training paragraph, distractors included, and 1,000
+reconstruction pieces drawn from them.
 On the H200, ``joint`` learnt its training questions (r=4 0.25 on 100 of them, 0.10 with another
 question's paragraph, against 0.13 and 0.03 for the fifth phase) and held-out ones no better
 (0.15): 2,405 questions on 12 SQuAD articles and 284 HotpotQA rows are passed over many times in

@@ -389,7 +389,9 @@ def evaluate(model: SemiDynamicCompressor, limit: int, work: Path, batch_size: i
 # ---------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     device_dir = ROOT / DEVICE_DIR
-    parser = argparse.ArgumentParser(description=__doc__)
+    # no abbreviations: device_pack appends --run-args after the options the last call fixes,
+    # and "--budget 100" must not pass its check and then override "--budget-s 480"
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True, help="returned files ($OUT)")
     parser.add_argument("--budget-s", type=float, default=480, help="whole run, seconds")
@@ -412,7 +414,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("/tmp/semidyn_device"))
     parser.add_argument("--tiny", action="store_true", help="random tiny Qwen3 (smoke test)")
     parser.add_argument("--tiny-samples", type=int, default=12)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.probe_steps < 1:
+        parser.error(f"--probe-steps must be at least 1, got {args.probe_steps}")
+    return args
 
 
 def run(args: argparse.Namespace) -> dict:

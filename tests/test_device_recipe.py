@@ -747,3 +747,25 @@ def test_corpus_leaves_out_the_evaluated_and_monitored_paragraphs(
     assert all(t.contexts[0] in paragraphs for t in tasks)
     assert all(t.y is not None for t in tasks)  # density-labelled like every other sample
     assert len({t.id for t in tasks}) == len(tasks)
+
+
+def test_run_args_cannot_abbreviate_what_the_last_call_fixes() -> None:
+    """argparse takes "--budget" for "--budget-s" unless told not to; appended after the last
+    call's own "--budget-s 480" it would win."""
+    for sneaky in (["--budget", "100"], ["--dev", "cpu"], ["--ou", "/x"]):
+        with pytest.raises(SystemExit):
+            device_pack.check_run_args(sneaky)
+    with pytest.raises(SystemExit):
+        device_pack.check_run_args(["--probe-steps", "0"])
+
+
+def test_first_call_clears_the_stash_and_a_single_call_skips_the_smoke(tmp_path: Path) -> None:
+    part = tmp_path / "p0"
+    part.write_bytes(b"x")
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "SHA256").write_text("abc  f  1\n")
+    two = device_pack.plan_calls(0, [part, part], tmp_path / "wheels", [], root=tmp_path)
+    assert two[0].command.index(f"rm -rf {device_pack.STASH}") < two[0].command.index("cp ")
+    assert device_pack.SMOKE in two[0].command and "rm -rf" not in two[1].command
+    one = device_pack.plan_calls(0, [part], tmp_path / "wheels", [], root=tmp_path)
+    assert device_pack.SMOKE not in one[0].command and "device_run.py" in one[0].command
