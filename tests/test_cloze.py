@@ -3,8 +3,6 @@ never left in plain sight."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from semidyn_rag.training.cloze import (
@@ -12,7 +10,6 @@ from semidyn_rag.training.cloze import (
     MAX_CONTEXT_WORDS,
     candidate_spans,
     cloze_options,
-    cloze_sample,
     cloze_samples,
     sentences,
 )
@@ -53,8 +50,8 @@ def test_sentences_split_at_ends_only() -> None:
 
 def test_cloze_sample_blanks_a_span_of_its_context() -> None:
     text = "The tower stands in the old town. It was built by Gustave Eiffel in 1889 for a fair."
-    sample = cloze_sample(text, random.Random(0), "c0", source="test")
-    assert sample is not None and sample.contexts == [text] and sample.id == "c0"
+    (sample,) = cloze_samples([text], source="test")
+    assert sample.contexts == [text] and sample.id == "cloze-0-0" and sample.source == "test"
     span = sample.provenance["span"]
     assert span in {"Gustave Eiffel", "1889"} and sample.provenance["kind"] == "cloze"
     assert BLANK in sample.question and span not in sample.question
@@ -79,21 +76,18 @@ def test_a_span_the_prompt_itself_holds_is_never_asked() -> None:
 def test_a_span_repeated_in_its_sentence_is_never_asked() -> None:
     # "Lyon" is the only candidate and appears twice: blanking one leaves the answer visible
     text = "Trains from the south reach Lyon before they leave Lyon again."
-    assert cloze_sample(text, random.Random(0), "c") is None
+    assert cloze_options(text) == []
 
 
 def test_no_sample_without_a_name_or_number_or_in_short_sentences() -> None:
-    assert (
-        cloze_sample("all lower case words, and nothing else to ask.", random.Random(0), "c")
-        is None
-    )
-    assert cloze_sample("It is Paris. Go.", random.Random(0), "c") is None  # under six words
+    assert cloze_options("all lower case words, and nothing else to ask.") == []
+    assert cloze_options("It is Paris. Go.") == []  # under six words
 
 
 def test_sentences_past_the_kept_context_are_not_asked() -> None:
     filler = " ".join(["word"] * (MAX_CONTEXT_WORDS + 10)) + "."
     text = filler + " Then it moved to the city of Madrid in the spring."
-    assert cloze_sample(text, random.Random(0), "c") is None
+    assert cloze_options(text) == []
 
 
 def test_cloze_samples_are_deterministic_one_per_distinct_text() -> None:

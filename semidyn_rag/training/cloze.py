@@ -182,24 +182,13 @@ def _sample(text: str, option: ClozeOption, id: str, source: str) -> TrainSample
     )
 
 
-def cloze_sample(
-    text: str, rng: random.Random, id: str, source: str = "unknown"
-) -> TrainSample | None:
-    """One cloze sample on ``text`` (its context), drawn with ``rng`` from `cloze_options`, or
-    ``None`` when it has none. Its answer is the sentence as the text has it; its provenance
-    keeps the blanked ``span``."""
-    options = cloze_options(text)
-    if not options:
-        return None
-    return _sample(text, rng.choice(options), id, source)
-
-
 def cloze_samples(
     texts: Iterable[str], per_text: int = 1, seed: int = 0, source: str = "unknown"
 ) -> list[TrainSample]:
     """Up to ``per_text`` cloze samples on each distinct text (distinct options of
     `cloze_options`, drawn without replacement), ids ``cloze-<text>-<k>`` by the text's position;
-    deterministic for a ``seed``. More than one per text keeps a paragraph's answers from being
+    deterministic for a ``seed``. Each answer is the sentence as the text has it; its
+    provenance keeps the blanked ``span``. More than one per text keeps a paragraph's answers from being
     learnt by heart when a long run passes over the same paragraphs many times.
 
     Raises:
