@@ -7,11 +7,17 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from semidyn_rag.decoder import LatentPrompt
 from semidyn_rag.testing import QA_SAMPLES as SAMPLES
 from semidyn_rag.training.distill import plain_prompt, teacher_answers
-from semidyn_rag.training.loss import TrainExample, compressor_loss, distillation_loss
+from semidyn_rag.training.loss import (
+    TrainExample,
+    answer_logits,
+    compressor_loss,
+    distillation_loss,
+)
 from semidyn_rag.training.samples import (
     TeacherTargets,
     TrainSample,
@@ -96,26 +102,54 @@ def _example(answer, ids=None, logprobs=None):
 
 def test_distillation_loss_is_the_sparse_cross_entropy_to_the_teacher():
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 7)
-    targets = torch.full((2, 5), -100)
-    targets[0, 3:5] = torch.tensor([4, 6])  # answer predicted at positions 2 and 3
-    targets[1, 2:5] = torch.tensor([1, 2, 3])
+    logits = torch.randn(5, 7)  # rows 0-1 predict example 0's answer, rows 2-4 example 1's
+    rows = torch.tensor([0, 0, 1, 1, 1])
     teacher = [[4, 0], [6, 1]]
     logp = [[math.log(0.7), math.log(0.2)], [math.log(0.9), math.log(0.05)]]
     examples = [_example([4, 6], teacher, logp), _example([1, 2, 3])]  # row 1: no targets
-    got = distillation_loss(logits, targets, examples)
+    got = distillation_loss(logits, rows, examples)
     student = logits.log_softmax(-1)
     want = (
         -(
-            (0.7 * student[0, 2, 4] + 0.2 * student[0, 2, 0])
-            + (0.9 * student[0, 3, 6] + 0.05 * student[0, 3, 1])
+            (0.7 * student[0, 4] + 0.2 * student[0, 0])
+            + (0.9 * student[1, 6] + 0.05 * student[1, 1])
         )
         / 2
     )
     torch.testing.assert_close(got, want)
-    assert distillation_loss(logits, targets, [_example([4, 6]), _example([1, 2, 3])]) is None
+    assert distillation_loss(logits, rows, [_example([4, 6]), _example([1, 2, 3])]) is None
     with pytest.raises(ValueError, match="cover 1 tokens, the answer has 2"):
-        distillation_loss(logits, targets, [_example([4, 6], [[4]], [[0.0]]), examples[1]])
+        distillation_loss(logits, rows, [_example([4, 6], [[4]], [[0.0]]), examples[1]])
+
+
+def test_answer_logits_are_the_full_logits_at_the_answer_positions(compressor):
+    """The head applied where answers are scored equals slicing the full ``[B, T, V]`` logits,
+    and the loss built on it equals the cross-entropy and KD computed on the full logits."""
+    out = teacher_answers(compressor, SAMPLES, max_new_tokens=4, top_k=3, progress=False)
+    examples = to_examples(compressor, out)
+    prompts = [
+        compressor.latent_prompt(ex.question, ["x y z"] * len(ex.contexts)) for ex in examples
+    ]
+    embeds, mask, targets = compressor.embed_prompts(prompts, [ex.answer for ex in examples])
+    with compressor.adapter("decoder") as decoder:
+        full = decoder(inputs_embeds=embeds, attention_mask=mask).logits
+        got = answer_logits(decoder, embeds, mask, targets)
+    rows, positions = (targets[:, 1:] != -100).nonzero(as_tuple=True)
+    assert got.logits.shape == (sum(len(ex.answer) for ex in examples), full.shape[-1])
+    torch.testing.assert_close(got.logits, full[rows, positions], rtol=1e-4, atol=1e-4)
+    assert got.targets.tolist() == [t for ex in examples for t in ex.answer]
+    want_lm = nn.functional.cross_entropy(
+        full[:, :-1].flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-100
+    )
+    torch.testing.assert_close(
+        nn.functional.cross_entropy(got.logits, got.targets), want_lm, rtol=1e-4, atol=1e-4
+    )
+    first = full[0, (targets[0, 1:] != -100).nonzero().squeeze(-1)].log_softmax(-1)
+    ids, probs = torch.tensor(examples[0].teacher_ids), torch.tensor(examples[0].teacher_logprobs)
+    want_kd = -(probs.exp() * first.gather(-1, ids)).sum(-1).mean()
+    torch.testing.assert_close(
+        distillation_loss(got.logits, got.rows, examples[:1]), want_kd, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_compressor_loss_adds_the_weighted_distillation_term(compressor):

@@ -110,30 +110,76 @@ class LossFn(Protocol):
 
 
 def distillation_loss(
-    logits: torch.Tensor, targets: torch.Tensor, examples: Sequence[TrainExample]
+    logits: torch.Tensor, rows: torch.Tensor, examples: Sequence[TrainExample]
 ) -> torch.Tensor | None:
     """Sparse token-level KD: ``-Σ_k p_teacher(k) · log p_student(k)`` over the teacher's top-k,
     averaged over every answer token of the examples that carry teacher targets.
 
-    ``logits`` ``[B, T, V]`` and ``targets`` ``[B, T]`` (-100 outside answers) are those of the LM
-    loss; answer token ``j`` of row ``i`` is predicted at the position before it. ``None`` when no
-    example has targets. Raises ``ValueError`` when an example's targets do not cover its answer.
+    ``logits`` ``[N, V]`` are the student's at the positions that predict answer tokens, in order
+    (`answer_logits`); ``rows`` ``[N]`` names each one's example. ``None`` when no example has
+    targets. Raises ``ValueError`` when an example's targets do not cover its answer.
     """
     terms = []
     for i, ex in enumerate(examples):
         if ex.teacher_ids is None or ex.teacher_logprobs is None:
             continue
-        positions = (targets[i] != -100).nonzero().squeeze(-1) - 1
-        if len(ex.teacher_ids) != positions.numel():
+        picked = (rows == i).nonzero().squeeze(-1)
+        if len(ex.teacher_ids) != picked.numel():
             raise ValueError(
                 f"teacher targets cover {len(ex.teacher_ids)} tokens, the answer has "
-                f"{positions.numel()}"
+                f"{picked.numel()}"
             )
-        student = logits[i, positions].float().log_softmax(-1)  # [A, V]
+        student = logits[picked].float().log_softmax(-1)  # [A, V]
         ids = torch.as_tensor(ex.teacher_ids, device=logits.device)
         probs = torch.as_tensor(ex.teacher_logprobs, device=logits.device).exp()
         terms.append(-(probs * student.gather(-1, ids)).sum(-1))
     return torch.cat(terms).mean() if terms else None
+
+
+@dataclass
+class AnswerLogits:
+    """The decoder's logits where they are scored: ``logits`` ``[N, V]`` at the ``N`` positions
+    that predict an answer token (row-major order), ``rows`` ``[N]`` their example, ``targets``
+    ``[N]`` the token each predicts, and ``hidden_states`` (each ``[B, T, d]``, embeddings first)
+    when asked for."""
+
+    logits: torch.Tensor
+    rows: torch.Tensor
+    targets: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def answer_logits(
+    decoder: Any,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    output_hidden_states: bool = False,
+) -> AnswerLogits:
+    """Run ``decoder`` (a causal LM, PEFT-wrapped or not) on ``embeds`` ``[B, T, d]`` and apply its
+    output head only at the positions whose next label in ``targets`` ``[B, T]`` is not -100.
+
+    Answers are a few dozen of a prompt's hundreds of positions, and the head maps each position
+    to the whole vocabulary (49,152 for SmolLM2): the full ``[B, T, V]`` logits, upcast for the
+    cross-entropy, were the largest tensor of a training step. Assumes the head is the plain
+    projection of the last hidden state (Llama, Qwen3: no logit scaling or soft-capping).
+    """
+    lm = decoder.get_base_model() if hasattr(decoder, "get_base_model") else decoder
+    out = lm.get_decoder()(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        output_hidden_states=output_hidden_states,
+        use_cache=False,
+    )
+    rows, positions = (targets[:, 1:] != -100).nonzero(as_tuple=True)
+    head = lm.get_output_embeddings()
+    return AnswerLogits(
+        logits=head(out.last_hidden_state[rows, positions]),
+        rows=rows,
+        targets=targets[rows, positions + 1],
+        hidden_states=out.hidden_states if output_hidden_states else None,
+    )
 
 
 def common_suffix(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -236,18 +282,15 @@ def compressor_loss(
     embeds, mask, targets = model.embed_prompts(prompts, [ex.answer for ex in examples])
     taught = [i for i, ex in enumerate(examples) if ex.texts is not None] if hidden_weight else []
     with model.adapter("decoder") as decoder:
-        out = decoder(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=bool(taught))
+        out = answer_logits(decoder, embeds, mask, targets, output_hidden_states=bool(taught))
         hidden = None
         if taught:
             hidden = _hidden_distillation(model, decoder, examples, taught, out, embeds, mask)
-    logits = out.logits
-    lm = nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100
-    )
+    lm = nn.functional.cross_entropy(out.logits.float(), out.targets)
     known = torch.isfinite(labels)
     mse = nn.functional.mse_loss(y_hat[known], labels[known]) if known.any() else y_hat.sum() * 0.0
     loss = lm + mse_weight * mse
-    kd = distillation_loss(logits, targets, examples) if kd_weight else None
+    kd = distillation_loss(out.logits, out.rows, examples) if kd_weight else None
     if kd is not None:
         loss = loss + kd_weight * kd
     if hidden is not None:
@@ -283,7 +326,7 @@ def _hidden_distillation(
     decoder: nn.Module,
     examples: Sequence[TrainExample],
     taught: list[int],
-    student: Any,
+    student: AnswerLogits,
     embeds: torch.Tensor,
     mask: torch.Tensor,
 ) -> torch.Tensor:
