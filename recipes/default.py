@@ -6,6 +6,7 @@
     python recipes/default.py density   # surprisal labels on a mix of text kinds, head on layer 2
     python recipes/default.py distill   # fourth phase: distil the teacher's answers (resumable)
     python recipes/default.py teach-mixed  # teacher answers on retrieved HotpotQA top-5 paragraphs
+    python recipes/default.py teach-unanswerable  # teacher answers to SQuAD's unanswerable questions
     python recipes/default.py mix       # fifth phase: prompts mixing text and latents (resumable)
     python recipes/default.py ship      # fp16 copy of the last phase's checkpoint + fitted head
     python recipes/default.py eval      # held-out SQuAD articles: table, peers, Pareto plot
@@ -287,6 +288,10 @@ On the H200, ``joint`` learnt its training questions (r=4 0.25 on 100 of them, 0
 question's paragraph, against 0.13 and 0.03 for the fifth phase) and held-out ones no better
 (0.15): 2,405 questions on 12 SQuAD articles and 284 HotpotQA rows are passed over many times in
 a long run. Questions the decoder cannot know by heart make it read the latents."""
+BROAD = TrainConfig.model_validate({**JOINT.model_dump(), "output_dir": str(RUN / "broad")})
+"""``DIVERSE`` plus the teacher's answers to SQuAD 2.0's unanswerable questions on the training
+articles (`unanswerable_questions`): 2,359 more human-written questions beside the 2,405
+answered ones, the question data a long run is short of."""
 POOL_LAYERS = {"shallow": 0, "shallow2": 0}
 """Phases that pool another encoder layer than the bundled default's (0: the input embeddings)."""
 DEVICE = TrainConfig.model_validate({**MIX.model_dump(), "output_dir": str(RUN / "device")})
@@ -307,6 +312,7 @@ PHASES = {
     "shallow2": SHALLOW2,
     "joint": JOINT,
     "diverse": DIVERSE,
+    "broad": BROAD,
     "device": DEVICE,
 }
 """The phases ``ship`` can ship, by name (``--phase``); the bundled default is ``mix``."""
@@ -464,19 +470,27 @@ TEACH_LIMIT = 512
 one CPU session could afford; more is better."""
 
 
+def teach_into(
+    model: SemiDynamicCompressor, path: Path, samples: list[TrainSample], what: str
+) -> None:
+    """Append the untouched base decoder's answers to ``samples`` (`distill.teacher_answers`, full
+    text) to ``path`` in chunks of `TEACH_CHUNK`, skipping those it holds: a rerun continues."""
+    done = {s.id for s in read_jsonl(path)} if path.exists() else set()
+    todo = [s for s in samples if s.id not in done]
+    logger.info("%s: %d of %d samples left", what, len(todo), len(samples))
+    for start in range(0, len(todo), TEACH_CHUNK):
+        chunk = teacher_answers(model, todo[start : start + TEACH_CHUNK], progress=False)
+        write_jsonl(chunk, path, append=True)
+        logger.info("%s: %d/%d", what, min(start + TEACH_CHUNK, len(todo)), len(todo))
+
+
 def teach(limit: int | None = None) -> None:
     """Distillation targets: the untouched base decoder answers every training question from the
     full text (`distill.teacher_answers`). Appends in chunks; a rerun continues where it stopped."""
     model = SemiDynamicCompressor.from_pretrained(None).eval()
     samples, _ = training_samples(count_tokens(model.tokenizer))
     samples = [s for s in samples if s.provenance.get("kind") == "qa"][: limit or None]
-    done = {s.id for s in read_jsonl(TEACHER)} if TEACHER.exists() else set()
-    todo = [s for s in samples if s.id not in done]
-    logger.info("teacher: %d of %d samples left", len(todo), len(samples))
-    for start in range(0, len(todo), TEACH_CHUNK):
-        chunk = teacher_answers(model, todo[start : start + TEACH_CHUNK], progress=False)
-        write_jsonl(chunk, TEACHER, append=True)
-        logger.info("teacher: %d/%d", min(start + TEACH_CHUNK, len(todo)), len(todo))
+    teach_into(model, TEACHER, samples, "teacher")
 
 
 MIXED_TEACHER = RUN / "teacher_mixed.jsonl"
@@ -521,14 +535,50 @@ def retrieved_hotpot() -> list[TrainSample]:
 def teach_mixed() -> None:
     """Teacher answers (full text of every retrieved paragraph) for `retrieved_hotpot`; resumable."""
     model = SemiDynamicCompressor.from_pretrained(None).eval()
-    samples = retrieved_hotpot()[:MIXED_LIMIT]
-    done = {s.id for s in read_jsonl(MIXED_TEACHER)} if MIXED_TEACHER.exists() else set()
-    todo = [s for s in samples if s.id not in done]
-    logger.info("mixed teacher: %d of %d samples left", len(todo), len(samples))
-    for start in range(0, len(todo), TEACH_CHUNK):
-        chunk = teacher_answers(model, todo[start : start + TEACH_CHUNK], progress=False)
-        write_jsonl(chunk, MIXED_TEACHER, append=True)
-        logger.info("mixed teacher: %d/%d", min(start + TEACH_CHUNK, len(todo)), len(todo))
+    teach_into(model, MIXED_TEACHER, retrieved_hotpot()[:MIXED_LIMIT], "mixed teacher")
+
+
+UNANSWERABLE_TEACHER = RUN / "teacher_unanswerable.jsonl"
+"""The base decoder's answers to `unanswerable_questions` on the full paragraph (``teach-unanswerable``)."""
+NO_GOLD = "(no gold answer)"
+"""The placeholder answer of an `unanswerable_questions` sample: the teacher replaces it, and it
+stays in the provenance's ``gold``."""
+
+
+def unanswerable_questions() -> list[TrainSample]:
+    """SQuAD 2.0's unanswerable questions on the training articles (2,359 beside their 2,121
+    answerable ones), as questions for the teacher.
+
+    Crowdworkers wrote them against the same paragraphs to look answerable; reading the full
+    paragraph, the base decoder still answers each from it, usually with the passage the question
+    was written about. Distillation needs that answer, not a gold one (PISCO), so they double the
+    human-written questions a long run can learn from without adding one it could answer from
+    memory of another. Each carries `NO_GOLD` as its answer until the teacher answers it.
+    """
+    train, _ = squad_article_split(
+        DATA / "squad" / "dev-v2.0-part.json",
+        n_eval_articles=EVAL_ARTICLES,
+        seed=SEED,
+        answerable_only=False,
+    )
+    return [
+        TrainSample(
+            id=f"{s.id}-unanswerable",
+            contexts=list(s.contexts),
+            question=s.question,
+            answer=NO_GOLD,
+            source=s.source,
+            provenance={"kind": "qa-unanswerable", "title": s.title},
+        )
+        for s in train
+        if not s.answers
+    ]
+
+
+def teach_unanswerable() -> None:
+    """Teacher answers for `unanswerable_questions`; resumable."""
+    model = SemiDynamicCompressor.from_pretrained(None).eval()
+    teach_into(model, UNANSWERABLE_TEACHER, unanswerable_questions(), "unanswerable teacher")
 
 
 HEAD_LAYER = 2
@@ -736,6 +786,7 @@ PHASE_DRAWS = {
     "anneal": _every_answer,
     "joint": _every_answer,
     "diverse": _every_answer,
+    "broad": _every_answer,
 }
 """The phases that start from the bundled default, and what each draws: ``(mixed, taught) ->
 (distilled single-paragraph samples, reconstructions)``, from the counts of mixed prompts and of
@@ -778,8 +829,10 @@ def corpus_tasks(count) -> list[TrainSample]:
     return _labelled([*cloze, *recon], count)
 
 
-PHASE_CORPUS = frozenset({"diverse"})
+PHASE_CORPUS = frozenset({"diverse", "broad"})
 """The phases that add `corpus_tasks` to their draw."""
+PHASE_UNANSWERABLE = frozenset({"broad"})
+"""The phases that add every answer of `UNANSWERABLE_TEACHER` to their draw."""
 
 
 def phase_training_set(phase: str, count, every_answer: bool | None = None) -> list[TrainSample]:
@@ -792,6 +845,8 @@ def phase_training_set(phase: str, count, every_answer: bool | None = None) -> l
     taught = len(read_jsonl(TEACHER)[: None if every else TEACH_LIMIT])
     single, reconstructions = draw(mixed, taught)
     samples = mixed_training_set(count, min(single, taught), reconstructions, every_answer=every)
+    if phase in PHASE_UNANSWERABLE:
+        samples += _labelled(read_jsonl(UNANSWERABLE_TEACHER), count)
     return [*samples, *corpus_tasks(count)] if phase in PHASE_CORPUS else samples
 
 
@@ -921,6 +976,7 @@ def main() -> None:
             "train",
             "distill",
             "teach-mixed",
+            "teach-unanswerable",
             *PHASE_DRAWS,
             "ship",
             "eval",
@@ -952,6 +1008,8 @@ def main() -> None:
         train()
     elif args.step == "teach-mixed":
         teach_mixed()
+    elif args.step == "teach-unanswerable":
+        teach_unanswerable()
     elif args.step in PHASE_DRAWS:
         train_phase(args.step)
     elif args.step == "ship":

@@ -41,6 +41,10 @@ COMMAND_LIMIT = 2000
 """Characters one device command may have."""
 MAX_CARRY = 8
 """Carried paths one device call may name."""
+TEACHER_FILES = ("teacher.jsonl", "teacher_mixed.jsonl")
+"""Teacher files of ``runs/default`` every device run needs (``default.py teach``, ``teach-mixed``)."""
+GROWN_TEACHER_FILES = ("teacher_unanswerable.jsonl",)
+"""Teacher files carried when they exist: the device run answers what they lack (`grow_teacher`)."""
 PART_PREFIX = "part-"
 SHA_NAME = "SHA256"
 """Beside the parts: ``<hex digest>  <file name>  <size in bytes>`` of the whole file."""
@@ -495,7 +499,8 @@ def pack(
     wheels.mkdir(parents=True, exist_ok=True)
     check_wheels(wheels, pinned_versions())
     run = root / "runs" / "default"
-    teacher_files = [run / n for n in ("teacher.jsonl", "teacher_mixed.jsonl")]
+    teacher_files = [run / n for n in TEACHER_FILES]
+    teacher_files += [p for p in (run / n for n in GROWN_TEACHER_FILES) if p.is_file()]
     inputs = copy_inputs(data or root.parent / "shared" / "data", teacher_files, out)
     gguf = gguf or gguf_path()
     tree = tree_bytes(root)

@@ -66,6 +66,8 @@ SHIPPED_FILES = (
 )
 """The files of `CHECKPOINT_OUT` (relative, ``/``-separated): what ``default.py ship`` copies."""
 TEACHER_OUT = "teacher_device.jsonl"
+TEACHER_ATTRS = ("TEACHER", "MIXED_TEACHER", "UNANSWERABLE_TEACHER")
+"""The recipe's teacher files (its module constants), carried to the device by `device_pack`."""
 """Teacher answers written on the device (``--out``), capped at `RETURN_FILE_LIMIT`."""
 RETURN_FILE_LIMIT = 15 * 2**20
 """Bytes of one returned file (the tool takes 16 MiB at most)."""
@@ -121,8 +123,9 @@ def install_base(parts_dir: Path, work: Path) -> Path:
 def point_recipe(data: Path, teacher_dir: Path, work: Path) -> None:
     """Make the recipe read ``data`` and work copies of the teacher files in ``work``.
 
-    ``recipes/default.py`` names its inputs as module constants (``DATA``, ``TEACHER``,
-    ``MIXED_TEACHER``) below ``../shared`` and ``runs/``, which do not travel to the device.
+    ``recipes/default.py`` names its inputs as module constants (``DATA`` and `TEACHER_ATTRS`)
+    below ``../shared`` and ``runs/``, which do not travel to the device. A teacher file the
+    packing did not carry starts empty.
 
     Raises:
         FileNotFoundError: ``data`` lacks SQuAD or HotpotQA.
@@ -132,7 +135,7 @@ def point_recipe(data: Path, teacher_dir: Path, work: Path) -> None:
             raise FileNotFoundError(f"{data / name} is missing (device_pack copies it)")
     recipe.DATA = data
     work.mkdir(parents=True, exist_ok=True)
-    for attr in ("TEACHER", "MIXED_TEACHER"):
+    for attr in TEACHER_ATTRS:
         name = getattr(recipe, attr).name
         copy = work / name
         source = teacher_dir / name
@@ -168,29 +171,53 @@ def tiny_model(work: Path, device: str) -> SemiDynamicCompressor:
 
 
 # ---------------------------------------------------------------------------- (a) teacher
-def grow_teacher(
-    model: SemiDynamicCompressor, clock: Clock, seconds: float, batch_size: int, out: Path
-) -> int:
-    """Teacher answers for the recipe's training questions its teacher file lacks (as
-    ``default.py teach``, every question), appended to that file and to ``out``, chunk by chunk
-    until ``seconds`` have passed or less than a quarter of the budget is left for training;
-    returns how many were written."""
-    deadline = time.monotonic() + seconds
+def teacher_todo(model: SemiDynamicCompressor, phase: str) -> list[tuple[list[TrainSample], Path]]:
+    """What the teacher has left to answer for ``phase``, by the file its answers go to: every
+    training question (as ``default.py teach --teach-limit 0``), then, for the phases in
+    ``PHASE_UNANSWERABLE``, the unanswerable ones (``default.py teach-unanswerable``)."""
     samples, _ = recipe.training_samples(recipe.count_tokens(model.tokenizer))
-    done = {s.id for s in read_jsonl(recipe.TEACHER)}
-    todo = [s for s in samples if s.provenance.get("kind") == "qa" and s.id not in done]
-    logger.info("teacher: %d training questions unanswered; %.0f s for them", len(todo), seconds)
+    pools = [([s for s in samples if s.provenance.get("kind") == "qa"], recipe.TEACHER)]
+    if phase in recipe.PHASE_UNANSWERABLE:
+        pools.append((recipe.unanswerable_questions(), recipe.UNANSWERABLE_TEACHER))
+    todo = []
+    for pool, path in pools:
+        done = {s.id for s in read_jsonl(path)} if path.is_file() else set()
+        todo.append(([s for s in pool if s.id not in done], path))
+    return todo
+
+
+def grow_teacher(
+    model: SemiDynamicCompressor,
+    clock: Clock,
+    seconds: float,
+    batch_size: int,
+    out: Path,
+    phase: str,
+) -> int:
+    """Teacher answers for what `teacher_todo` lists, appended to the recipe's file they belong in
+    and to ``out``, chunk by chunk until ``seconds`` have passed or less than a quarter of the
+    budget is left for training; returns how many were written."""
+    deadline = time.monotonic() + seconds
+    todo = teacher_todo(model, phase)
+    logger.info(
+        "teacher: %s unanswered; %.0f s for them",
+        ", ".join(f"{len(t)} for {p.name}" for t, p in todo),
+        seconds,
+    )
     written, chunk = 0, batch_size * 4
-    for start in range(0, len(todo), chunk):
-        if time.monotonic() > deadline or clock.train_left() < clock.budget_s / 4:
-            break
-        answers = teacher_answers(
-            model.eval(), todo[start : start + chunk], batch_size=batch_size, progress=False
-        )
-        write_jsonl(answers, recipe.TEACHER, append=True)
-        write_jsonl(answers, out, append=True)
-        written += len(answers)
-        logger.info("teacher: %d/%d", min(start + chunk, len(todo)), len(todo))
+    for samples, path in todo:
+        for start in range(0, len(samples), chunk):
+            if time.monotonic() > deadline or clock.train_left() < clock.budget_s / 4:
+                return written
+            answers = teacher_answers(
+                model.eval(), samples[start : start + chunk], batch_size=batch_size, progress=False
+            )
+            write_jsonl(answers, path, append=True)
+            write_jsonl(answers, out, append=True)
+            written += len(answers)
+            logger.info(
+                "teacher: %d/%d for %s", min(start + chunk, len(samples)), len(samples), path.name
+            )
     return written
 
 
@@ -198,7 +225,7 @@ def retarget_teacher(model: SemiDynamicCompressor, limit: int, batch_size: int) 
     """Tiny runs: replace the teacher files by the first ``limit`` samples of each, answered by
     ``model`` (the shipped answers hold SmolLM2 token ids); a sample it answers with nothing (a
     random model often stops at once) keeps its answer, without teacher targets."""
-    for path in (recipe.TEACHER, recipe.MIXED_TEACHER):
+    for path in (getattr(recipe, attr) for attr in TEACHER_ATTRS):
         plain = [s.model_copy(update={"teacher": None}) for s in read_jsonl(path)[:limit]]
         answered = teacher_answers(model.eval(), plain, batch_size=batch_size, progress=False)
         by_id = {s.id: s for s in answered}
@@ -395,7 +422,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True, help="returned files ($OUT)")
     parser.add_argument("--budget-s", type=float, default=480, help="whole run, seconds")
-    parser.add_argument("--phase", choices=DEVICE_PHASES, default="diverse")
+    parser.add_argument("--phase", choices=DEVICE_PHASES, default="broad")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     parser.add_argument("--teach-s", type=float, default=90, help="teacher answers, seconds")
@@ -446,7 +473,9 @@ def run(args: argparse.Namespace) -> dict:
     since = clock.lap("load", since)
     taught = 0
     if args.teach_s > 0:
-        grow_teacher(model, clock, args.teach_s, args.teach_batch, args.out / TEACHER_OUT)
+        grow_teacher(
+            model, clock, args.teach_s, args.teach_batch, args.out / TEACHER_OUT, args.phase
+        )
         taught = cap_file(args.out / TEACHER_OUT)
     since = clock.lap("teach", since)
     samples, monitor = training_set(model, args.phase)

@@ -108,8 +108,9 @@ def test_steps_that_fit() -> None:
 
 
 def _fixture_data(root: Path) -> tuple[Path, Path]:
-    """A SQuAD file of six articles, 20 HotpotQA training rows, 2 dev rows and both teacher files, in the formats the
-    recipe reads."""
+    """A SQuAD file of six articles (two answerable questions and one unanswerable per
+    paragraph), 20 HotpotQA training rows, 2 dev rows and the two teacher files every device run
+    needs, in the formats the recipe reads."""
     from semidyn_rag.training.samples import TrainSample, write_jsonl
 
     data, teacher = root / "data", root / "teacher"
@@ -129,6 +130,14 @@ def _fixture_data(root: Path) -> tuple[Path, Path]:
                             "is_impossible": False,
                         }
                         for q in range(2)
+                    ]
+                    + [
+                        {
+                            "id": f"q{a}-{p}-none",
+                            "question": f"Which word never comes in part {p}?",
+                            "answers": [],
+                            "is_impossible": True,
+                        }
                     ],
                 }
                 for p in range(2)
@@ -769,3 +778,70 @@ def test_first_call_clears_the_stash_and_a_single_call_skips_the_smoke(tmp_path:
     assert device_pack.SMOKE in two[0].command and "rm -rf" not in two[1].command
     one = device_pack.plan_calls(0, [part], tmp_path / "wheels", [], root=tmp_path)
     assert device_pack.SMOKE not in one[0].command and "device_run.py" in one[0].command
+
+
+def _count(text: str) -> int:
+    return len(text.split())
+
+
+def test_unanswerable_questions_are_the_training_articles_impossible_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Teacher questions without gold: only the training articles' (the held-out articles are
+    evaluated), each once, marked so that nothing mistakes the placeholder for an answer."""
+    import default as recipe
+
+    data, _ = _fixture_data(tmp_path)
+    monkeypatch.setattr(recipe, "DATA", data)
+    questions = recipe.unanswerable_questions()
+    train, held_out = recipe.squad_split()
+    train_titles = {s.title for s in train}
+    assert len(questions) == 2 * len(train_titles)  # two paragraphs per article
+    assert {q.provenance["title"] for q in questions} == train_titles
+    assert not train_titles & {s.title for s in held_out}
+    assert all(q.answer == recipe.NO_GOLD for q in questions)
+    assert all(q.provenance["kind"] == "qa-unanswerable" for q in questions)
+    assert len({q.id for q in questions}) == len(questions)
+    assert not {q.id for q in questions} & {s.id for s in train}
+
+
+@pytest.mark.parametrize(("phase", "adds"), [("broad", True), ("diverse", False), ("scale", False)])
+def test_only_the_broad_phase_draws_the_unanswerable_teacher_answers(
+    phase: str, adds: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import default as recipe
+    import device_run
+
+    from semidyn_rag.training.samples import TrainSample, write_jsonl
+
+    data, teacher = _fixture_data(tmp_path)
+    monkeypatch.setattr(recipe, "DATA", data)
+    monkeypatch.setattr(recipe, "TEACHER", teacher / "teacher.jsonl")
+    monkeypatch.setattr(recipe, "MIXED_TEACHER", teacher / "teacher_mixed.jsonl")
+    monkeypatch.setattr(recipe, "UNANSWERABLE_TEACHER", teacher / "teacher_unanswerable.jsonl")
+    questions = recipe.unanswerable_questions()
+    answered = [q.model_copy(update={"answer": "The word."}) for q in questions[:1]]
+    write_jsonl(answered, recipe.UNANSWERABLE_TEACHER)
+    drawn = {s.id for s in recipe.phase_training_set(phase, _count)}
+    assert (answered[0].id in drawn) is adds
+
+    class Model:  # teacher_todo reads only the tokenizer, to count tokens
+        @staticmethod
+        def tokenizer(text: str, add_special_tokens: bool = False) -> dict:
+            return {"input_ids": text.split()}
+
+    todo = {path.name: [s.id for s in left] for left, path in device_run.teacher_todo(Model, phase)}
+    assert ("teacher_unanswerable.jsonl" in todo) is adds
+    if adds:  # what the file holds is not asked again
+        assert todo["teacher_unanswerable.jsonl"] == [q.id for q in questions[1:]]
+    assert all(isinstance(s, TrainSample) for s in questions)
+
+
+def test_pack_carries_every_teacher_file_the_recipe_names() -> None:
+    """device_pack (standard library only) names the files; device_run points the recipe's
+    constants at their copies: the two lists must name the same files."""
+    import default as recipe
+    import device_run
+
+    packed = {*device_pack.TEACHER_FILES, *device_pack.GROWN_TEACHER_FILES}
+    assert packed == {getattr(recipe, a).name for a in device_run.TEACHER_ATTRS}
