@@ -292,6 +292,21 @@ BROAD = TrainConfig.model_validate({**JOINT.model_dump(), "output_dir": str(RUN 
 """``DIVERSE`` plus the teacher's answers to SQuAD 2.0's unanswerable questions on the training
 articles (`unanswerable_questions`): 2,359 more human-written questions beside the 2,405
 answered ones, the question data a long run is short of."""
+READ = TrainConfig.model_validate(
+    {
+        **SCALE.model_dump(),
+        "steps": 800,
+        "encoder_warmup_steps": 800,  # held throughout: the latents stay joint's
+        "output_dir": str(RUN / "read"),
+        "eval_every": 200,
+    }
+)
+"""The decoder alone learning to read ``joint``'s latents, from ``joint`` shipped (``ship --phase
+joint`` after installing the GPU checkpoint; not the fifth phase). ``joint``'s encoder side made
+the latents carry more (answers through the decoder's own reconstruction 21 of 100 at r=4), but
+its decoder answered 15 directly, having learnt its training questions by heart. Here the encoder
+side is held and the decoder adapter trains on ``RELEASE``'s draw plus `corpus_tasks`: mostly
+cloze questions it cannot know by heart."""
 POOL_LAYERS = {"shallow": 0, "shallow2": 0}
 """Phases that pool another encoder layer than the bundled default's (0: the input embeddings)."""
 DEVICE = TrainConfig.model_validate({**MIX.model_dump(), "output_dir": str(RUN / "device")})
@@ -313,6 +328,7 @@ PHASES = {
     "joint": JOINT,
     "diverse": DIVERSE,
     "broad": BROAD,
+    "read": READ,
     "device": DEVICE,
 }
 """The phases ``ship`` can ship, by name (``--phase``); the bundled default is ``mix``."""
@@ -787,6 +803,7 @@ PHASE_DRAWS = {
     "joint": _every_answer,
     "diverse": _every_answer,
     "broad": _every_answer,
+    "read": _release_draw,
 }
 """The phases that start from the bundled default, and what each draws: ``(mixed, taught) ->
 (distilled single-paragraph samples, reconstructions)``, from the counts of mixed prompts and of
@@ -829,7 +846,7 @@ def corpus_tasks(count) -> list[TrainSample]:
     return _labelled([*cloze, *recon], count)
 
 
-PHASE_CORPUS = frozenset({"diverse", "broad"})
+PHASE_CORPUS = frozenset({"diverse", "broad", "read"})
 """The phases that add `corpus_tasks` to their draw."""
 PHASE_UNANSWERABLE = frozenset({"broad"})
 """The phases that add every answer of `UNANSWERABLE_TEACHER` to their draw."""
