@@ -10,7 +10,8 @@ times the decoder's forward and backward on the same batch two ways, side by sid
 
 The batch is real: SQuAD paragraphs compressed at ratio 4 (latents made before timing, no
 gradient), a question, and an answer of ``--answer-tokens`` tokens; ``--contexts`` paragraphs per
-prompt (5: the mixed phases' retrieved prompts). Peak memory is measured in one untimed pass.
+prompt (5: the mixed phases' retrieved prompts; written to ``bench_train_step_5ctx.*``). Peak
+memory is measured in one untimed pass, before one warm-up round and ``--reps`` timed ones.
 
     python benchmarks/bench_train_step.py                  # 2-core CPU, batch 4, about 2 minutes
     python benchmarks/bench_train_step.py --large --device cuda
@@ -40,13 +41,20 @@ def main() -> None:
     p.add_argument("--answer-tokens", type=int, default=24)
     p.add_argument("--ratio", type=float, default=4.0)
     args = p.parse_args()
-    dtype = setup(args)
-    batch = args.batch_size or (32 if args.large else 4)
-    model, what, _ = load_model(args, dtype)
+    batch = args.batch_size if args.batch_size is not None else (32 if args.large else 4)
+    for name, value in (("batch-size", batch), ("contexts", args.contexts)):
+        if value < 1:
+            p.error(f"--{name} must be at least 1, got {value}")
+    if args.answer_tokens < 1 or args.ratio <= 1:
+        p.error(
+            f"--answer-tokens must be ≥ 1 and --ratio > 1, got {args.answer_tokens}, {args.ratio}"
+        )
     passages = squad_passages(args.squad)
     need = batch * args.contexts
     if len(passages) < need:
-        raise SystemExit(f"{need} paragraphs needed, the SQuAD file holds {len(passages)}")
+        p.error(f"{need} paragraphs needed, the SQuAD file holds {len(passages)}")
+    dtype = setup(args)
+    model, what, _ = load_model(args, dtype)
 
     prompts, answers = [], []
     filler = model.decoder_tokenizer(" the answer is in the context", add_special_tokens=False)
@@ -60,6 +68,7 @@ def main() -> None:
         embeds, mask, targets = model.embed_prompts(prompts, answers)
     model.train()
     positions, vocab = int(mask.sum()), model.decoder.get_output_embeddings().weight.shape[0]
+    scored = int((targets[:, 1:] != -100).sum())
 
     def full() -> None:
         with model.adapter("decoder") as decoder:
@@ -78,9 +87,10 @@ def main() -> None:
 
     variants = {FULL: full, ANSWER: answer}
     peaks = {name: peak_bytes(fn, args.device)[0] for name, fn in variants.items()}
-    samples = interleave(variants, reps=args.reps, warmup=0, device=args.device)
+    samples = interleave(variants, reps=args.reps, device=args.device)
 
-    report = Report("bench_train_step", "Training step: output head on answers only", args, what)
+    name = "bench_train_step" + (f"_{args.contexts}ctx" if args.contexts > 1 else "")
+    report = Report(name, "Training step: output head on answers only", args, what)
     rows = [[name, f"{samples.median(name):.3f}", f"{peaks[name] / MIB:.0f}"] for name in variants]
     report.table(
         f"Decoder forward + backward, batch {batch}, {args.contexts} paragraph(s) per prompt at "
@@ -88,8 +98,8 @@ def main() -> None:
         ["variant", "median s", "peak MiB"],
         rows,
         note=(
-            f"{positions} prompt positions in the batch, {batch * args.answer_tokens} of them "
-            f"scored; vocabulary {vocab}. Answer logits against full logits: "
+            f"{positions} prompt positions in the batch, {scored} of them scored; vocabulary "
+            f"{vocab}. Answer logits against full logits: "
             f"**{samples.ratio(FULL, ANSWER):.2f}× faster** (median of paired rounds; CPU time "
             f"{samples.ratio(FULL, ANSWER, key='cpu'):.2f}×), "
             f"**{peaks[FULL] / max(peaks[ANSWER], 1):.2f}× less peak memory**."

@@ -307,6 +307,8 @@ the latents carry more (answers through the decoder's own reconstruction 21 of 1
 its decoder answered 15 directly, having learnt its training questions by heart. Here the encoder
 side is held and the decoder adapter trains on ``RELEASE``'s draw plus `corpus_tasks`: mostly
 cloze questions it cannot know by heart."""
+CONTINUES = {"nudge2": "nudge", "shallow2": "shallow", "read": "joint"}
+"""Phases that start from another phase shipped (``ship --phase <it>`` first), not from the fifth."""
 POOL_LAYERS = {"shallow": 0, "shallow2": 0}
 """Phases that pool another encoder layer than the bundled default's (0: the input embeddings)."""
 DEVICE = TrainConfig.model_validate({**MIX.model_dump(), "output_dir": str(RUN / "device")})
@@ -863,6 +865,11 @@ def phase_training_set(phase: str, count, every_answer: bool | None = None) -> l
     single, reconstructions = draw(mixed, taught)
     samples = mixed_training_set(count, min(single, taught), reconstructions, every_answer=every)
     if phase in PHASE_UNANSWERABLE:
+        if not UNANSWERABLE_TEACHER.is_file():
+            raise FileNotFoundError(
+                f"{UNANSWERABLE_TEACHER} is missing: {phase} trains on it "
+                "(python recipes/default.py teach-unanswerable)"
+            )
         samples += _labelled(read_jsonl(UNANSWERABLE_TEACHER), count)
     return [*samples, *corpus_tasks(count)] if phase in PHASE_CORPUS else samples
 

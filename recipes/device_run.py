@@ -66,9 +66,9 @@ SHIPPED_FILES = (
 )
 """The files of `CHECKPOINT_OUT` (relative, ``/``-separated): what ``default.py ship`` copies."""
 TEACHER_OUT = "teacher_device.jsonl"
+"""Teacher answers written on the device (``--out``), capped at `RETURN_FILE_LIMIT`."""
 TEACHER_ATTRS = ("TEACHER", "MIXED_TEACHER", "UNANSWERABLE_TEACHER")
 """The recipe's teacher files (its module constants), carried to the device by `device_pack`."""
-"""Teacher answers written on the device (``--out``), capped at `RETURN_FILE_LIMIT`."""
 RETURN_FILE_LIMIT = 15 * 2**20
 """Bytes of one returned file (the tool takes 16 MiB at most)."""
 EVAL_SETTINGS = ("fixed_ratio_4", "fixed_ratio_8")
@@ -193,10 +193,13 @@ def grow_teacher(
     batch_size: int,
     out: Path,
     phase: str,
-) -> int:
+) -> dict[str, dict[str, int]]:
     """Teacher answers for what `teacher_todo` lists, appended to the recipe's file they belong in
     and to ``out``, chunk by chunk until ``seconds`` have passed or less than a quarter of the
-    budget is left for training; returns how many were written."""
+    budget is left for training; returns how many were written, by file, and how many were left.
+
+    A phase trains on what was answered: a budget cut short leaves the rest out, and the counts
+    say so in the run's results."""
     deadline = time.monotonic() + seconds
     todo = teacher_todo(model, phase)
     logger.info(
@@ -204,21 +207,23 @@ def grow_teacher(
         ", ".join(f"{len(t)} for {p.name}" for t, p in todo),
         seconds,
     )
-    written, chunk = 0, batch_size * 4
+    counts = {p.name: {"written": 0, "left": len(t)} for t, p in todo}
+    chunk = batch_size * 4
     for samples, path in todo:
         for start in range(0, len(samples), chunk):
             if time.monotonic() > deadline or clock.train_left() < clock.budget_s / 4:
-                return written
+                return counts
             answers = teacher_answers(
                 model.eval(), samples[start : start + chunk], batch_size=batch_size, progress=False
             )
             write_jsonl(answers, path, append=True)
             write_jsonl(answers, out, append=True)
-            written += len(answers)
+            counts[path.name]["written"] += len(answers)
+            counts[path.name]["left"] = len(samples) - min(start + chunk, len(samples))
             logger.info(
                 "teacher: %d/%d for %s", min(start + chunk, len(samples)), len(samples), path.name
             )
-    return written
+    return counts
 
 
 def retarget_teacher(model: SemiDynamicCompressor, limit: int, batch_size: int) -> None:
@@ -246,8 +251,13 @@ def training_set(
     return samples, monitor
 
 
-DEVICE_PHASES = sorted(p for p in recipe.PHASE_DRAWS if recipe.PHASES[p].schedule == "constant")
-"""The phases a device run can train: those from the bundled default at a constant rate."""
+DEVICE_PHASES = sorted(
+    p
+    for p in recipe.PHASE_DRAWS
+    if recipe.PHASES[p].schedule == "constant" and p not in recipe.CONTINUES
+)
+"""The phases a device run can train: those from the bundled default (the fifth phase, which
+the packing carries) at a constant rate."""
 
 
 def phase_config(phase: str, batch_size: int, mixed_precision: str) -> TrainConfig:
@@ -471,9 +481,9 @@ def run(args: argparse.Namespace) -> dict:
         install_base(args.parts, args.work)
         model = load_default(args.device)
     since = clock.lap("load", since)
-    taught = 0
+    taught, teacher_files = 0, {}
     if args.teach_s > 0:
-        grow_teacher(
+        teacher_files = grow_teacher(
             model, clock, args.teach_s, args.teach_batch, args.out / TEACHER_OUT, args.phase
         )
         taught = cap_file(args.out / TEACHER_OUT)
@@ -497,6 +507,7 @@ def run(args: argparse.Namespace) -> dict:
         "mixed_precision": precision,
         "training_samples": len(samples),
         "teacher_samples_written": taught,
+        "teacher_files": teacher_files,
         **timing,
         "latent_use": {**use.model_dump(), "gap": use.gap},
         "history": [h.model_dump() for h in trainer.history],

@@ -212,6 +212,8 @@ def test_device_run_tiny_smoke_exports_a_loadable_checkpoint(tmp_path: Path) -> 
     assert results["seconds"]["total"] < 10 + 4  # and training stopped in time
     assert len(results["history"]) == results["steps"]
     assert set(results["eval"]) == {"fixed_ratio_4", "fixed_ratio_8"}
+    for counts in results["teacher_files"].values():  # the teacher's share, said per file
+        assert counts["written"] >= 0 and counts["left"] >= 0
     assert results["latent_use"]["own_loss"] > 0
     returned = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert "device_results.json" in returned and len(returned) <= 8
@@ -845,3 +847,28 @@ def test_pack_carries_every_teacher_file_the_recipe_names() -> None:
 
     packed = {*device_pack.TEACHER_FILES, *device_pack.GROWN_TEACHER_FILES}
     assert packed == {getattr(recipe, a).name for a in device_run.TEACHER_ATTRS}
+
+
+def test_device_phases_start_from_the_packed_default_only() -> None:
+    """The packing carries the bundled default (the fifth phase): a phase that continues another
+    shipped phase would silently train from the wrong start on the device."""
+    import default as recipe
+    import device_run
+
+    assert "read" in recipe.PHASE_DRAWS and "broad" in device_run.DEVICE_PHASES
+    assert not set(device_run.DEVICE_PHASES) & set(recipe.CONTINUES)
+    assert set(recipe.CONTINUES.values()) <= set(recipe.PHASES)
+
+
+def test_broad_without_its_teacher_file_says_what_to_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import default as recipe
+
+    data, teacher = _fixture_data(tmp_path)
+    monkeypatch.setattr(recipe, "DATA", data)
+    monkeypatch.setattr(recipe, "TEACHER", teacher / "teacher.jsonl")
+    monkeypatch.setattr(recipe, "MIXED_TEACHER", teacher / "teacher_mixed.jsonl")
+    monkeypatch.setattr(recipe, "UNANSWERABLE_TEACHER", teacher / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match="teach-unanswerable"):
+        recipe.phase_training_set("broad", _count)
