@@ -492,7 +492,17 @@ def teach_into(
     model: SemiDynamicCompressor, path: Path, samples: list[TrainSample], what: str
 ) -> None:
     """Append the untouched base decoder's answers to ``samples`` (`distill.teacher_answers`, full
-    text) to ``path`` in chunks of `TEACH_CHUNK`, skipping those it holds: a rerun continues."""
+    text) to ``path`` in chunks of `TEACH_CHUNK`, skipping those it holds: a rerun continues.
+    A last line cut by a kill mid-write (no newline after it) is dropped first, with a warning:
+    its answer is written again."""
+    if path.exists():
+        text = path.read_bytes()
+        whole = text[: text.rfind(b"\n") + 1]
+        if len(whole) < len(text):
+            logger.warning(
+                "%s: dropping a last line cut mid-write (%d bytes)", path, len(text) - len(whole)
+            )
+            path.write_bytes(whole)
     done = {s.id for s in read_jsonl(path)} if path.exists() else set()
     todo = [s for s in samples if s.id not in done]
     logger.info("%s: %d of %d samples left", what, len(todo), len(samples))

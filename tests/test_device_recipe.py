@@ -872,3 +872,31 @@ def test_broad_without_its_teacher_file_says_what_to_run(
     monkeypatch.setattr(recipe, "UNANSWERABLE_TEACHER", teacher / "missing.jsonl")
     with pytest.raises(FileNotFoundError, match="teach-unanswerable"):
         recipe.phase_training_set("broad", _count)
+
+
+def test_teaching_resumes_after_a_line_cut_mid_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill during ``write_jsonl`` leaves half a line; the rerun drops it, keeps the whole
+    lines, and answers only what they lack (the cut one included)."""
+    import default as recipe
+
+    from semidyn_rag.training.samples import TrainSample, read_jsonl, write_jsonl
+
+    samples = [
+        TrainSample(id=f"s{i}", contexts=["a b c"], question="Q?", answer="x") for i in range(3)
+    ]
+    path = tmp_path / "teacher.jsonl"
+    write_jsonl(samples[:1], path)
+    with path.open("a") as f:
+        f.write('{"id": "s1", "contexts": ["a b')
+    asked = []
+
+    def answer(model, todo, progress=False):
+        asked.extend(s.id for s in todo)
+        return [s.model_copy(update={"answer": "taught"}) for s in todo]
+
+    monkeypatch.setattr(recipe, "teacher_answers", answer)
+    recipe.teach_into(None, path, samples, "teacher")
+    assert asked == ["s1", "s2"]
+    assert [s.id for s in read_jsonl(path)] == ["s0", "s1", "s2"]
