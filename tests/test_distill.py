@@ -152,6 +152,20 @@ def test_answer_logits_are_the_full_logits_at_the_answer_positions(compressor):
     )
 
 
+def test_answer_logits_refuse_a_model_that_transforms_its_logits(compressor):
+    embeds, mask, targets = compressor.embed_prompts(
+        [compressor.latent_prompt("q", ["x y z"])], [[1, 2]]
+    )
+    with compressor.adapter("decoder") as decoder:
+        config = decoder.get_base_model().config
+        config.final_logit_softcapping = 30.0
+        try:
+            with pytest.raises(ValueError, match=r"final_logit_softcapping=30\.0"):
+                answer_logits(decoder, embeds, mask, targets)
+        finally:
+            del config.final_logit_softcapping
+
+
 def test_compressor_loss_adds_the_weighted_distillation_term(compressor):
     out = teacher_answers(compressor, SAMPLES, max_new_tokens=4, top_k=4, progress=False)
     examples = to_examples(compressor, out)

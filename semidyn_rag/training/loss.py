@@ -136,6 +136,10 @@ def distillation_loss(
     return torch.cat(terms).mean() if terms else None
 
 
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+"""Config fields by which some causal LMs change their logits after the output head."""
+
+
 @dataclass
 class AnswerLogits:
     """The decoder's logits where they are scored: ``logits`` ``[N, V]`` at the ``N`` positions
@@ -162,10 +166,20 @@ def answer_logits(
 
     Answers are a few dozen of a prompt's hundreds of positions, and the head maps each position
     to the whole vocabulary (49,152 for SmolLM2): the full ``[B, T, V]`` logits, upcast for the
-    cross-entropy, were the largest tensor of a training step. Assumes the head is the plain
-    projection of the last hidden state (Llama, Qwen3: no logit scaling or soft-capping).
+    cross-entropy, were the largest tensor of a training step.
+
+    Raises:
+        ValueError: the model transforms its logits after the head (Gemma 2's soft-capping,
+            Cohere's and Granite's scaling), which this bare head would silently leave out.
     """
     lm = decoder.get_base_model() if hasattr(decoder, "get_base_model") else decoder
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(lm.config, name, None)
+        if value is not None and value != 1:
+            raise ValueError(
+                f"{type(lm).__name__} transforms its logits ({name}={value}); answer_logits "
+                "applies the bare output head"
+            )
     out = lm.get_decoder()(
         inputs_embeds=embeds,
         attention_mask=mask,
