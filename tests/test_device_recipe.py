@@ -185,6 +185,22 @@ def _fixture_data(root: Path) -> tuple[Path, Path]:
     return data, teacher
 
 
+def _point_recipe(
+    recipe,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    unanswerable: str = "teacher_unanswerable.jsonl",
+) -> tuple[Path, Path]:
+    """`_fixture_data` in ``tmp_path``, with the recipe's data and teacher-file constants pointed
+    at it (the unanswerable file named ``unanswerable``; the fixture writes none)."""
+    data, teacher = _fixture_data(tmp_path)
+    monkeypatch.setattr(recipe, "DATA", data)
+    monkeypatch.setattr(recipe, "TEACHER", teacher / "teacher.jsonl")
+    monkeypatch.setattr(recipe, "MIXED_TEACHER", teacher / "teacher_mixed.jsonl")
+    monkeypatch.setattr(recipe, "UNANSWERABLE_TEACHER", teacher / unanswerable)
+    return data, teacher
+
+
 def test_device_run_tiny_smoke_exports_a_loadable_checkpoint(tmp_path: Path) -> None:
     import device_fetch
     import device_run
@@ -380,10 +396,7 @@ def test_cpu_phases_draw_from_the_recipes_teacher_answers_only(
     reproduces the default."""
     import default as recipe
 
-    data, teacher = _fixture_data(tmp_path)
-    monkeypatch.setattr(recipe, "DATA", data)
-    monkeypatch.setattr(recipe, "TEACHER", teacher / "teacher.jsonl")
-    monkeypatch.setattr(recipe, "MIXED_TEACHER", teacher / "teacher_mixed.jsonl")
+    _point_recipe(recipe, tmp_path, monkeypatch)
     monkeypatch.setattr(recipe, "TEACH_LIMIT", 4)
 
     def count(text: str) -> int:
@@ -407,10 +420,7 @@ def test_phase_training_set_reads_every_answer_only_where_its_draw_says(
     the first ``TEACH_LIMIT``, as the runs that measured them did."""
     import default as recipe
 
-    data, teacher = _fixture_data(tmp_path)
-    monkeypatch.setattr(recipe, "DATA", data)
-    monkeypatch.setattr(recipe, "TEACHER", teacher / "teacher.jsonl")
-    monkeypatch.setattr(recipe, "MIXED_TEACHER", teacher / "teacher_mixed.jsonl")
+    _point_recipe(recipe, tmp_path, monkeypatch)
     monkeypatch.setattr(recipe, "TEACH_LIMIT", 4)
     drawn = {}
 
@@ -816,11 +826,7 @@ def test_only_the_broad_phase_draws_the_unanswerable_teacher_answers(
 
     from semidyn_rag.training.samples import TrainSample, write_jsonl
 
-    data, teacher = _fixture_data(tmp_path)
-    monkeypatch.setattr(recipe, "DATA", data)
-    monkeypatch.setattr(recipe, "TEACHER", teacher / "teacher.jsonl")
-    monkeypatch.setattr(recipe, "MIXED_TEACHER", teacher / "teacher_mixed.jsonl")
-    monkeypatch.setattr(recipe, "UNANSWERABLE_TEACHER", teacher / "teacher_unanswerable.jsonl")
+    _point_recipe(recipe, tmp_path, monkeypatch)
     questions = recipe.unanswerable_questions()
     answered = [q.model_copy(update={"answer": "The word."}) for q in questions[:1]]
     write_jsonl(answered, recipe.UNANSWERABLE_TEACHER)
@@ -865,11 +871,7 @@ def test_broad_without_its_teacher_file_says_what_to_run(
 ) -> None:
     import default as recipe
 
-    data, teacher = _fixture_data(tmp_path)
-    monkeypatch.setattr(recipe, "DATA", data)
-    monkeypatch.setattr(recipe, "TEACHER", teacher / "teacher.jsonl")
-    monkeypatch.setattr(recipe, "MIXED_TEACHER", teacher / "teacher_mixed.jsonl")
-    monkeypatch.setattr(recipe, "UNANSWERABLE_TEACHER", teacher / "missing.jsonl")
+    _point_recipe(recipe, tmp_path, monkeypatch, unanswerable="missing.jsonl")
     with pytest.raises(FileNotFoundError, match="teach-unanswerable"):
         recipe.phase_training_set("broad", _count)
 
