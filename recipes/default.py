@@ -8,6 +8,7 @@
     python recipes/default.py teach-mixed  # teacher answers on retrieved HotpotQA top-5 paragraphs
     python recipes/default.py teach-unanswerable  # teacher answers to SQuAD's unanswerable questions
     python recipes/default.py mix       # fifth phase: prompts mixing text and latents (resumable)
+    python recipes/default.py broad --grad-accum 8 --mixed-precision bf16  # the device run, on a CPU
     python recipes/default.py ship      # fp16 copy of the last phase's checkpoint + fitted head
     python recipes/default.py eval      # held-out SQuAD articles: table, peers, Pareto plot
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
 import re
 import shutil
@@ -884,11 +886,54 @@ def phase_training_set(phase: str, count, every_answer: bool | None = None) -> l
     return [*samples, *corpus_tasks(count)] if phase in PHASE_CORPUS else samples
 
 
-def train_phase(phase: str) -> None:
-    """Train ``phase`` (a name in `PHASE_DRAWS`; its config is ``PHASES[phase]``) from the bundled
-    default, which must be what that phase starts from (the fifth phase for all but ``mix``,
-    which starts from the fourth: ``make train-default`` ships it first), with a fresh optimizer;
-    resumes the phase's own last checkpoint."""
+def phase_run(phase: str, grad_accum: int = 1, precision: str = "no") -> TrainConfig:
+    """``PHASES[phase]`` run with ``grad_accum`` micro-batches per step in ``precision``.
+
+    ``grad_accum = k`` trains the examples of batch ``k × batch_size`` in each step (the trainer
+    draws batches as a pure function of the step), so a CPU reproduces a device run's larger
+    batch exactly; bf16 autocast is 1.34× faster on a CPU with AVX-512 BF16
+    (`benchmarks/bench_train_step.py`). Such a run writes to its own directory
+    (``<phase>-accum<k>-bf16``), saves and monitors as often in examples as the phase does, and
+    never resumes or ships the phase's own checkpoints.
+
+    Raises:
+        ValueError: ``grad_accum`` below 1 or ``precision`` not ``no``/``bf16``.
+    """
+    if grad_accum < 1 or precision not in ("no", "bf16"):
+        raise ValueError(f"grad_accum ≥ 1 and precision no|bf16, got {grad_accum}, {precision!r}")
+    config = PHASES[phase]
+    if grad_accum == 1 and precision == "no":
+        return config
+    suffix = (f"-accum{grad_accum}" if grad_accum > 1 else "") + (
+        "-bf16" if precision == "bf16" else ""
+    )
+    fewer = {  # the same cadence in examples
+        name: max(1, getattr(config, name) // grad_accum)
+        for name in ("save_every", "eval_every", "log_every")
+        if getattr(config, name)
+    }
+    held = {  # a side held for the whole phase stays held; one released later, as many examples in
+        name: getattr(config, name) // grad_accum
+        for name in ("encoder_warmup_steps", "decoder_warmup_steps")
+        if getattr(config, name) < config.steps
+    }
+    return config.model_copy(
+        update={
+            **fewer,
+            **held,
+            "steps": math.ceil(config.steps / grad_accum),
+            "grad_accum": grad_accum * config.grad_accum,
+            "mixed_precision": precision,
+            "output_dir": f"{config.output_dir}{suffix}",
+        }
+    )
+
+
+def train_phase(phase: str, grad_accum: int = 1, precision: str = "no") -> None:
+    """Train ``phase`` (a name in `PHASE_DRAWS`; its config is ``PHASES[phase]``, run as
+    `phase_run` says) from the bundled default, which must be what that phase starts from (the
+    fifth phase for all but ``mix``, which starts from the fourth: ``make train-default`` ships
+    it first), with a fresh optimizer; resumes the run's own last checkpoint."""
     torch.manual_seed(SEED)
     layers = {"pool_layer": POOL_LAYERS[phase]} if phase in POOL_LAYERS else {}
     if layers and not PHASES[phase].align_steps:
@@ -904,7 +949,8 @@ def train_phase(phase: str) -> None:
     )
     count = count_tokens(model.tokenizer)
     _, monitor = training_samples(count)
-    Trainer(model, phase_training_set(phase, count), PHASES[phase], eval_samples=monitor).train()
+    config = phase_run(phase, grad_accum, precision)
+    Trainer(model, phase_training_set(phase, count), config, eval_samples=monitor).train()
 
 
 SHIPPED_SUFFIXES = frozenset({".json", ".safetensors"})
@@ -921,12 +967,13 @@ def shippable_files(checkpoint: Path) -> list[tuple[Path, Path]]:
     return found
 
 
-def ship(phase: str) -> None:
-    """Copy the last checkpoint of ``phase`` (a name in ``PHASES``) into the package, tensors cast
-    to fp16, with the ratio head fitted by ``density`` on layer ``HEAD_LAYER`` (so encoding stops
-    there). A phase whose rate decays (``anneal``) ships only once it has trained all its steps:
-    before that its last checkpoint was trained at rates the decay has not yet lowered."""
-    config = PHASES[phase]
+def ship(phase: str, grad_accum: int = 1, precision: str = "no") -> None:
+    """Copy the last checkpoint of ``phase`` (a name in ``PHASES``; run as `phase_run` says) into
+    the package, tensors cast to fp16, with the ratio head fitted by ``density`` on layer
+    ``HEAD_LAYER`` (so encoding stops there). A phase whose rate decays (``anneal``) ships only
+    once it has trained all its steps: before that its last checkpoint was trained at rates the
+    decay has not yet lowered."""
+    config = phase_run(phase, grad_accum, precision)
     directory = config.output_dir
     found = list_checkpoints(directory)
     if not found or not HEAD_FILE.exists():
@@ -1021,6 +1068,15 @@ def main() -> None:
     parser.add_argument(
         "--teach-limit", type=int, default=TEACH_LIMIT, help="teach: questions (0: all)"
     )
+    parser.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        help="a phase or ship: micro-batches per step (8: a device run's batch 32 on the CPU)",
+    )
+    parser.add_argument(
+        "--mixed-precision", choices=["no", "bf16"], default="no", help="a phase or ship"
+    )
     parser.add_argument("--synth-limit", type=int, default=40)
     parser.add_argument("--eval-limit", type=int, default=200)
     parser.add_argument("--scales", type=float, nargs="*", default=[-1.0, -0.5, 0.0, 0.5, 1.0])
@@ -1045,9 +1101,9 @@ def main() -> None:
     elif args.step == "teach-unanswerable":
         teach_unanswerable()
     elif args.step in PHASE_DRAWS:
-        train_phase(args.step)
+        train_phase(args.step, args.grad_accum, args.mixed_precision)
     elif args.step == "ship":
-        ship(args.phase)
+        ship(args.phase, args.grad_accum, args.mixed_precision)
     else:
         evaluate(args.eval_limit, args.scales, args.settings, args.hotpot_limit, args.out)
 

@@ -902,3 +902,24 @@ def test_teaching_resumes_after_a_line_cut_mid_write(
     recipe.teach_into(None, path, samples, "teacher")
     assert asked == ["s1", "s2"]
     assert [s.id for s in read_jsonl(path)] == ["s0", "s1", "s2"]
+
+
+def test_a_cpu_run_of_a_phase_takes_the_device_batch_in_micro_batches() -> None:
+    """``--grad-accum 8 --mixed-precision bf16`` runs a phase as the device run does (batch 32,
+    bf16) in batches of 4, into its own directory, saving as often in examples."""
+    import default as recipe
+    import device_run
+
+    assert recipe.phase_run("broad") is recipe.PHASES["broad"]
+    cpu, device = recipe.phase_run("broad", 8, "bf16"), device_run.phase_config("broad", 32, "bf16")
+    assert cpu.batch_size * cpu.grad_accum == device.batch_size * device.grad_accum == 32
+    same = ("lr", "seed", "schedule", "train_ratios", "kd_weight", "encoder_warmup_steps")
+    assert {k: getattr(cpu, k) for k in same} == {k: getattr(device, k) for k in same}
+    assert cpu.mixed_precision == "bf16" and cpu.output_dir.endswith("broad-accum8-bf16")
+    base = recipe.PHASES["broad"]
+    assert cpu.steps * 8 >= base.steps and cpu.save_every == max(1, base.save_every // 8)
+    # a side the phase holds throughout stays held; the fifth phase holds its encoder side
+    mix = recipe.phase_run("mix", 4)
+    assert mix.encoder_warmup_steps >= mix.steps and mix.output_dir.endswith("mix-accum4")
+    with pytest.raises(ValueError, match="grad_accum"):
+        recipe.phase_run("broad", 0)

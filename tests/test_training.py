@@ -446,6 +446,44 @@ def test_resume_names_an_optimizer_layout_mismatch(make_compressor, tmp_path):
         Trainer(again, to_examples(again, fixed_set()), more).train()
 
 
+@pytest.mark.parametrize(
+    ("update", "data", "named"),
+    [
+        ({"batch_size": 4}, 6, "batch_size 2 -> 4"),
+        ({"grad_accum": 2}, 6, "grad_accum 1 -> 2"),
+        ({"seed": 1}, 6, "seed 0 -> 1"),
+        ({"train_ratios": [2.0]}, 6, "train_ratios"),
+        ({}, 4, "examples 6 -> 4"),
+    ],
+)
+def test_resume_refuses_a_run_that_draws_other_batches(
+    make_compressor, tmp_path, update, data, named
+):
+    samples = fixed_set()
+    assert len(samples) == 6
+    config = TrainConfig(steps=1, batch_size=2, output_dir=str(tmp_path), progress=False)
+    Trainer(make_compressor(), samples, config).train()
+    again = config.model_copy(update={"steps": 2, "resume_from": "auto", **update})
+    with pytest.raises(ValueError, match=named):
+        Trainer(make_compressor(), samples[:data], again).train()
+    # the checkpoint is untouched: the same settings still resume from it
+    same = config.model_copy(update={"steps": 2, "resume_from": "auto"})
+    resumed = Trainer(make_compressor(), samples, same)
+    resumed.train()
+    assert resumed.step == 2 and len(resumed.history) == 2
+
+
+def test_micro_batches_of_a_step_are_the_examples_of_one_larger_batch(make_compressor):
+    model, samples = make_compressor(), fixed_set()
+    whole = Trainer(model, samples, TrainConfig(steps=3, batch_size=4, progress=False))
+    split = Trainer(
+        model, samples, TrainConfig(steps=3, batch_size=2, grad_accum=2, progress=False)
+    )
+    for step in range(3):
+        assert split.batch(step, 0) + split.batch(step, 1) == whole.batch(step, 0)
+        assert split.ratio_for(step) == whole.ratio_for(step)
+
+
 def test_train_ratios_restrict_multi_ratio_sampling(make_compressor):
     model = make_compressor()
     config = TrainConfig(steps=1, batch_size=2, progress=False, train_ratios=[2, 4])

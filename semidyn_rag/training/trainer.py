@@ -540,6 +540,8 @@ class Trainer:
             "param_names": [name for name, _ in self.params],
             "param_groups": groups,
             "train_config": self.config.model_dump(mode="json"),
+            "examples": len(self.examples),
+            "processes": self.accelerator.num_processes,
             "history": [h.model_dump() for h in self.history],
         }
         (directory / "state.json").write_text(json.dumps(state, indent=1))
@@ -577,6 +579,7 @@ class Trainer:
                 "checkpoint of an output_dir, or start from its weights with --init"
             )
         state = json.loads((directory / "state.json").read_text())
+        self._check_same_draw(checkpoint, state)
         names = [name for name, _ in self.params]
         if state["param_names"] != names:
             raise ValueError(
@@ -612,6 +615,30 @@ class Trainer:
         self.step = int(state["step"])
         self.history = [StepLog.model_validate(h) for h in state["history"]]
         logger.info("resumed from %s at step %d", checkpoint, self.step)
+
+
+    def _check_same_draw(self, checkpoint: str | Path, state: dict) -> None:
+        """Refuse to resume where the remaining steps would draw other examples or ratios than
+        the run that wrote ``state``: `batch` and `ratio_for` are pure functions of the step,
+        the fields in `DRAW_FIELDS`, the number of examples and of processes, so a change in any
+        of them would silently repeat some examples and skip others."""
+        config = self.config.model_dump(mode="json")
+        now = {k: config[k] for k in DRAW_FIELDS}
+        now |= {"examples": len(self.examples), "processes": self.accelerator.num_processes}
+        saved = {**state.get("train_config", {}), **state}
+        # a state written before a field was recorded has nothing to compare it with
+        changed = [k for k in now if k in saved and saved[k] != now[k]]
+        if changed:
+            diff = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
+            raise ValueError(
+                f"{checkpoint} was written by a run that drew its batches differently ({diff}); "
+                "resuming would repeat some examples and skip others. Resume with the same "
+                "settings and data, or train into another output_dir"
+            )
+
+
+DRAW_FIELDS = ("seed", "batch_size", "grad_accum", "ratio_sampling", "train_ratios")
+"""`TrainConfig` fields that decide which examples and ratio each step trains on."""
 
 
 def state_dir(checkpoint: str | Path) -> Path:
