@@ -891,8 +891,11 @@ def phase_run(phase: str, grad_accum: int = 1, precision: str = "no") -> TrainCo
 
     ``grad_accum = k`` trains the examples of batch ``k × batch_size`` in each step (the trainer
     draws batches as a pure function of the step), so a CPU reproduces a device run's larger
-    batch exactly; bf16 autocast is 1.34× faster on a CPU with AVX-512 BF16
-    (`benchmarks/bench_train_step.py`). Such a run writes to its own directory
+    batch exactly, as ``recipes/device_run.py`` runs it (batch 32: ``grad_accum = 8``); bf16
+    autocast is 1.34× faster on a CPU with AVX-512 BF16 (`benchmarks/bench_train_step.py`). Such
+    a run trains as many examples as the phase, in ``ceil(steps / grad_accum)`` steps; the
+    learning-rate warmup stays ``warmup_steps`` optimizer steps, as on the device, while a side
+    released part-way is released after as many examples. It writes to its own directory
     (``<phase>-accum<k>-bf16``), saves and monitors as often in examples as the phase does, and
     never resumes or ships the phase's own checkpoints.
 
@@ -926,6 +929,13 @@ def phase_run(phase: str, grad_accum: int = 1, precision: str = "no") -> TrainCo
             "mixed_precision": precision,
             "output_dir": f"{config.output_dir}{suffix}",
         }
+    )
+
+
+def run_flags(grad_accum: int, precision: str) -> str:
+    """The command-line flags that select `phase_run`'s run (empty for the phase's own)."""
+    return (f" --grad-accum {grad_accum}" if grad_accum != 1 else "") + (
+        f" --mixed-precision {precision}" if precision != "no" else ""
     )
 
 
@@ -984,7 +994,7 @@ def ship(phase: str, grad_accum: int = 1, precision: str = "no") -> None:
         raise SystemExit(
             f"ship --phase {phase}: {last.name} is step {done} of the {config.steps} of its "
             f"{config.schedule} schedule, whose rate has not decayed yet; finish the phase "
-            f"(`python recipes/default.py {phase}` resumes it)"
+            f"(`python recipes/default.py {phase}{run_flags(grad_accum, precision)}` resumes it)"
         )
     card = DEFAULT_CHECKPOINT / "README.md"
     card_text = card.read_text() if card.exists() else None
@@ -1086,6 +1096,10 @@ def main() -> None:
         "--out", type=Path, default=RESULTS, help="eval: the SQuAD results directory"
     )
     args = parser.parse_args()
+    if args.step not in (*PHASE_DRAWS, "ship") and run_flags(args.grad_accum, args.mixed_precision):
+        parser.error(
+            f"--grad-accum and --mixed-precision apply to a phase or ship, not {args.step}"
+        )
     if args.step == "synth":
         synth(args.synth_limit)
     elif args.step == "distill":

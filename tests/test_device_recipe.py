@@ -923,3 +923,16 @@ def test_a_cpu_run_of_a_phase_takes_the_device_batch_in_micro_batches() -> None:
     assert mix.encoder_warmup_steps >= mix.steps and mix.output_dir.endswith("mix-accum4")
     with pytest.raises(ValueError, match="grad_accum"):
         recipe.phase_run("broad", 0)
+
+
+def test_run_flags_name_the_cpu_run_and_other_steps_refuse_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import default as recipe
+
+    assert recipe.run_flags(1, "no") == ""
+    assert recipe.run_flags(8, "bf16") == " --grad-accum 8 --mixed-precision bf16"
+    monkeypatch.setattr(sys, "argv", ["default.py", "distill", "--grad-accum", "8"])
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main()
+    assert exit_info.value.code == 2 and "not distill" in capsys.readouterr().err

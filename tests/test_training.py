@@ -449,28 +449,46 @@ def test_resume_names_an_optimizer_layout_mismatch(make_compressor, tmp_path):
 @pytest.mark.parametrize(
     ("update", "data", "named"),
     [
-        ({"batch_size": 4}, 6, "batch_size 2 -> 4"),
-        ({"grad_accum": 2}, 6, "grad_accum 1 -> 2"),
+        ({"batch_size": 4}, 6, "examples_per_step 2 -> 4"),
+        ({"grad_accum": 2}, 6, "examples_per_step 2 -> 4"),
         ({"seed": 1}, 6, "seed 0 -> 1"),
-        ({"train_ratios": [2.0]}, 6, "train_ratios"),
+        ({"train_ratios": [2.0]}, 6, "ratios"),
         ({}, 4, "examples 6 -> 4"),
     ],
 )
-def test_resume_refuses_a_run_that_draws_other_batches(
+def test_resume_refuses_to_finish_a_run_with_other_draws(
     make_compressor, tmp_path, update, data, named
 ):
     samples = fixed_set()
     assert len(samples) == 6
-    config = TrainConfig(steps=1, batch_size=2, output_dir=str(tmp_path), progress=False)
-    Trainer(make_compressor(), samples, config).train()
-    again = config.model_copy(update={"steps": 2, "resume_from": "auto", **update})
+    config = TrainConfig(steps=3, batch_size=2, output_dir=str(tmp_path), progress=False)
+    interrupted = config.model_copy(update={"steps": 1})
+    Trainer(make_compressor(), samples, interrupted).train()
+    state = tmp_path / "trainer-state" / "checkpoint-1" / "state.json"
+    written = json.loads(state.read_text())
+    written["train_config"]["steps"] = 3  # as if killed after step 1 of 3
+    state.write_text(json.dumps(written))
+    again = config.model_copy(update={"resume_from": "auto", **update})
     with pytest.raises(ValueError, match=named):
         Trainer(make_compressor(), samples[:data], again).train()
-    # the checkpoint is untouched: the same settings still resume from it
-    same = config.model_copy(update={"steps": 2, "resume_from": "auto"})
-    resumed = Trainer(make_compressor(), samples, same)
+    # the checkpoint is untouched: the same draw finishes the run, however the batch is split
+    split = config.model_copy(update={"resume_from": "auto", "batch_size": 1, "grad_accum": 2})
+    resumed = Trainer(make_compressor(), samples, split)
     resumed.train()
-    assert resumed.step == 2 and len(resumed.history) == 2
+    assert resumed.step == 3 and len(resumed.history) == 3
+
+
+def test_a_finished_run_continues_as_a_next_phase_with_other_draws(make_compressor, tmp_path):
+    """`recipes/default.py train` runs three phases in one output_dir, each continuing the last
+    with other ratios and more examples; rerunning an earlier phase later trains nothing."""
+    samples = fixed_set()
+    first = TrainConfig(steps=1, batch_size=2, output_dir=str(tmp_path), progress=False)
+    Trainer(make_compressor(), samples[:4], first).train()
+    second = first.model_copy(update={"steps": 2, "resume_from": "auto", "train_ratios": [4.0]})
+    Trainer(make_compressor(), samples, second).train()
+    again = first.model_copy(update={"resume_from": "auto"})
+    rerun = Trainer(make_compressor(), samples[:4], again)
+    assert rerun.train() and rerun.step == 2
 
 
 def test_micro_batches_of_a_step_are_the_examples_of_one_larger_batch(make_compressor):

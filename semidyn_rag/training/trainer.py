@@ -540,8 +540,7 @@ class Trainer:
             "param_names": [name for name, _ in self.params],
             "param_groups": groups,
             "train_config": self.config.model_dump(mode="json"),
-            "examples": len(self.examples),
-            "processes": self.accelerator.num_processes,
+            "draw": self.draw(),
             "history": [h.model_dump() for h in self.history],
         }
         (directory / "state.json").write_text(json.dumps(state, indent=1))
@@ -571,6 +570,8 @@ class Trainer:
 
         Raises:
             FileNotFoundError: the checkpoint has no trainer state (e.g. a shipped copy).
+            ValueError: the checkpoint is from an interrupted run that drew its batches otherwise
+                (`draw`), or holds other trainable tensors or optimizer groups.
         """
         directory = state_dir(checkpoint)
         if not (directory / "state.json").is_file():
@@ -616,29 +617,41 @@ class Trainer:
         self.history = [StepLog.model_validate(h) for h in state["history"]]
         logger.info("resumed from %s at step %d", checkpoint, self.step)
 
+    def draw(self) -> dict:
+        """What decides the examples and ratio of each step (`batch`, `ratio_for` are pure
+        functions of the step and these): the seed, the examples per step (``batch_size ×
+        grad_accum × processes``: any split of the same number draws the same examples), the ratio
+        sampling and its candidates, and the number of examples. Data of the same size but other
+        content or order is not told apart."""
+        cfg = self.config
+        ratios = cfg.train_ratios or getattr(self.model.config, "ratios", None)
+        return {
+            "seed": cfg.seed,
+            "examples_per_step": cfg.batch_size * cfg.grad_accum * self.accelerator.num_processes,
+            "ratio_sampling": cfg.ratio_sampling,
+            "ratios": [float(r) for r in ratios] if ratios else None,
+            "examples": len(self.examples),
+        }
 
     def _check_same_draw(self, checkpoint: str | Path, state: dict) -> None:
-        """Refuse to resume where the remaining steps would draw other examples or ratios than
-        the run that wrote ``state``: `batch` and `ratio_for` are pure functions of the step,
-        the fields in `DRAW_FIELDS`, the number of examples and of processes, so a change in any
-        of them would silently repeat some examples and skip others."""
-        config = self.config.model_dump(mode="json")
-        now = {k: config[k] for k in DRAW_FIELDS}
-        now |= {"examples": len(self.examples), "processes": self.accelerator.num_processes}
-        saved = {**state.get("train_config", {}), **state}
-        # a state written before a field was recorded has nothing to compare it with
-        changed = [k for k in now if k in saved and saved[k] != now[k]]
+        """Refuse to finish an interrupted run with other draws than it started with.
+
+        Only a run stopped before its own ``steps`` is checked, and only when this one trains
+        past its step: continuing a finished run (a next phase in the same ``output_dir``, with
+        other ratios or data) is deliberate, and a run with no steps left draws nothing."""
+        saved, step = state.get("draw"), int(state["step"])
+        planned = state.get("train_config", {}).get("steps", step)
+        if saved is None or step >= planned or step >= self.config.steps:
+            return
+        now = self.draw()
+        changed = [k for k in now if saved.get(k) != now[k]]
         if changed:
-            diff = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
+            diff = ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed)
             raise ValueError(
-                f"{checkpoint} was written by a run that drew its batches differently ({diff}); "
-                "resuming would repeat some examples and skip others. Resume with the same "
-                "settings and data, or train into another output_dir"
+                f"{checkpoint} is step {step} of a {planned}-step run that drew its batches "
+                f"differently ({diff}); finishing it so would repeat some examples and skip "
+                "others. Resume with the same settings and data, or start in a fresh output_dir"
             )
-
-
-DRAW_FIELDS = ("seed", "batch_size", "grad_accum", "ratio_sampling", "train_ratios")
-"""`TrainConfig` fields that decide which examples and ratio each step trains on."""
 
 
 def state_dir(checkpoint: str | Path) -> Path:
