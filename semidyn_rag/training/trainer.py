@@ -625,6 +625,8 @@ class Trainer:
         content or order is not told apart."""
         cfg = self.config
         ratios = cfg.train_ratios or getattr(self.model.config, "ratios", None)
+        if cfg.ratio_sampling == "mode":  # each sample's own ratio: the candidates draw nothing
+            ratios = None
         return {
             "seed": cfg.seed,
             "examples_per_step": cfg.batch_size * cfg.grad_accum * self.accelerator.num_processes,
