@@ -915,7 +915,7 @@ def phase_run(phase: str, grad_accum: int = 1, precision: str = "no") -> TrainCo
         for name in ("save_every", "eval_every", "log_every")
         if getattr(config, name)
     }
-    held = {  # a side held for the whole phase stays held; one released later, as many examples in
+    released = {  # released part-way: after as many examples (a side held throughout stays so)
         name: getattr(config, name) // grad_accum
         for name in ("encoder_warmup_steps", "decoder_warmup_steps")
         if getattr(config, name) < config.steps
@@ -923,7 +923,7 @@ def phase_run(phase: str, grad_accum: int = 1, precision: str = "no") -> TrainCo
     return config.model_copy(
         update={
             **fewer,
-            **held,
+            **released,
             "steps": math.ceil(config.steps / grad_accum),
             "grad_accum": grad_accum * config.grad_accum,
             "mixed_precision": precision,
