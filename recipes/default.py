@@ -309,10 +309,30 @@ the latents carry more (answers through the decoder's own reconstruction 21 of 1
 its decoder answered 15 directly, having learnt its training questions by heart. Here the encoder
 side is held and the decoder adapter trains on ``RELEASE``'s draw plus `corpus_tasks`: mostly
 cloze questions it cannot know by heart."""
+QUESTION_FIRST = "Question: {question}\nContext: {context}\nQuestion: {question}"
+"""A prompt that asks before the context and again after it (`ASK`)."""
+ASK = TrainConfig.model_validate(
+    {
+        **SCALE.model_dump(),
+        "steps": 480,
+        "encoder_warmup_steps": 480,  # held throughout, as in the fifth phase
+        "output_dir": str(RUN / "ask"),
+        "eval_every": 160,
+    }
+)
+"""The decoder taught to read latents after the question (``PROMPT_TEMPLATES``): in the default
+prompt a causal decoder passes over the latents before it knows what it is asked, so their
+positions' states can only hold what any question might need; asked first, its 30 layers over the
+latents can decode what this question needs, while the latents stay question-independent and
+storable. ``SCALE``'s data and the fifth phase's settings, from the bundled default with a fresh
+optimizer. Untrained, the fifth phase read no better with this prompt (docs/experiments.md)."""
 CONTINUES = {"nudge2": "nudge", "shallow2": "shallow", "read": "joint"}
 """Phases that start from another phase shipped (``ship --phase <it>`` first), not from the fifth."""
 POOL_LAYERS = {"shallow": 0, "shallow2": 0}
 """Phases that pool another encoder layer than the bundled default's (0: the input embeddings)."""
+PROMPT_TEMPLATES = {"ask": QUESTION_FIRST}
+"""Phases that train on another prompt template than the bundled default's; a checkpoint keeps
+its template, so the phase shipped answers with the prompt it was trained on."""
 DEVICE = TrainConfig.model_validate({**MIX.model_dump(), "output_dir": str(RUN / "device")})
 """Where ``recipes/device_fetch.py`` installs a checkpoint trained on a GPU by
 ``recipes/device_run.py`` (docs/gpu.md), so that ``ship --phase device`` ships it."""
@@ -333,6 +353,7 @@ PHASES = {
     "diverse": DIVERSE,
     "broad": BROAD,
     "read": READ,
+    "ask": ASK,
     "device": DEVICE,
 }
 """The phases ``ship`` can ship, by name (``--phase``); the bundled default is ``mix``."""
@@ -818,6 +839,7 @@ PHASE_DRAWS = {
     "diverse": _every_answer,
     "broad": _every_answer,
     "read": _release_draw,
+    "ask": _every_answer,
 }
 """The phases that start from the bundled default, and what each draws: ``(mixed, taught) ->
 (distilled single-paragraph samples, reconstructions)``, from the counts of mixed prompts and of
@@ -946,6 +968,7 @@ def train_phase(phase: str, grad_accum: int = 1, precision: str = "no") -> None:
     it first), with a fresh optimizer; resumes the run's own last checkpoint."""
     torch.manual_seed(SEED)
     layers = {"pool_layer": POOL_LAYERS[phase]} if phase in POOL_LAYERS else {}
+    prompt = {"prompt_template": PROMPT_TEMPLATES[phase]} if phase in PROMPT_TEMPLATES else {}
     if layers and not PHASES[phase].align_steps:
         # without alignment the phase reads the shipped converter, fitted to the shipped layer
         shipped = json.loads((DEFAULT_CHECKPOINT / CONFIG_NAME).read_text()).get("pool_layer")
@@ -955,7 +978,7 @@ def train_phase(phase: str, grad_accum: int = 1, precision: str = "no") -> None:
                 f"which reads layer {shipped}: ship the phase it continues first"
             )
     model = SemiDynamicCompressor.from_pretrained(
-        None, dtype=torch.float32, head_layer=HEAD_LAYER, **layers
+        None, dtype=torch.float32, head_layer=HEAD_LAYER, **layers, **prompt
     )
     count = count_tokens(model.tokenizer)
     _, monitor = training_samples(count)

@@ -636,6 +636,37 @@ def test_train_phase_loads_the_pool_layer_its_phase_names(
     assert set(recipe.POOL_LAYERS) <= set(recipe.PHASE_DRAWS)
 
 
+@pytest.mark.parametrize("phase", ["ask", "mix"])
+def test_train_phase_loads_the_prompt_its_phase_trains_on(
+    phase: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ask`` trains on the question-first template (``PROMPT_TEMPLATES``), a valid template
+    that asks before and after the context; every other phase keeps the bundled default's."""
+    import default as recipe
+
+    from semidyn_rag.config import CompressorConfig
+
+    seen = {}
+
+    def fake_load(path, **kwargs):
+        seen.update(kwargs)
+        raise _Loaded
+
+    monkeypatch.setattr(recipe.SemiDynamicCompressor, "from_pretrained", fake_load)
+    with pytest.raises(_Loaded):
+        recipe.train_phase(phase)
+    if phase in recipe.PROMPT_TEMPLATES:
+        template = seen["prompt_template"]
+        assert template.index("{question}") < template.index("{context}")
+        assert template.rindex("{question}") > template.index("{context}")
+        CompressorConfig.model_validate(
+            {**recipe.COMPRESSOR.model_dump(), "prompt_template": template}
+        )
+    else:
+        assert "prompt_template" not in seen
+    assert set(recipe.PROMPT_TEMPLATES) <= set(recipe.PHASE_DRAWS)
+
+
 @pytest.mark.parametrize("shipped", [2, 0])
 def test_a_phase_that_does_not_align_needs_the_layer_its_converter_reads(
     shipped: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
