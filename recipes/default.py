@@ -1077,6 +1077,22 @@ def _scale_names(scales: list[float]) -> list[str]:
     return [f"semi_dynamic_scale_{s:+g}" for s in scales]
 
 
+def check_checkout(package: Path = DEFAULT_CHECKPOINT) -> None:
+    """Refuse to run when the imported ``semidyn_rag`` is not this checkout's: the phases start
+    from, ``ship`` replaces and ``eval`` measures the bundled default of the package imported,
+    while the runs and results are this checkout's. A second worktree run without its own
+    ``PYTHONPATH`` would overwrite the main checkout's default.
+
+    Raises:
+        SystemExit: ``package`` does not lie under `ROOT`.
+    """
+    if not package.resolve().is_relative_to(ROOT.resolve()):
+        raise SystemExit(
+            f"this recipe is {ROOT}'s, but it imports the bundled default from {package}: run "
+            f"it with PYTHONPATH={ROOT}"
+        )
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
@@ -1119,6 +1135,7 @@ def main() -> None:
         "--out", type=Path, default=RESULTS, help="eval: the SQuAD results directory"
     )
     args = parser.parse_args()
+    check_checkout()
     if args.step not in (*PHASE_DRAWS, "ship") and run_flags(args.grad_accum, args.mixed_precision):
         parser.error(
             f"--grad-accum and --mixed-precision apply to a phase or ship, not {args.step}"

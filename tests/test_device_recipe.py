@@ -576,6 +576,23 @@ def test_ship_refuses_an_anneal_that_has_not_decayed(
     assert not (shipped / "decoder").exists()
 
 
+def test_recipe_refuses_a_package_from_another_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run from a second worktree without its ``PYTHONPATH``, ``ship`` replaced the main
+    checkout's bundled default; the recipe now refuses before any step."""
+    import default as recipe
+
+    recipe.check_checkout()  # the suite imports this checkout's package
+    monkeypatch.setattr(recipe, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match=f"PYTHONPATH={tmp_path}"):
+        recipe.check_checkout()
+    monkeypatch.setattr(sys, "argv", ["default.py", "ship", "--phase", "ask"])
+    with pytest.raises(SystemExit, match="imports the bundled default from"):
+        recipe.main()
+    recipe.check_checkout(tmp_path / "semidyn_rag" / "default")
+
+
 def test_pack_refuses_a_missing_teacher_file(tmp_path: Path) -> None:
     """Without ``teacher_mixed.jsonl`` the device run would train the fifth phase without its
     mixed prompts (an empty work copy), a warning here the only sign."""
