@@ -361,6 +361,13 @@ FIELDS = json.loads(
    "help": "Weight of hidden-state distillation (`loss.hidden_state_loss`: the decoder's states at the question and answer against the base decoder's reading the plain text) on samples whose contexts' texts are known; 0: off"
   },
   {
+   "name": "gain_cap",
+   "metavar": "NUMBER",
+   "syntax": "a number or null",
+   "default": "null",
+   "help": "Weigh the LM and KD terms' answer tokens of samples with teacher targets by their context gain, capped here (`loss.context_gain_weights`, LongCE; 5 in its paper); `None`: uniform"
+  },
+  {
    "name": "ratio_sampling",
    "metavar": "multi|mode",
    "syntax": "one of multi|mode",

@@ -56,6 +56,7 @@ def evaluate_loss(
             encoder_grad=True,
             kd_weight=0.0,
             hidden_weight=0.0,
+            gain_cap=None,
         )
         totals += torch.tensor([float(out.loss), float(out.lm_loss), float(out.mse_loss)]) * len(
             batch

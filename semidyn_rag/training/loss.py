@@ -90,8 +90,9 @@ class LossFn(Protocol):
 
     ``ratio`` fixes the compression ratio for the batch (``None``: the model's mode decides),
     ``mse_weight`` is λ of Eq. 7, ``encoder_grad=False`` builds the latents without a graph, and
-    ``kd_weight`` weighs token-level distillation and ``hidden_weight`` hidden-state distillation
-    (see `compressor_loss`). A loss may ignore an
+    ``kd_weight`` weighs token-level distillation, ``hidden_weight`` hidden-state distillation
+    and ``gain_cap`` (``None``: off) caps the context-gain weights of the answer tokens (see
+    `compressor_loss`). A loss may ignore an
     argument that means nothing for its model, and raises ``ValueError`` for one it cannot honour.
     ``model`` is `Any` because each loss takes its own model class.
     """
@@ -106,20 +107,25 @@ class LossFn(Protocol):
         encoder_grad: bool,
         kd_weight: float,
         hidden_weight: float,
+        gain_cap: float | None,
     ) -> LossOutput: ...
 
 
 def distillation_loss(
-    logits: torch.Tensor, rows: torch.Tensor, examples: Sequence[TrainExample]
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    examples: Sequence[TrainExample],
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Sparse token-level KD: ``-Σ_k p_teacher(k) · log p_student(k)`` over the teacher's top-k,
-    averaged over every answer token of the examples that carry teacher targets.
+    averaged over every answer token of the examples that carry teacher targets (weighted by
+    ``weights`` ``[N]`` where given: ``Σ w·term / Σ w``).
 
     ``logits`` ``[N, V]`` are the student's at the positions that predict answer tokens, in order
     (`answer_logits`); ``rows`` ``[N]`` names each one's example. ``None`` when no example has
     targets. Raises ``ValueError`` when an example's targets do not cover its answer.
     """
-    terms = []
+    terms, picks = [], []
     for i, ex in enumerate(examples):
         if ex.teacher_ids is None or ex.teacher_logprobs is None:
             continue
@@ -133,7 +139,32 @@ def distillation_loss(
         ids = torch.as_tensor(ex.teacher_ids, device=logits.device)
         probs = torch.as_tensor(ex.teacher_logprobs, device=logits.device).exp()
         terms.append(-(probs * student.gather(-1, ids)).sum(-1))
-    return torch.cat(terms).mean() if terms else None
+        picks.append(picked)
+    if not terms:
+        return None
+    if weights is None:
+        return torch.cat(terms).mean()
+    w = weights[torch.cat(picks)]
+    return (w * torch.cat(terms)).sum() / w.sum()
+
+
+def context_gain_weights(
+    with_context: torch.Tensor, without_context: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """LongCE token weights (Fang et al., "What is Wrong with Perplexity for Long-context Language
+    Modeling?", ICLR 2025): ``min(exp(log p(x | context) − log p(x | no context)), cap)``.
+
+    ``with_context`` and ``without_context`` ``[N]`` are one model's log-probabilities (nats) of
+    the same answer tokens with and without the context. A token the context makes likelier (the
+    name or number an answer takes from the paragraph) weighs up to ``cap``; one the question
+    alone predicts (its restatement, the answer's grammar) weighs about 1 or less. Raises
+    ``ValueError`` when the shapes differ or ``cap`` is not above 0.
+    """
+    if with_context.shape != without_context.shape:
+        raise ValueError(f"{tuple(with_context.shape)} against {tuple(without_context.shape)}")
+    if not cap > 0:
+        raise ValueError(f"cap must be above 0, got {cap}")
+    return (with_context - without_context).exp().clamp(max=cap)
 
 
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -258,11 +289,19 @@ def compressor_loss(
     encoder_grad: bool = True,
     kd_weight: float = 0.0,
     hidden_weight: float = 0.0,
+    gain_cap: float | None = None,
 ) -> LossOutput:
     """Eq. 7: ``LM + λ·MSE(ŷ, y)`` for one batch (the LM loss counts answer tokens only), plus
     ``kd_weight ×`` `distillation_loss` where examples carry teacher targets, plus
     ``hidden_weight ×`` `hidden_state_loss` against the base decoder (adapter off, no gradient)
     reading the plain ``texts`` of the examples that carry them.
+
+    With a ``gain_cap``, the LM and KD terms weigh each answer token of an example with teacher
+    targets by `context_gain_weights` (capped there): the teacher's log-probability of the token
+    with the context against the base decoder's (adapter off, no gradient) from the question
+    alone; other tokens weigh 1. A teacher answer of 20-30 tokens mostly restates the question;
+    the few tokens it takes from the context are what reading the latents is for.
+    ``lm_loss`` stays the unweighted mean, comparable across runs.
 
     ``ratio`` fixes the structure for the whole batch (multi-ratio training draws one per batch);
     ``None`` lets the mode decide, with the label ``y`` standing in for the prediction so that
@@ -300,11 +339,16 @@ def compressor_loss(
         hidden = None
         if taught:
             hidden = _hidden_distillation(model, decoder, examples, taught, out, embeds, mask)
-    lm = nn.functional.cross_entropy(out.logits.float(), out.targets)
+        weights = (
+            None if gain_cap is None else _gain_weights(model, decoder, examples, out, gain_cap)
+        )
+    per_token = nn.functional.cross_entropy(out.logits.float(), out.targets, reduction="none")
+    lm = per_token.mean()
+    fitted = lm if weights is None else (weights * per_token).sum() / weights.sum()
     known = torch.isfinite(labels)
     mse = nn.functional.mse_loss(y_hat[known], labels[known]) if known.any() else y_hat.sum() * 0.0
-    loss = lm + mse_weight * mse
-    kd = distillation_loss(out.logits, out.rows, examples) if kd_weight else None
+    loss = fitted + mse_weight * mse
+    kd = distillation_loss(out.logits, out.rows, examples, weights) if kd_weight else None
     if kd is not None:
         loss = loss + kd_weight * kd
     if hidden is not None:
@@ -333,6 +377,49 @@ def _base_decoder(decoder: Any) -> Iterator[None]:
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
+
+
+def _gain_weights(
+    model: SemiDynamicCompressor,
+    decoder: nn.Module,
+    examples: Sequence[TrainExample],
+    student: AnswerLogits,
+    cap: float,
+) -> torch.Tensor:
+    """Per answer position of ``student`` ``[N]``: `context_gain_weights` for the examples with
+    teacher targets (the base decoder reading their questions alone), 1 for the others.
+
+    Raises ``ValueError`` when a teacher's targets do not hold the answer token they produced.
+    """
+    weights = torch.ones(student.rows.shape[0], device=student.logits.device)
+    taught = [i for i, ex in enumerate(examples) if ex.teacher_ids is not None]
+    if not taught:
+        return weights
+    prompts = [model.latent_prompt(examples[i].question, []) for i in taught]
+    embeds, mask, targets = model.embed_prompts(prompts, [examples[i].answer for i in taught])
+    with torch.no_grad(), _base_decoder(decoder):
+        bare = answer_logits(decoder, embeds, mask, targets)
+    bare_lp = bare.logits.float().log_softmax(-1).gather(-1, bare.targets[:, None]).squeeze(-1)
+    for j, i in enumerate(taught):
+        ex = examples[i]
+        ids_per_token, lps_per_token = ex.teacher_ids or [], ex.teacher_logprobs or []
+        if not len(ex.answer) == len(ids_per_token) == len(lps_per_token):
+            raise ValueError(
+                f"example {i}: teacher targets cover {len(ids_per_token)} tokens, the answer has "
+                f"{len(ex.answer)}"
+            )
+        with_context = []
+        for t, (token, ids, lps) in enumerate(zip(ex.answer, ids_per_token, lps_per_token)):
+            if token not in ids:
+                raise ValueError(f"example {i}: answer token {t} ({token}) is not in its teacher's")
+            with_context.append(lps[ids.index(token)])
+        picked = (student.rows == i).nonzero().squeeze(-1)
+        weights[picked] = context_gain_weights(
+            torch.tensor(with_context, device=weights.device),
+            bare_lp[(bare.rows == j).nonzero().squeeze(-1)],
+            cap,
+        )
+    return weights
 
 
 def _hidden_distillation(

@@ -185,6 +185,7 @@ def regressor_loss(
     encoder_grad: bool = True,
     kd_weight: float = 0.0,
     hidden_weight: float = 0.0,
+    gain_cap: float | None = None,
 ) -> LossOutput:
     """The regressor's `loss.LossFn`: MSE of its prediction against the known labels ``y``.
 
@@ -193,10 +194,14 @@ def regressor_loss(
     ``lm_loss`` is 0. A batch without labels gives a zero loss that still carries a graph.
 
     Raises:
-        ValueError: ``kd_weight`` or ``hidden_weight`` is not 0 (the regressor has no decoder
-            to distil into).
+        ValueError: ``kd_weight`` or ``hidden_weight`` is not 0, or a ``gain_cap`` is given (the
+            regressor has no decoder to distil into or answer tokens to weigh).
     """
-    for name, weight in (("kd_weight", kd_weight), ("hidden_weight", hidden_weight)):
+    for name, weight in (
+        ("kd_weight", kd_weight),
+        ("hidden_weight", hidden_weight),
+        ("gain_cap", gain_cap),
+    ):
         if weight:
             raise ValueError(f"{name}={weight}: the ratio regressor has no decoder to distil into")
     pairs = [(ctx, y) for ex in examples for ctx, y in zip(ex.contexts, ex.y) if math.isfinite(y)]

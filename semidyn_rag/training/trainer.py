@@ -103,6 +103,10 @@ class TrainConfig(BaseModel):
     question and answer against the base decoder's reading the plain text) on samples whose
     contexts' texts are known; 0: off. Costs one more decoder pass (no gradient) per batch. The
     `Trainer` refuses a weight above 0 when no training example carries its texts."""
+    gain_cap: float | None = Field(None, gt=0)
+    """Weigh the LM and KD terms' answer tokens of samples with teacher targets by their context
+    gain, capped here (`loss.context_gain_weights`, LongCE; 5 in its paper); ``None``: uniform.
+    Costs one more decoder pass (no gradient) over the questions alone per batch."""
     ratio_sampling: Literal["multi", "mode"] = "multi"
     """``multi``: one ratio drawn from the model's candidate set per optimizer step (multi-ratio
     and semi-dynamic mean pooling); ``mode``: the mode decides (fixed ratio/length; semi- and fully
@@ -225,6 +229,7 @@ class _Loss(nn.Module):
         encoder_grad: bool,
         kd_weight: float,
         hidden_weight: float,
+        gain_cap: float | None,
     ) -> tuple[torch.Tensor, ...]:
         """``(loss, lm, mse, kd, hidden)``; a distillation term that is off or absent is NaN."""
         out = self.loss_fn(
@@ -235,6 +240,7 @@ class _Loss(nn.Module):
             encoder_grad=encoder_grad,
             kd_weight=kd_weight,
             hidden_weight=hidden_weight,
+            gain_cap=gain_cap,
         )
         nan = torch.tensor(float("nan"))
         kd = nan if out.kd_loss is None else out.kd_loss
@@ -449,6 +455,7 @@ class Trainer:
                         self.step >= cfg.encoder_warmup_steps,
                         cfg.kd_weight,
                         cfg.hidden_weight,
+                        cfg.gain_cap,
                     )
                 acc.backward(loss / cfg.grad_accum)
             sums += torch.tensor([float(loss.detach()), float(lm), float(mse)]) / cfg.grad_accum
