@@ -71,6 +71,16 @@ def randomize_lora(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def talkative(model: SemiDynamicCompressor) -> SemiDynamicCompressor:
+    """``model`` with a random decoder that never picks a token without text (special tokens,
+    whitespace), so that its greedy answers are not empty; returns ``model``."""
+    tok = model.decoder_tokenizer
+    blank = [i for i in range(len(tok)) if not tok.decode([i], skip_special_tokens=True).strip()]
+    with torch.no_grad():
+        model.decoder.get_output_embeddings().weight[blank] = 0.0
+    return model
+
+
 def tiny_compressor(
     directory: str | Path,
     texts: Iterable[str],

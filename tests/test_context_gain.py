@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from semidyn_rag.testing import QA_SAMPLES as SAMPLES
-from semidyn_rag.testing import randomize_lora
+from semidyn_rag.testing import randomize_lora, talkative
 from semidyn_rag.training import loss
 from semidyn_rag.training.distill import teacher_answers
 from semidyn_rag.training.loss import compressor_loss, context_gain_weights
@@ -17,12 +17,7 @@ from semidyn_rag.training.samples import to_examples
 
 @pytest.fixture
 def compressor(make_compressor):
-    model = make_compressor()
-    tok = model.decoder_tokenizer  # a random decoder that answers with text, not blanks
-    blank = [i for i in range(len(tok)) if not tok.decode([i], skip_special_tokens=True).strip()]
-    with torch.no_grad():
-        model.decoder.get_output_embeddings().weight[blank] = 0.0
-    return model
+    return talkative(make_compressor())
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from torch import nn
 
 from semidyn_rag.decoder import LatentPrompt
 from semidyn_rag.testing import QA_SAMPLES as SAMPLES
+from semidyn_rag.testing import talkative
 from semidyn_rag.training.distill import plain_prompt, teacher_answers
 from semidyn_rag.training.loss import (
     TrainExample,
@@ -27,19 +28,9 @@ from semidyn_rag.training.samples import (
 )
 
 
-def _talkative(model):
-    """A tiny compressor whose random decoder never picks a token without text (special tokens,
-    whitespace), so that its answers are not empty."""
-    tok = model.decoder_tokenizer
-    blank = [i for i in range(len(tok)) if not tok.decode([i], skip_special_tokens=True).strip()]
-    with torch.no_grad():
-        model.decoder.get_output_embeddings().weight[blank] = 0.0
-    return model
-
-
 @pytest.fixture
 def compressor(make_compressor):
-    return _talkative(make_compressor())
+    return talkative(make_compressor())
 
 
 def test_teacher_answers_are_the_base_decoders_greedy_answers(compressor):
@@ -61,7 +52,7 @@ def test_teacher_answers_are_the_base_decoders_greedy_answers(compressor):
 
 
 def test_teacher_answers_ignore_the_decoder_adapter(compressor, make_compressor):
-    other = _talkative(make_compressor())
+    other = talkative(make_compressor())
     with torch.no_grad():
         for name, p in other.decoder.named_parameters():
             if "lora_B" in name and ".decoder." in name:
