@@ -79,7 +79,8 @@ class LossOutput:
     mse_loss: torch.Tensor
     """Mean squared error of the ratio head over the labelled compressed contexts (0: none)."""
     kd_loss: torch.Tensor | None = None
-    """Token-level distillation term (before its weight); ``None`` when no example has targets."""
+    """Token-level distillation term (before its weight), the plain mean over the taught answer
+    tokens even where context-gain weights shape ``loss``; ``None`` when no example has targets."""
     hidden_loss: torch.Tensor | None = None
     """Hidden-state distillation term (before its weight); ``None`` when it is off or no example
     carries its texts."""
@@ -125,6 +126,21 @@ def distillation_loss(
     (`answer_logits`); ``rows`` ``[N]`` names each one's example. ``None`` when no example has
     targets. Raises ``ValueError`` when an example's targets do not cover its answer.
     """
+    found = _distillation_terms(logits, rows, examples)
+    if found is None:
+        return None
+    terms, picks = found
+    if weights is None:
+        return terms.mean()
+    w = weights[picks]
+    return (w * terms).sum() / w.sum()
+
+
+def _distillation_terms(
+    logits: torch.Tensor, rows: torch.Tensor, examples: Sequence[TrainExample]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`distillation_loss`'s per-token terms ``[M]`` and their positions in ``logits`` ``[M]``,
+    over the answer tokens of the examples with teacher targets; ``None`` when none has any."""
     terms, picks = [], []
     for i, ex in enumerate(examples):
         if ex.teacher_ids is None or ex.teacher_logprobs is None:
@@ -142,10 +158,7 @@ def distillation_loss(
         picks.append(picked)
     if not terms:
         return None
-    if weights is None:
-        return torch.cat(terms).mean()
-    w = weights[torch.cat(picks)]
-    return (w * torch.cat(terms)).sum() / w.sum()
+    return torch.cat(terms), torch.cat(picks)
 
 
 def context_gain_weights(
@@ -157,13 +170,15 @@ def context_gain_weights(
     ``with_context`` and ``without_context`` ``[N]`` are one model's log-probabilities (nats) of
     the same answer tokens with and without the context. A token the context makes likelier (the
     name or number an answer takes from the paragraph) weighs up to ``cap``; one the question
-    alone predicts (its restatement, the answer's grammar) weighs about 1 or less. Raises
-    ``ValueError`` when the shapes differ or ``cap`` is not above 0.
+    alone predicts (its restatement, the answer's grammar) weighs about 1 or less. ``cap`` is at
+    least 1: below 1 it would flatten every token the context helps to the weight of one it does
+    not help (both at the cap), the very distinction the weights are for. Raises ``ValueError``
+    when the shapes differ or ``cap`` is below 1.
     """
     if with_context.shape != without_context.shape:
         raise ValueError(f"{tuple(with_context.shape)} against {tuple(without_context.shape)}")
-    if not cap > 0:
-        raise ValueError(f"cap must be above 0, got {cap}")
+    if not cap >= 1:
+        raise ValueError(f"cap must be at least 1, got {cap}")
     return (with_context - without_context).exp().clamp(max=cap)
 
 
@@ -299,9 +314,11 @@ def compressor_loss(
     With a ``gain_cap``, the LM and KD terms weigh each answer token of an example with teacher
     targets by `context_gain_weights` (capped there): the teacher's log-probability of the token
     with the context against the base decoder's (adapter off, no gradient) from the question
-    alone; other tokens weigh 1. A teacher answer of 20-30 tokens mostly restates the question;
-    the few tokens it takes from the context are what reading the latents is for.
-    ``lm_loss`` stays the unweighted mean, comparable across runs.
+    alone, normalised to mean 1 over the example's answer tokens; other tokens weigh 1. A teacher
+    answer of 20-30 tokens mostly restates the question; the few tokens it takes from the context
+    are what reading the latents is for. The weights move loss between an example's tokens, never
+    between examples. ``lm_loss`` and ``kd_loss`` stay the unweighted means, comparable across
+    runs (diagnostics; ``loss`` is what is optimised).
 
     ``ratio`` fixes the structure for the whole batch (multi-ratio training draws one per batch);
     ``None`` lets the mode decide, with the label ``y`` standing in for the prediction so that
@@ -344,13 +361,19 @@ def compressor_loss(
         )
     per_token = nn.functional.cross_entropy(out.logits.float(), out.targets, reduction="none")
     lm = per_token.mean()
-    fitted = lm if weights is None else (weights * per_token).sum() / weights.sum()
+    # The weights have mean 1 over each example's tokens, so over the batch too: this is still a
+    # mean over the batch's tokens, each example's share of it as without weights.
+    fitted = lm if weights is None else (weights * per_token).mean()
     known = torch.isfinite(labels)
     mse = nn.functional.mse_loss(y_hat[known], labels[known]) if known.any() else y_hat.sum() * 0.0
     loss = fitted + mse_weight * mse
-    kd = distillation_loss(out.logits, out.rows, examples, weights) if kd_weight else None
-    if kd is not None:
-        loss = loss + kd_weight * kd
+    kd = kd_fitted = None
+    found = _distillation_terms(out.logits, out.rows, examples) if kd_weight else None
+    if found is not None:
+        terms, picks = found
+        kd = terms.mean()  # logged unweighted, as lm_loss
+        kd_fitted = kd if weights is None else (weights[picks] * terms).sum() / weights[picks].sum()
+        loss = loss + kd_weight * kd_fitted
     if hidden is not None:
         loss = loss + hidden_weight * hidden
     return LossOutput(
@@ -387,12 +410,42 @@ def _gain_weights(
     cap: float,
 ) -> torch.Tensor:
     """Per answer position of ``student`` ``[N]``: `context_gain_weights` for the examples with
-    teacher targets (the base decoder reading their questions alone), 1 for the others.
+    teacher targets (the base decoder reading their questions alone), normalised to mean 1 over
+    each example's answer tokens; 1 for the others.
 
-    Raises ``ValueError`` when a teacher's targets do not hold the answer token they produced.
+    Raises ``ValueError`` when an example has only one of ``teacher_ids`` and
+    ``teacher_logprobs``, when its targets do not cover its answer or do not hold the answer token
+    they produced, or when its weights sum to 0 or are not finite.
     """
     weights = torch.ones(student.rows.shape[0], device=student.logits.device)
-    taught = [i for i, ex in enumerate(examples) if ex.teacher_ids is not None]
+    taught, with_context = [], []
+    for i, ex in enumerate(examples):
+        if (ex.teacher_ids is None) != (ex.teacher_logprobs is None):
+            given, missing = (
+                ("teacher_ids", "teacher_logprobs")
+                if ex.teacher_logprobs is None
+                else ("teacher_logprobs", "teacher_ids")
+            )
+            raise ValueError(
+                f"example {i}: {given} is set but {missing} is None; the context gain needs the "
+                "teacher's log-probability of each answer token among its top-k ids"
+            )
+        if ex.teacher_ids is None or ex.teacher_logprobs is None:
+            continue
+        if not len(ex.answer) == len(ex.teacher_ids) == len(ex.teacher_logprobs):
+            raise ValueError(
+                f"example {i}: teacher targets cover {len(ex.teacher_ids)} tokens (ids) and "
+                f"{len(ex.teacher_logprobs)} (log-probabilities), the answer has {len(ex.answer)}"
+            )
+        lp = []
+        for t, (token, ids, lps) in enumerate(
+            zip(ex.answer, ex.teacher_ids, ex.teacher_logprobs, strict=True)
+        ):
+            if token not in ids:
+                raise ValueError(f"example {i}: answer token {t} ({token}) is not in its teacher's")
+            lp.append(lps[ids.index(token)])
+        taught.append(i)
+        with_context.append(lp)
     if not taught:
         return weights
     prompts = [model.latent_prompt(examples[i].question, []) for i in taught]
@@ -400,25 +453,20 @@ def _gain_weights(
     with torch.no_grad(), _base_decoder(decoder):
         bare = answer_logits(decoder, embeds, mask, targets)
     bare_lp = bare.logits.float().log_softmax(-1).gather(-1, bare.targets[:, None]).squeeze(-1)
-    for j, i in enumerate(taught):
-        ex = examples[i]
-        ids_per_token, lps_per_token = ex.teacher_ids or [], ex.teacher_logprobs or []
-        if not len(ex.answer) == len(ids_per_token) == len(lps_per_token):
-            raise ValueError(
-                f"example {i}: teacher targets cover {len(ids_per_token)} tokens, the answer has "
-                f"{len(ex.answer)}"
-            )
-        with_context = []
-        for t, (token, ids, lps) in enumerate(zip(ex.answer, ids_per_token, lps_per_token)):
-            if token not in ids:
-                raise ValueError(f"example {i}: answer token {t} ({token}) is not in its teacher's")
-            with_context.append(lps[ids.index(token)])
-        picked = (student.rows == i).nonzero().squeeze(-1)
-        weights[picked] = context_gain_weights(
-            torch.tensor(with_context, device=weights.device),
+    for j, (i, lp) in enumerate(zip(taught, with_context, strict=True)):
+        gain = context_gain_weights(
+            torch.tensor(lp, device=weights.device),
             bare_lp[(bare.rows == j).nonzero().squeeze(-1)],
             cap,
         )
+        total = gain.sum()
+        if not (torch.isfinite(total) and total > 0):
+            raise ValueError(f"example {i}: its context-gain weights sum to {float(total)}")
+        # Per example, not per batch: normalised over the batch, a taught example whose tokens
+        # gain much would take loss from the gold and reconstruction examples (weight 1) beside
+        # it, by an amount that depends on which examples a batch drew. Mean 1 over its own
+        # tokens, the weights only redistribute its share among its tokens.
+        weights[(student.rows == i).nonzero().squeeze(-1)] = gain * (gain.numel() / total)
     return weights
 
 

@@ -103,10 +103,13 @@ class TrainConfig(BaseModel):
     question and answer against the base decoder's reading the plain text) on samples whose
     contexts' texts are known; 0: off. Costs one more decoder pass (no gradient) per batch. The
     `Trainer` refuses a weight above 0 when no training example carries its texts."""
-    gain_cap: float | None = Field(None, gt=0)
+    gain_cap: float | None = Field(None, ge=1)
     """Weigh the LM and KD terms' answer tokens of samples with teacher targets by their context
     gain, capped here (`loss.context_gain_weights`, LongCE; 5 in its paper); ``None``: uniform.
-    Costs one more decoder pass (no gradient) over the questions alone per batch."""
+    At least 1 (a lower cap would weigh the tokens the context helps no more than the others). The
+    weights are normalised to mean 1 over each sample's answer tokens: they shift loss among its
+    tokens, not between samples. Costs one more decoder pass (no gradient) over the questions
+    alone per batch. The `Trainer` refuses a cap when no training example has teacher targets."""
     ratio_sampling: Literal["multi", "mode"] = "multi"
     """``multi``: one ratio drawn from the model's candidate set per optimizer step (multi-ratio
     and semi-dynamic mean pooling); ``mode``: the mode decides (fixed ratio/length; semi- and fully
@@ -282,6 +285,14 @@ class Trainer:
                 f"hidden_weight={config.hidden_weight}, but no training example carries its "
                 "contexts' texts (TrainExample.texts; to_examples drops them where a context was "
                 "cut to max_context_tokens): hidden-state distillation would never run"
+            )
+        if config.gain_cap is not None and all(
+            getattr(ex, "teacher_ids", None) is None for ex in self.examples
+        ):
+            raise ValueError(
+                f"gain_cap={config.gain_cap}, but no training example has teacher targets "
+                "(TrainExample.teacher_ids, from distill.teacher_answers): the context-gain "
+                "weights would never apply"
             )
         self.labelled = sum(
             1 for ex in self.examples if any(math.isfinite(y) for y in getattr(ex, "y", ()))
