@@ -259,3 +259,20 @@ def test_the_trainer_refuses_a_cap_without_teacher_targets(compressor) -> None:
     config = TrainConfig(steps=1, batch_size=2, gain_cap=3.0, progress=False)
     with pytest.raises(ValueError, match=r"gain_cap=3\.0, but no training example has teacher"):
         Trainer(compressor, SAMPLES, config)  # gold answers only
+
+
+def test_half_set_teacher_targets_are_refused_without_a_cap_too(compressor, taught) -> None:
+    from semidyn_rag.training.loss import TrainExample
+
+    ex = taught[0]
+    with pytest.raises(ValueError, match="teacher_ids is set but teacher_logprobs is None"):
+        TrainExample(
+            contexts=ex.contexts,
+            question=ex.question,
+            answer=ex.answer,
+            y=ex.y,
+            teacher_ids=ex.teacher_ids,
+        )
+    ex.teacher_logprobs = None  # mutated after construction: the loss itself still refuses
+    with pytest.raises(ValueError, match="only one of teacher_ids and teacher_logprobs"):
+        compressor_loss(compressor, [ex], ratio=2, kd_weight=1.0)

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 class TrainExample:
     """One pre-tokenized training sample: contexts, the prompt around them, and the answer.
 
-    Raises ``ValueError`` when ``y`` or ``as_text`` do not have one entry per context.
+    Raises ``ValueError`` when ``y`` or ``as_text`` do not have one entry per context, or when
+    only one of ``teacher_ids`` and ``teacher_logprobs`` is given (the distillation term would
+    otherwise skip the example without a word).
     """
 
     contexts: list[list[int]]
@@ -60,6 +62,15 @@ class TrainExample:
         if self.as_text is not None and len(self.as_text) != len(self.contexts):
             raise ValueError(
                 f"{len(self.as_text)} as_text entries for {len(self.contexts)} contexts"
+            )
+        if (self.teacher_ids is None) != (self.teacher_logprobs is None):
+            given, missing = (
+                ("teacher_ids", "teacher_logprobs")
+                if self.teacher_logprobs is None
+                else ("teacher_logprobs", "teacher_ids")
+            )
+            raise ValueError(
+                f"{given} is set but {missing} is None: token-level distillation needs both"
             )
 
     def compressed(self) -> list[int]:
@@ -143,6 +154,8 @@ def _distillation_terms(
     over the answer tokens of the examples with teacher targets; ``None`` when none has any."""
     terms, picks = [], []
     for i, ex in enumerate(examples):
+        if (ex.teacher_ids is None) != (ex.teacher_logprobs is None):
+            raise ValueError(f"example {i}: only one of teacher_ids and teacher_logprobs is set")
         if ex.teacher_ids is None or ex.teacher_logprobs is None:
             continue
         picked = (rows == i).nonzero().squeeze(-1)
