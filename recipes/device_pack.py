@@ -20,6 +20,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import shlex
 import shutil
 import subprocess
@@ -42,9 +43,20 @@ COMMAND_LIMIT = 2000
 MAX_CARRY = 8
 """Carried paths one device call may name."""
 TEACHER_FILES = ("teacher.jsonl", "teacher_mixed.jsonl")
-"""Teacher files of ``runs/default`` every device run needs (``default.py teach``, ``teach-mixed``)."""
+"""Teacher files of ``runs/default`` every device run trains on (``default.py teach``,
+``teach-mixed``): carried when they exist, and the device run answers what they lack
+(`device_run.grow_teacher`); a missing one is a warning (`plan_teaching`), not an error."""
 GROWN_TEACHER_FILES = ("teacher_unanswerable.jsonl",)
-"""Teacher files carried when they exist: the device run answers what they lack (`grow_teacher`)."""
+"""Teacher files only some phases train on, carried when they exist (answered alike)."""
+MIXED_QUESTIONS = "mixed_questions.jsonl"
+"""Written beside the carried teacher files by `pack`: the mixed teacher's questions
+(``default.py retrieved_hotpot()[:MIXED_LIMIT]``, unanswered `TrainSample` lines). Retrieving
+them needs the all-MiniLM embedder, which does not travel; the device run answers those
+``teacher_mixed.jsonl`` lacks."""
+TEACH_RATE_GUESS = 20.0
+"""Teacher answers a second assumed for the device (32 new tokens, 64 prompts a batch, on the
+H200): a cautious guess, not a measurement (the one lent run had none to answer). It only sizes
+the ``--teach-s`` that `plan_teaching` suggests."""
 PART_PREFIX = "part-"
 SHA_NAME = "SHA256"
 """Beside the parts: ``<hex digest>  <file name>  <size in bytes>`` of the whole file."""
@@ -410,10 +422,10 @@ def exclude_device_dir(root: Path = ROOT) -> None:
 
 def copy_inputs(data: Path, teacher_files: Sequence[Path], out: Path) -> list[Path]:
     """Copy the recipe's data folders (SQuAD, HotpotQA) and the teacher files into ``out/data``
-    and ``out/teacher``; return those two folders.
+    and ``out/teacher``; return those two folders. `pack` names only the teacher files that exist.
 
     Raises:
-        FileNotFoundError: a data folder or a teacher file is missing.
+        FileNotFoundError: a data folder or a named teacher file is missing.
         ValueError: a teacher file holds a line that is not JSON (`copy_whole_lines`).
     """
     targets = [out / "data", out / "teacher"]
@@ -429,7 +441,7 @@ def copy_inputs(data: Path, teacher_files: Sequence[Path], out: Path) -> list[Pa
             folder.chmod(0o755)
     for path in teacher_files:
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: the phases the device runs train on it")
+            raise FileNotFoundError(f"{path} is missing: it was named to be carried")
         copy_whole_lines(path, targets[1] / path.name)
     return targets
 
@@ -470,6 +482,74 @@ def gguf_path() -> Path:
     return path
 
 
+def plan_teaching(data: Path, teacher_dir: Path, run_args: Sequence[str] = ()) -> dict[str, int]:
+    """Write `MIXED_QUESTIONS` into ``teacher_dir`` (the packed teacher folder) and count, by
+    teacher file, the questions the device run will answer before training: what
+    `device_run.teacher_todo` finds missing from the copies in ``teacher_dir``, for the phase
+    ``run_args`` name, on the packed ``data`` (the recipe's module constants pointed there for
+    the call and restored after, as ``device_run.point_recipe`` points them on the device; no
+    ``synth.jsonl`` there either). Logs the counts, as a warning when a `TEACHER_FILES` file was
+    not carried or the answers would take (at `TEACH_RATE_GUESS`) longer than ``--teach-s``,
+    suggesting the ``--teach-s`` to pass in ``--run-args``.
+
+    The recipe (torch, the embedder) is imported here only: this module keeps to the standard
+    library at module level, for the device.
+
+    Raises:
+        SystemExit: ``device_run``'s parser refuses ``run_args``.
+        ValueError: a teacher copy holds a line that is not a `TrainSample`.
+    """
+    import default as recipe  # the recipes folder is on sys.path: this script's, or the caller's
+    import device_run
+
+    from semidyn_rag.training.samples import write_jsonl
+
+    options = device_run.parse_args([*run_args, "--out", "unused"])
+    pointed = {
+        "DATA": data,
+        "RUN": teacher_dir,  # no synth.jsonl, as on the device: the same training questions
+        **{a: teacher_dir / getattr(recipe, a).name for a in device_run.TEACHER_ATTRS},
+    }
+    saved = {name: getattr(recipe, name) for name in pointed}
+    try:
+        for name, value in pointed.items():
+            setattr(recipe, name, value)
+        questions = recipe.retrieved_hotpot()[: recipe.MIXED_LIMIT]
+        write_jsonl(questions, teacher_dir / MIXED_QUESTIONS)
+        todo = device_run.teacher_todo(lambda text: len(text.split()), options.phase, questions)
+    finally:
+        for name, value in saved.items():
+            setattr(recipe, name, value)
+    left = {path.name: len(samples) for samples, path in todo}
+    missing = [n for n in TEACHER_FILES if not (teacher_dir / n).is_file()]
+    needed_s = math.ceil(sum(left.values()) / TEACH_RATE_GUESS)
+    counts = ", ".join(f"{n} {k}" for n, k in left.items())
+    if missing or needed_s > options.teach_s:
+        why = f"runs/default lacks {', '.join(missing)}" if missing else "the teacher files lag"
+        if needed_s > options.teach_s:
+            advice = f'pass --run-args "... --teach-s {10 * math.ceil(needed_s / 10)}"'
+        else:
+            advice = "enough if the guess holds; a larger --teach-s in --run-args if not"
+        logger.warning(
+            "%s: before training, the device run will answer the questions they lack (%s; "
+            "phase %s), about %d s at a guessed %.0f answers/s, within its --teach-s %g: %s (the "
+            "teacher also stops when a quarter of the budget is left for training), or answer "
+            "them here first (default.py teach --teach-limit 0, teach-mixed, teach-unanswerable). "
+            "What is not answered is left out of training and counted in device_results.json's "
+            "teacher_files",
+            why,
+            counts,
+            options.phase,
+            needed_s,
+            TEACH_RATE_GUESS,
+            options.teach_s,
+            advice,
+        )
+    else:
+        logger.info("the device run will answer %s first (phase %s)", counts, options.phase)
+    return left
+
+
 def pack(
     root: Path = ROOT,
     *,
@@ -484,10 +564,14 @@ def pack(
     ``run_args`` are appended to the last call's ``device_run`` command.
 
     ``download=None`` keeps the wheels already in ``.device/wheels`` (tests, a second packing).
+    The teacher files of ``runs/default`` are carried when they exist; what they lack (all of
+    it on a fresh checkout) the device run answers first, and `plan_teaching` says how much.
 
     Raises:
         ValueError: a call would be over a limit, the budget is refused (`check_budget`), a
-            teacher file holds a line that is not JSON; FileNotFoundError: an input is missing.
+            teacher file holds a line that is not JSON, or a kept wheel is not the pinned one;
+            FileNotFoundError: a data folder or the GGUF file is missing; SystemExit:
+            ``device_run`` refuses ``run_args``; what `plan_teaching` raises (the embedder).
     """
     check_budget(budget_s)  # before the downloads
     out = root / DEVICE_DIR
@@ -499,10 +583,11 @@ def pack(
     wheels.mkdir(parents=True, exist_ok=True)
     check_wheels(wheels, pinned_versions())
     run = root / "runs" / "default"
-    teacher_files = [run / n for n in TEACHER_FILES]
-    teacher_files += [p for p in (run / n for n in GROWN_TEACHER_FILES) if p.is_file()]
-    inputs = copy_inputs(data or root.parent / "shared" / "data", teacher_files, out)
+    names = (*TEACHER_FILES, *GROWN_TEACHER_FILES)
+    teacher_files = [p for p in (run / n for n in names) if p.is_file()]
     gguf = gguf or gguf_path()
+    inputs = copy_inputs(data or root.parent / "shared" / "data", teacher_files, out)
+    plan_teaching(*inputs, run_args)
     tree = tree_bytes(root)
     room = limit - PAYLOAD_MARGIN - tree
     first_extra = path_bytes(wheels)

