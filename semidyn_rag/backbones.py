@@ -159,9 +159,21 @@ def get(name: str) -> Backbone:
         ) from None
 
 
+_FIXED_MODES = ("fixed_ratio", "multi_ratio")
+"""Modes whose ratio is ``config.fixed_ratio`` unless a call passes one."""
+
+
 def fixed_by_mode(config: CompressorConfig, ratio: float | None) -> bool:
     """Whether the ratio is given rather than chosen by the head (explicit, or a fixed mode)."""
-    return ratio is not None or config.mode in ("fixed_ratio", "multi_ratio")
+    return ratio is not None or config.mode in _FIXED_MODES
+
+
+def _given_ratio(config: CompressorConfig, ratio: float | None) -> float | None:
+    """The explicit ``ratio``, else a fixed mode's ``config.fixed_ratio``; ``None``: the mode
+    chooses (from the head's prediction, or a fixed length)."""
+    if ratio is None and config.mode in _FIXED_MODES:
+        return config.fixed_ratio
+    return ratio
 
 
 def structure(
@@ -186,8 +198,7 @@ def structure(
     backbone = get(config.backbone)
     length = pooled_length(config, num_tokens)
     official = config.selector_semantics == "official"
-    if ratio is None and config.mode in ("fixed_ratio", "multi_ratio"):
-        ratio = config.fixed_ratio
+    ratio = _given_ratio(config, ratio)
     if ratio is None and config.mode == "semi_dynamic" and backbone.chooses_ratios:
         if official:
             ratio = selector.official_select_ratio(
@@ -247,7 +258,6 @@ def min_latents(config: CompressorConfig, num_tokens: int, ratio: float | None =
     """A lower bound on the latents a text of ``num_tokens`` tokens becomes: at the largest ratio
     the selector may pick (or the fixed or explicit one), at least one per segment."""
     segments = segment_count(num_tokens, config.max_segment_tokens)
-    if ratio is None and config.mode in ("fixed_ratio", "multi_ratio"):
-        ratio = config.fixed_ratio
-    top = ratio if ratio is not None else max(config.ratios)
+    given = _given_ratio(config, ratio)
+    top = given if given is not None else max(config.ratios)
     return max(segments, get(config.backbone).fewest_latents(num_tokens, top))
