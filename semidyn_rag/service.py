@@ -214,6 +214,13 @@ def marker(key: str, num_latents: int | None = None) -> str:
     return _SLOTS.issue(key, num_latents).marker
 
 
+def _issue_slots(entries: Sequence[tuple[str, int]], group: bool) -> list[Slot]:
+    """Fresh slots for ``(key, num_latents)`` entries, in order. With ``group`` and more than one
+    entry they share one new group id: a prompt resolved with ``whole_groups`` must hold them all."""
+    group_id = secrets.token_hex(8) if group and len(entries) > 1 else None
+    return [_SLOTS.issue(key, count, group_id, len(entries)) for key, count in entries]
+
+
 def parse_prompt(prompt: str, *, check_fragments: bool = True) -> list[str | Slot]:
     """Split ``prompt`` into text and the live slots of its markers, in order; uses nothing.
 
@@ -540,15 +547,8 @@ class LatentService:
             found.update({k: (c, "encoder") for k, c in zip(todo, fresh, strict=True)})
         for key in keys:
             self._remember(key, found[key][0])
-        group_id = secrets.token_hex(8) if group and len(keys) > 1 else None
-        return [
-            ChunkLatents(
-                k,
-                *found[k],
-                _SLOTS.issue(k, found[k][0].num_latents, group_id, len(keys)),
-            )
-            for k in keys
-        ]
+        slots = _issue_slots([(k, found[k][0].num_latents) for k in keys], group)
+        return [ChunkLatents(k, *found[k], slot) for k, slot in zip(keys, slots, strict=True)]
 
     async def acompress(
         self,
@@ -562,13 +562,8 @@ class LatentService:
 
     def regroup(self, chunks: Sequence[ChunkLatents]) -> list[ChunkLatents]:
         """The same chunks under freshly issued slots that form one group (see `compress`)."""
-        group_id = secrets.token_hex(8) if len(chunks) > 1 else None
-        return [
-            dataclasses.replace(
-                c, slot=_SLOTS.issue(c.key, c.context.num_latents, group_id, len(chunks))
-            )
-            for c in chunks
-        ]
+        slots = _issue_slots([(c.key, c.context.num_latents) for c in chunks], group=True)
+        return [dataclasses.replace(c, slot=s) for c, s in zip(chunks, slots, strict=True)]
 
     def compress_selectively(
         self,
