@@ -7,7 +7,8 @@ a question included, is text).
 Each call parses its prompt once (`semidyn_rag.prompting.prepare_prompt`: markers resolved into
 the `LatentPrompt` the decoder reads, positions counted, the window checked) before any slot is
 used; generation is `LatentService`'s. This module adds what LangChain expects around it: which
-markers the call reads, stop sequences, usage accounting and the chosen ratios.
+markers the call reads, stop sequences, usage accounting, the chosen ratios, and streamed chunks
+reported to the run's callbacks.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import contextlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.documents import Document
 from langchain_core.language_models.base import LangSmithParams
+from langchain_core.outputs import GenerationChunk
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from semidyn_rag.prompting import PreparedPrompt, prepare_prompt
 from semidyn_rag.service import (
@@ -247,6 +250,9 @@ class Outcome:
         }
 
 
+ChunkT = TypeVar("ChunkT", bound=GenerationChunk)
+"""The chunk type a model streams (`GenerationChunk`, or `ChatGenerationChunk` for chat)."""
+
 _NOT_APPLICABLE = frozenset({"api_key", "base_url", "timeout", "max_retries", "streaming"})
 """LangChain's standard parameters for remote APIs: accepted, and meaningless for a local decoder."""
 
@@ -316,7 +322,8 @@ class LatentDecoding(BaseModel):
         return self.model_name or config.decoder_model or config.encoder_model
 
     @property
-    def _decoding_params(self) -> dict[str, Any]:
+    def _identifying_params(self) -> dict[str, Any]:
+        """What identifies this model to LangChain's caches and traces (the same for both models)."""
         return {
             "model_name": self._model_name,
             "fingerprint": self.service.compressor.fingerprint,
@@ -527,6 +534,22 @@ class LatentDecoding(BaseModel):
             yield tail
         yield self._outcome("".join(emitted), prepared, counter, cutter.hit, gen)
 
+    def _stream_chunks(
+        self,
+        prompt: str,
+        stop: list[str] | None,
+        run_manager: CallbackManagerForLLMRun | None,
+        to_chunk: Callable[[str | Outcome], ChunkT],
+        **kwargs: Any,
+    ) -> Iterator[ChunkT]:
+        """`_decode_stream` as the model's chunks (``to_chunk`` of each text piece, then of the
+        `Outcome`), each reported to ``run_manager``'s ``on_llm_new_token`` before it is yielded."""
+        for item in self._decode_stream(prompt, stop, **kwargs):
+            chunk = to_chunk(item)
+            if run_manager is not None:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
     # ------------------------------------------------------------------ async
     async def _adecode_many(
         self, prompts: list[str], stop: list[str] | None, **kwargs: Any
@@ -574,3 +597,23 @@ class LatentDecoding(BaseModel):
             emitted.append(tail)
             yield tail
         yield self._outcome("".join(emitted), prepared, counter, cutter.hit, gen)
+
+    async def _astream_chunks(
+        self,
+        prompt: str,
+        stop: list[str] | None,
+        run_manager: AsyncCallbackManagerForLLMRun | None,
+        to_chunk: Callable[[str | Outcome], ChunkT],
+        **kwargs: Any,
+    ) -> AsyncIterator[ChunkT]:
+        """Async `_stream_chunks`, over `_adecode_stream` (closed with this generator: an async
+        generator left behind is only closed when the event loop finalizes it)."""
+        items = self._adecode_stream(prompt, stop, **kwargs)
+        try:
+            async for item in items:
+                chunk = to_chunk(item)
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+        finally:
+            await items.aclose()

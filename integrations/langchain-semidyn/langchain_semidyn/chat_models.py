@@ -87,10 +87,6 @@ class ChatSemiDynamic(LatentDecoding, BaseChatModel):
     def _llm_type(self) -> str:
         return "semidyn-chat"
 
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return self._decoding_params
-
     def _result(self, outcome: Outcome) -> ChatResult:
         message = AIMessage(content=outcome.text, usage_metadata=_usage(outcome))
         return ChatResult(
@@ -124,11 +120,9 @@ class ChatSemiDynamic(LatentDecoding, BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         """Real decoder tokens as they come; a last empty chunk carries usage and ratios."""
-        for item in self._decode_stream(render_messages(messages), stop, **kwargs):
-            chunk = _chunk(item)
-            if run_manager is not None:
-                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
+        yield from self._stream_chunks(
+            render_messages(messages), stop, run_manager, _chunk, **kwargs
+        )
 
     async def _astream(
         self,
@@ -137,10 +131,8 @@ class ChatSemiDynamic(LatentDecoding, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        async for item in self._adecode_stream(render_messages(messages), stop, **kwargs):
-            chunk = _chunk(item)
-            if run_manager is not None:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+        prompt = render_messages(messages)
+        async for chunk in self._astream_chunks(prompt, stop, run_manager, _chunk, **kwargs):
             yield chunk
 
 

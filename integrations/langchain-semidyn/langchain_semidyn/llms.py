@@ -56,10 +56,6 @@ class SemiDynamicLLM(LatentDecoding, LLM):
     def _llm_type(self) -> str:
         return "semidyn"
 
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return self._decoding_params
-
     # ``_call``/``_acall`` satisfy the `LLM` interface; ``_generate``/``_agenerate`` below are what
     # LangChain actually calls, so usage and ratios reach callbacks through ``llm_output``.
     def _call(
@@ -112,11 +108,7 @@ class SemiDynamicLLM(LatentDecoding, LLM):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         """Real decoder tokens as they come; a last empty chunk carries usage and ratios."""
-        for item in self._decode_stream(prompt, stop, **kwargs):
-            chunk = _chunk(item)
-            if run_manager is not None:
-                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
+        yield from self._stream_chunks(prompt, stop, run_manager, _chunk, **kwargs)
 
     async def _astream(
         self,
@@ -125,10 +117,7 @@ class SemiDynamicLLM(LatentDecoding, LLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
-        async for item in self._adecode_stream(prompt, stop, **kwargs):
-            chunk = _chunk(item)
-            if run_manager is not None:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+        async for chunk in self._astream_chunks(prompt, stop, run_manager, _chunk, **kwargs):
             yield chunk
 
 
