@@ -97,14 +97,27 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
             scores.append(None if value is None else float(value))
         return scores
 
-    def _selection_args(
+    def _plan(
         self,
-        todo: list[Document],
+        documents: Sequence[Document],
         query: str,
-        compression: CompressionPolicy,
+        scale: float | None,
+        ratio: float | None,
         expand_top_k: int | None,
-    ) -> dict[str, Any]:
-        return {
+    ) -> tuple[list[Document], CompressionPolicy, dict[str, Any]]:
+        """One call, before the encoder: the documents to compress, its ratio policy, and the
+        keyword arguments of the service's ``compress_selectively`` (``texts`` included).
+
+        Every document with text is compressed; empty ones are set aside. A document whose text
+        is a marker is compressed like any text: a marker carries latents only into the LLM call
+        it was issued for, never through a document. The ratio policy is the call's
+        ``scale``/``ratio``, then the fields, then the service's default (``None`` keeps the
+        wider value); invalid values are a ``ValueError``.
+        """
+        todo = [doc for doc in documents if doc.page_content.strip()]
+        compression = self.service.policy_for(self.scale, self.ratio).override(scale, ratio)
+        args = {
+            "texts": [doc.page_content for doc in todo],
             "query": query,
             "expand_top_k": self.expand_top_k if expand_top_k is None else expand_top_k,
             "scores": self._scores(todo),
@@ -112,22 +125,7 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
             "compression": compression,
             "group": True,  # one compression call: what a model call reads by default
         }
-
-    def _compression(self, scale: float | None, ratio: float | None) -> CompressionPolicy:
-        """The ratio policy of one call: its ``scale``/``ratio``, then the fields, then the
-        service's default (``None`` keeps the wider value); invalid values are a ``ValueError``."""
-        return self.service.policy_for(self.scale, self.ratio).override(scale, ratio)
-
-    def _split(self, documents: Sequence[Document]) -> tuple[list[Document], list[Document]]:
-        """Documents to compress (every one with text) and the empty ones, set aside.
-
-        A document whose text is a marker is compressed like any text: a marker carries latents
-        only into the LLM call it was issued for, never through a document.
-        """
-        todo, skipped = [], []
-        for doc in documents:
-            (todo if doc.page_content.strip() else skipped).append(doc)
-        return todo, skipped
+        return todo, compression, args
 
     def compress_documents(
         self,
@@ -146,10 +144,8 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
         one whose text is a marker included (text never stands for latents). A negative
         ``expand_top_k`` is a ``ValueError``.
         """
-        todo, _ = self._split(documents)
-        compression = self._compression(scale, ratio)
-        args = self._selection_args(todo, query, compression, expand_top_k)
-        selection = self.service.compress_selectively([d.page_content for d in todo], **args)
+        todo, compression, args = self._plan(documents, query, scale, ratio, expand_top_k)
+        selection = self.service.compress_selectively(**args)
         return self._merge(documents, todo, selection, compression)
 
     async def acompress_documents(
@@ -163,10 +159,8 @@ class SemiDynamicDocumentCompressor(BaseDocumentCompressor):
         expand_top_k: int | None = None,
     ) -> list[Document]:
         """Async `compress_documents`: the encoder runs in a worker thread."""
-        todo, _ = self._split(documents)
-        compression = self._compression(scale, ratio)
-        args = self._selection_args(todo, query, compression, expand_top_k)
-        selection = await self.service.acompress_selectively([d.page_content for d in todo], **args)
+        todo, compression, args = self._plan(documents, query, scale, ratio, expand_top_k)
+        selection = await self.service.acompress_selectively(**args)
         return self._merge(documents, todo, selection, compression)
 
     def _merge(
