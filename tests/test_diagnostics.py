@@ -309,3 +309,50 @@ def test_memorization_swap_gives_every_question_another_paragraph(memorization):
         memorization.swap_paragraphs(questions[:3])
     with pytest.raises(ValueError, match="two different paragraphs"):
         memorization.swap_paragraphs([])
+
+
+@pytest.fixture
+def fit_capacity(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fit_capacity
+
+    return fit_capacity
+
+
+def test_fit_capacity_takes_only_right_single_paragraph_teacher_answers(fit_capacity, tmp_path):
+    from semidyn_rag.training.samples import TeacherTargets, TrainSample, write_jsonl
+
+    taught = TeacherTargets(answer_ids=[5], top_ids=[[5]], top_logprobs=[[0.0]])
+
+    def row(i, answer, contexts=None, teacher=taught, gold="Paris"):
+        return TrainSample(
+            id=f"s{i}",
+            contexts=contexts or [f"paragraph {i % 3}"],
+            question=f"Q{i}?",
+            answer=answer,
+            provenance={"kind": "distilled", "gold": gold},
+            teacher=teacher,
+        )
+
+    rows = [
+        row(0, "It is Paris."),
+        row(1, "It is Lyon."),  # the teacher's answer misses the gold span
+        row(2, "paris, of course"),  # normalised match
+        row(3, "Paris", contexts=["a", "b"]),  # two paragraphs
+        row(4, "Paris", teacher=None),  # no teacher targets
+        row(5, "Paris", gold=""),  # no gold
+        row(6, "In Paris"),
+    ]
+    path = tmp_path / "teacher.jsonl"
+    write_jsonl(rows, path)
+    picked = fit_capacity.right_answers(path, 3)
+    assert [s.id for s in picked] == ["s0", "s2", "s6"]
+    questions = fit_capacity.as_questions(picked)
+    assert [q.answers for q in questions] == [["Paris"]] * 3
+    assert [q.contexts for q in questions] == [s.contexts for s in picked]
+    with pytest.raises(ValueError, match="holds 3 right single-paragraph answers, asked 4"):
+        fit_capacity.right_answers(path, 4)
+    with pytest.raises(FileNotFoundError, match="teach"):
+        fit_capacity.right_answers(tmp_path / "missing.jsonl", 1)
