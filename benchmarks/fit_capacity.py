@@ -10,19 +10,24 @@ latents, or whether the latents at this ratio (or a LoRA decoder reading them) c
 
 1. Take the first ``--samples`` single-paragraph teacher answers of ``runs/default/teacher.jsonl``
    (``recipes/default.py teach``) whose text holds the gold span, so each target is right.
-2. Answer their questions with the bundled default at ``--ratio``, reading the latents of the
-   question's own paragraph and of another question's (`memorization.swap_paragraphs`), and with
-   the untouched base decoder on the full text.
+2. Answer at ``--ratio`` with the bundled default: those questions reading their own paragraph's
+   latents and another question's (`memorization.swap_paragraphs`); the other SQuAD training
+   questions asked of the same paragraphs, never trained on (`same_paragraph_questions`); and
+   ``--held-out`` questions of the held-out articles (the ones ``eval`` asks). The untouched base
+   decoder on the full text gives each set's ceiling.
 3. Train the bundled default on those answers alone (the fifth phase's settings: KD and CE on the
    teacher's answer, encoder side held, only ``--ratio``) for ``--steps`` steps of batch 4, so
-   each answer is seen ``4 × steps / samples`` times; answer the same questions again.
+   each answer is seen ``4 × steps / samples`` times; answer every set again.
 
-Reading: own right and other wrong after training means the decoder learnt to read these answers
-from the latents (the limit of the CPU phases is data and steps); right with another paragraph's
-latents too means it learnt them by heart; right with neither means the latents at this ratio, or
-the adapter reading them, do not carry them. Records under ``--out``/records/<before|after>_<own|
-other>; ``fit_capacity.json`` and ``fit_capacity.md`` in ``--out``. Checkpoints go to ``--run-dir``
-(``runs/fit_capacity``, not kept in git; a rerun resumes there).
+Reading: the trained questions right from their own latents and wrong from another's means the
+decoder learnt to get these answers out of these latents, either by reading them or by keying
+answers it learnt by heart to its paragraph's latents; the untrained questions on the same
+paragraphs tell the two apart (reading carries over to them, keyed memory does not), and the
+held-out articles say what the passes cost elsewhere. Right with neither latents means the
+latents at this ratio, or the adapter reading them, do not carry the answers. Records under
+``--out``/records/<full|before|after>_<set>; ``fit_capacity.json`` and ``fit_capacity.md`` in
+``--out``. Checkpoints go to ``--run-dir`` (``runs/fit_capacity``, not kept in git; a rerun
+resumes there, and answers again only what its records lack).
 """
 
 from __future__ import annotations
@@ -30,14 +35,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from _common import ROOT, parser, portable, setup
+from _common import ROOT, SEED, parser, portable, recipe_split, setup
 from memorization import EVAL, swap_paragraphs
 
 from semidyn_rag import SemiDynamicCompressor
-from semidyn_rag.data import QASample
+from semidyn_rag.data import QASample, sample
 from semidyn_rag.evaluation import Evaluator, select_settings
 from semidyn_rag.metrics import substring_match
 from semidyn_rag.training.samples import TrainSample, read_jsonl
@@ -88,13 +94,31 @@ def as_questions(samples: list[TrainSample]) -> list[QASample]:
     ]
 
 
+def same_paragraph_questions(
+    pool: Sequence[QASample], fitted: Sequence[QASample]
+) -> list[QASample]:
+    """The questions of ``pool`` asked of a paragraph of ``fitted`` but not among them (by id and
+    by question): what training on ``fitted`` never showed, on paragraphs it did."""
+    paragraphs = {tuple(q.contexts) for q in fitted}
+    seen = {q.id for q in fitted} | {q.question for q in fitted}
+    return [
+        q
+        for q in pool
+        if tuple(q.contexts) in paragraphs and q.id not in seen and q.question not in seen
+    ]
+
+
 def answer_rates(
-    model: SemiDynamicCompressor, questions: list[QASample], ratio: float, out: Path, when: str
+    model: SemiDynamicCompressor,
+    sets: dict[str, list[QASample]],
+    ratio: float,
+    out: Path,
+    when: str,
 ) -> dict[str, float]:
-    """Accuracy at ``ratio`` reading each question's own paragraph and another's."""
+    """Accuracy at ``ratio`` on each named set of questions (records in ``out/records/<when>_<name>``)."""
     setting = select_settings(model, [f"fixed_ratio_{ratio:g}"])[0]
     rates = {}
-    for name, qs in (("own", questions), ("other", swap_paragraphs(questions))):
+    for name, qs in sets.items():
         evaluator = Evaluator(model, qs, out / "records" / f"{when}_{name}", **EVAL)
         rates[name] = evaluator.run_setting(setting).summary.accuracy
     logger.info("%s training: %s", when, rates)
@@ -107,23 +131,42 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--ratio", type=float, default=4.0)
+    p.add_argument("--held-out", type=int, default=100, help="held-out questions (as eval)")
     p.add_argument("--teacher", type=Path, default=TEACHER)
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="bf16")
     p.add_argument("--run-dir", type=Path, default=RUN / "fit_capacity", help="checkpoints")
     args = p.parse_args()
-    if args.samples < 2 or args.steps < 1 or args.ratio < 1:
-        p.error("--samples >= 2, --steps >= 1 and --ratio >= 1")
+    if args.samples < 2 or args.steps < 1 or args.ratio < 1 or args.held_out < 0:
+        p.error("--samples >= 2, --steps >= 1, --ratio >= 1 and --held-out >= 0")
     setup(args)
     samples = right_answers(args.teacher, args.samples)
-    questions = as_questions(samples)
+    trained = as_questions(samples)
+    train_pool, held_out = recipe_split(args.squad)
+    sets = {
+        "trained": trained,
+        "trained_other": swap_paragraphs(trained),
+        "same_paragraph": same_paragraph_questions(train_pool, trained),
+        "held_out": sample(held_out, args.held_out, SEED) if args.held_out else [],
+    }
+    sets = {name: qs for name, qs in sets.items() if qs}
     model = SemiDynamicCompressor.from_pretrained(
         args.checkpoint, device=args.device, dtype=torch.float32, head_layer=HEAD_LAYER
     )
-    results: dict = {"samples": len(samples), "steps": args.steps, "ratio": args.ratio}
+    results: dict = {
+        "samples": len(samples),
+        "steps": args.steps,
+        "ratio": args.ratio,
+        "questions": {name: len(qs) for name, qs in sets.items()},
+    }
     full = select_settings(model, ["full_context"])[0]
-    base = Evaluator(model, questions, args.out / "records" / "full", **EVAL)
-    results["full_context"] = base.run_setting(full).summary.accuracy
-    results["before"] = answer_rates(model, questions, args.ratio, args.out, "before")
+    results["full_context"] = {
+        name: Evaluator(model, qs, args.out / "records" / f"full_{name}", **EVAL)
+        .run_setting(full)
+        .summary.accuracy
+        for name, qs in sets.items()
+        if name != "trained_other"
+    }
+    results["before"] = answer_rates(model, sets, args.ratio, args.out, "before")
     config = TrainConfig(
         steps=args.steps,
         batch_size=4,
@@ -142,7 +185,7 @@ def main() -> None:
     trainer = Trainer(model, samples, config)
     trainer.train()
     results["passes"] = round(4 * trainer.step / len(samples), 1)
-    results["after"] = answer_rates(model.eval(), questions, args.ratio, args.out, "after")
+    results["after"] = answer_rates(model.eval(), sets, args.ratio, args.out, "after")
     results["command"] = " ".join(
         ["python", "benchmarks/fit_capacity.py", *map(portable, sys.argv[1:])]
     )
@@ -153,17 +196,37 @@ def main() -> None:
     print(report)
 
 
+ROWS = {
+    "trained": "the trained questions, their own paragraph's latents",
+    "trained_other": "the trained questions, another paragraph's latents",
+    "same_paragraph": "other questions on the trained paragraphs (not trained)",
+    "held_out": "held-out articles (the questions `eval` asks)",
+}
+
+
 def _report(r: dict) -> str:
-    return (
+    lines = [
         f"# Fitting {r['samples']} teacher answers at ratio {r['ratio']:g} "
-        f"({r['steps']} steps, each answer seen {r['passes']} times)\n\n"
-        "| | own paragraph's latents | another paragraph's latents |\n|---|---:|---:|\n"
-        f"| before | {r['before']['own']:.3f} | {r['before']['other']:.3f} |\n"
-        f"| after | {r['after']['own']:.3f} | {r['after']['other']:.3f} |\n\n"
-        f"Full context (base decoder, text): {r['full_context']:.3f}. "
-        "Every teacher answer holds its gold span.\n\n"
-        f"Command: `{r['command']}`\n"
-    )
+        f"({r['steps']} steps, each answer seen {r['passes']} times)\n",
+        "| questions | n | before | after | full context (base decoder, text) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, n in r["questions"].items():
+        full = r["full_context"].get(name)
+        lines.append(
+            f"| {ROWS[name]} | {n} | {r['before'][name]:.3f} | {r['after'][name]:.3f} | "
+            + ("" if full is None else f"{full:.3f}")
+            + " |"
+        )
+    lines += [
+        "",
+        "Every trained teacher answer holds its gold span; the other rows are scored against "
+        "SQuAD's gold spans.",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -356,3 +356,21 @@ def test_fit_capacity_takes_only_right_single_paragraph_teacher_answers(fit_capa
         fit_capacity.right_answers(path, 4)
     with pytest.raises(FileNotFoundError, match="teach"):
         fit_capacity.right_answers(tmp_path / "missing.jsonl", 1)
+
+
+def test_fit_capacity_same_paragraph_questions_are_the_untrained_ones(fit_capacity):
+    from semidyn_rag.data import QASample
+
+    def q(i, paragraph, question=None):
+        return QASample(
+            id=f"q{i}",
+            question=question or f"Q{i}?",
+            contexts=[paragraph],
+            answers=["a"],
+            source="squad",
+        )
+
+    fitted = [q(0, "p0"), q(1, "p1")]
+    pool = [q(0, "p0"), q(2, "p0"), q(3, "p2"), q(4, "p1"), q(5, "p1", question="Q1?")]
+    # q0 is trained; q3 is on another paragraph; q5 repeats a trained question under another id
+    assert [x.id for x in fit_capacity.same_paragraph_questions(pool, fitted)] == ["q2", "q4"]
