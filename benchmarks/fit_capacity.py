@@ -8,21 +8,23 @@ phase (docs/experiments.md), which saw each of its few hundred training answers 
 asks whether more passes over the same answers would teach the decoder to read them from the
 latents, or whether the latents at this ratio (or a LoRA decoder reading them) cannot carry them:
 
-1. Take the first ``--samples`` single-paragraph teacher answers of ``runs/default/teacher.jsonl``
-   (``recipes/default.py teach``) whose text holds the gold span, so each target is right.
-2. Answer at ``--ratio`` with the bundled default: those questions reading their own paragraph's
-   latents and another question's (`memorization.swap_paragraphs`); the other SQuAD training
-   questions asked of the same paragraphs, never trained on (`same_paragraph_questions`); and
-   ``--held-out`` questions of the held-out articles (the ones ``eval`` asks). The untouched base
-   decoder on the full text gives each set's ceiling.
-3. Train the bundled default on those answers alone (the fifth phase's settings: KD and CE on the
-   teacher's answer, encoder side held, only ``--ratio``) for ``--steps`` steps of batch 4, so
-   each answer is seen ``4 × steps / samples`` times; answer every set again.
+1. Take the single-paragraph teacher answers of ``runs/default/teacher.jsonl`` (``recipes/default.py
+   teach``) whose text holds the gold span, so each target is right, on paragraphs with at least
+   two such answers; per paragraph the last is held aside and the others train, up to
+   ``--samples`` (`split_aside`).
+2. Answer at ``--ratio`` with the bundled default: the trained questions reading their own
+   paragraph's latents and another question's (`memorization.swap_paragraphs`); the held-aside
+   questions, which the base decoder answers right from the same paragraphs' text but training
+   never shows; and ``--held-out`` questions of the held-out articles (the ones ``eval`` asks).
+   The untouched base decoder on the full text gives each set's ceiling.
+3. Train the bundled default on the trained answers alone (the fifth phase's settings: KD and CE
+   on the teacher's answer, encoder side held, only ``--ratio``) for ``--steps`` steps of batch 4,
+   so each answer is seen ``4 × steps / samples`` times; answer every set again.
 
 Reading: the trained questions right from their own latents and wrong from another's means the
 decoder learnt to get these answers out of these latents, either by reading them or by keying
-answers it learnt by heart to its paragraph's latents; the untrained questions on the same
-paragraphs tell the two apart (reading carries over to them, keyed memory does not), and the
+answers it learnt by heart to its paragraph's latents; the held-aside questions tell the two apart
+(reading the trained paragraphs better carries over to them, keyed memory does not), and the
 held-out articles say what the passes cost elsewhere. Right with neither latents means the
 latents at this ratio, or the adapter reading them, do not carry the answers. Records under
 ``--out``/records/<full|before|after>_<set>; ``fit_capacity.json`` and ``fit_capacity.md`` in
@@ -56,28 +58,58 @@ TEACHER = RUN / "default" / "teacher.jsonl"
 HEAD_LAYER = 2  # as recipes/default.py reads the ratio head (encoding stops there)
 
 
-def right_answers(path: Path, count: int) -> list[TrainSample]:
-    """The first ``count`` single-paragraph teacher answers in ``path`` that hold their gold span.
+def right_answers(path: Path) -> list[TrainSample]:
+    """The single-paragraph teacher answers in ``path`` that hold their gold span, in file order.
 
     Raises:
         FileNotFoundError: ``path`` is missing (``recipes/default.py teach`` writes it).
-        ValueError: fewer than ``count`` such answers (or fewer than two paragraphs among them).
     """
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `python recipes/default.py teach`")
-    picked = [
+    return [
         s
         for s in read_jsonl(path)
         if len(s.contexts) == 1
         and s.teacher is not None
         and s.provenance.get("gold")
         and substring_match(s.answer, [s.provenance["gold"]])
-    ][:count]
-    if len(picked) < count or len({s.contexts[0] for s in picked}) < 2:
+    ]
+
+
+def split_aside(
+    right: Sequence[TrainSample], count: int
+) -> tuple[list[TrainSample], list[TrainSample]]:
+    """``count`` answers to train on, and one held-aside answer on each of their paragraphs.
+
+    Only paragraphs with at least two answers in ``right`` take part, in order of first
+    appearance: the last answer of each is held aside (unless its question is also asked in
+    training), the others train until there are ``count``.
+
+    Raises:
+        ValueError: fewer than ``count`` answers to train on, or fewer than two paragraphs.
+    """
+    by_paragraph: dict[str, list[TrainSample]] = {}
+    for s in right:
+        by_paragraph.setdefault(s.contexts[0], []).append(s)
+    trained: list[TrainSample] = []
+    aside: list[TrainSample] = []
+    for answers in by_paragraph.values():
+        if len(trained) == count:
+            break
+        if len(answers) < 2:
+            continue
+        trained += answers[:-1][: count - len(trained)]
+        aside.append(answers[-1])
+    if len(trained) < count:
         raise ValueError(
-            f"{path} holds {len(picked)} right single-paragraph answers, asked {count}"
+            f"{len(trained)} right answers on paragraphs with another right answer to hold "
+            f"aside, asked {count}: teach more questions (`--teach-limit 0`)"
         )
-    return picked
+    if len({s.contexts[0] for s in trained}) < 2:
+        # swap_paragraphs needs another paragraph's latents for each question
+        raise ValueError(f"the {count} answers to train on share one paragraph: ask more")
+    asked = {s.question for s in trained}
+    return trained, [s for s in aside if s.question not in asked]
 
 
 def as_questions(samples: list[TrainSample]) -> list[QASample]:
@@ -91,20 +123,6 @@ def as_questions(samples: list[TrainSample]) -> list[QASample]:
             source=s.source,
         )
         for s in samples
-    ]
-
-
-def same_paragraph_questions(
-    pool: Sequence[QASample], fitted: Sequence[QASample]
-) -> list[QASample]:
-    """The questions of ``pool`` asked of a paragraph of ``fitted`` but not among them (by id and
-    by question): what training on ``fitted`` never showed, on paragraphs it did."""
-    paragraphs = {tuple(q.contexts) for q in fitted}
-    seen = {q.id for q in fitted} | {q.question for q in fitted}
-    return [
-        q
-        for q in pool
-        if tuple(q.contexts) in paragraphs and q.id not in seen and q.question not in seen
     ]
 
 
@@ -139,13 +157,13 @@ def main() -> None:
     if args.samples < 2 or args.steps < 1 or args.ratio < 1 or args.held_out < 0:
         p.error("--samples >= 2, --steps >= 1, --ratio >= 1 and --held-out >= 0")
     setup(args)
-    samples = right_answers(args.teacher, args.samples)
+    samples, aside = split_aside(right_answers(args.teacher), args.samples)
     trained = as_questions(samples)
-    train_pool, held_out = recipe_split(args.squad)
+    _, held_out = recipe_split(args.squad)
     sets = {
         "trained": trained,
         "trained_other": swap_paragraphs(trained),
-        "same_paragraph": same_paragraph_questions(train_pool, trained),
+        "aside": as_questions(aside),
         "held_out": sample(held_out, args.held_out, SEED) if args.held_out else [],
     }
     sets = {name: qs for name, qs in sets.items() if qs}
@@ -199,7 +217,7 @@ def main() -> None:
 ROWS = {
     "trained": "the trained questions, their own paragraph's latents",
     "trained_other": "the trained questions, another paragraph's latents",
-    "same_paragraph": "other questions on the trained paragraphs (not trained)",
+    "aside": "held-aside questions on the trained paragraphs (right from text, not trained)",
     "held_out": "held-out articles (the questions `eval` asks)",
 }
 
@@ -220,8 +238,8 @@ def _report(r: dict) -> str:
         )
     lines += [
         "",
-        "Every trained teacher answer holds its gold span; the other rows are scored against "
-        "SQuAD's gold spans.",
+        "Every trained and held-aside teacher answer holds its gold span; every row is scored "
+        "against SQuAD's gold spans.",
         "",
         f"Command: `{r['command']}`",
         "",

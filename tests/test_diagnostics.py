@@ -321,56 +321,65 @@ def fit_capacity(monkeypatch):
     return fit_capacity
 
 
+def _taught(i, answer, contexts=None, teacher="taught", gold="Paris", question=None):
+    from semidyn_rag.training.samples import TeacherTargets, TrainSample
+
+    if teacher == "taught":
+        teacher = TeacherTargets(answer_ids=[5], top_ids=[[5]], top_logprobs=[[0.0]])
+    return TrainSample(
+        id=f"s{i}",
+        contexts=contexts or [f"paragraph {i % 3}"],
+        question=question or f"Q{i}?",
+        answer=answer,
+        provenance={"kind": "distilled", "gold": gold},
+        teacher=teacher,
+    )
+
+
 def test_fit_capacity_takes_only_right_single_paragraph_teacher_answers(fit_capacity, tmp_path):
-    from semidyn_rag.training.samples import TeacherTargets, TrainSample, write_jsonl
-
-    taught = TeacherTargets(answer_ids=[5], top_ids=[[5]], top_logprobs=[[0.0]])
-
-    def row(i, answer, contexts=None, teacher=taught, gold="Paris"):
-        return TrainSample(
-            id=f"s{i}",
-            contexts=contexts or [f"paragraph {i % 3}"],
-            question=f"Q{i}?",
-            answer=answer,
-            provenance={"kind": "distilled", "gold": gold},
-            teacher=teacher,
-        )
+    from semidyn_rag.training.samples import write_jsonl
 
     rows = [
-        row(0, "It is Paris."),
-        row(1, "It is Lyon."),  # the teacher's answer misses the gold span
-        row(2, "paris, of course"),  # normalised match
-        row(3, "Paris", contexts=["a", "b"]),  # two paragraphs
-        row(4, "Paris", teacher=None),  # no teacher targets
-        row(5, "Paris", gold=""),  # no gold
-        row(6, "In Paris"),
+        _taught(0, "It is Paris."),
+        _taught(1, "It is Lyon."),  # the teacher's answer misses the gold span
+        _taught(2, "paris, of course"),  # normalised match
+        _taught(3, "Paris", contexts=["a", "b"]),  # two paragraphs
+        _taught(4, "Paris", teacher=None),  # no teacher targets
+        _taught(5, "Paris", gold=""),  # no gold
+        _taught(6, "In Paris"),
     ]
     path = tmp_path / "teacher.jsonl"
     write_jsonl(rows, path)
-    picked = fit_capacity.right_answers(path, 3)
+    picked = fit_capacity.right_answers(path)
     assert [s.id for s in picked] == ["s0", "s2", "s6"]
     questions = fit_capacity.as_questions(picked)
     assert [q.answers for q in questions] == [["Paris"]] * 3
     assert [q.contexts for q in questions] == [s.contexts for s in picked]
-    with pytest.raises(ValueError, match="holds 3 right single-paragraph answers, asked 4"):
-        fit_capacity.right_answers(path, 4)
     with pytest.raises(FileNotFoundError, match="teach"):
-        fit_capacity.right_answers(tmp_path / "missing.jsonl", 1)
+        fit_capacity.right_answers(tmp_path / "missing.jsonl")
 
 
-def test_fit_capacity_same_paragraph_questions_are_the_untrained_ones(fit_capacity):
-    from semidyn_rag.data import QASample
-
-    def q(i, paragraph, question=None):
-        return QASample(
-            id=f"q{i}",
-            question=question or f"Q{i}?",
-            contexts=[paragraph],
-            answers=["a"],
-            source="squad",
-        )
-
-    fitted = [q(0, "p0"), q(1, "p1")]
-    pool = [q(0, "p0"), q(2, "p0"), q(3, "p2"), q(4, "p1"), q(5, "p1", question="Q1?")]
-    # q0 is trained; q3 is on another paragraph; q5 repeats a trained question under another id
-    assert [x.id for x in fit_capacity.same_paragraph_questions(pool, fitted)] == ["q2", "q4"]
+def test_fit_capacity_holds_aside_one_right_answer_per_trained_paragraph(fit_capacity):
+    rows = [
+        _taught(0, "Paris", contexts=["p0"]),
+        _taught(1, "Paris", contexts=["p1"]),  # p1's only answer: neither trained nor aside
+        _taught(2, "Paris", contexts=["p0"]),
+        _taught(3, "Paris", contexts=["p2"]),
+        _taught(4, "Paris", contexts=["p0"]),
+        _taught(5, "Paris", contexts=["p2"]),
+        _taught(6, "Paris", contexts=["p3"]),
+        _taught(7, "Paris", contexts=["p3"]),
+    ]
+    trained, aside = fit_capacity.split_aside(rows, 3)
+    assert [s.id for s in trained] == ["s0", "s2", "s3"]
+    assert [s.id for s in aside] == ["s4", "s5"]  # p3 is not reached
+    trained, aside = fit_capacity.split_aside(rows, 4)
+    assert [s.id for s in trained] == ["s0", "s2", "s3", "s6"]
+    assert [s.id for s in aside] == ["s4", "s5", "s7"]
+    # a held-aside question that training also asks (on another paragraph) is dropped
+    repeated = [*rows[:5], _taught(5, "Paris", contexts=["p2"], question="Q0?")]
+    assert [s.id for s in fit_capacity.split_aside(repeated, 3)[1]] == ["s4"]
+    with pytest.raises(ValueError, match=r"3 right answers .* asked 5: teach more"):
+        fit_capacity.split_aside(rows[:6], 5)
+    with pytest.raises(ValueError, match="share one paragraph"):
+        fit_capacity.split_aside(rows[:5:2], 2)
