@@ -28,12 +28,16 @@ answers it learnt by heart to its paragraph's latents; the held-aside questions 
 held-out articles say what the passes cost elsewhere. Right with neither latents means the
 latents at this ratio, or the adapter reading them, do not carry the answers. Records under
 ``--out``/records/<full|before|after>_<set>; ``fit_capacity.json`` and ``fit_capacity.md`` in
-``--out``. Checkpoints go to ``--run-dir`` (``runs/fit_capacity``, not kept in git; a rerun
-resumes there, and answers again only what its records lack).
+``--out``. Checkpoints go to ``--run-dir``/<run key> (``runs/fit_capacity``, not kept in git):
+the key names the starting checkpoint, the trained answers, the ratio, the steps and the
+precision, so an interrupted run resumes from its last checkpoint (every 50 steps) and another
+configuration never finishes or reuses it; answers already recorded are not asked again.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -110,6 +114,19 @@ def split_aside(
         raise ValueError(f"the {count} answers to train on share one paragraph: ask more")
     asked = {s.question for s in trained}
     return trained, [s for s in aside if s.question not in asked]
+
+
+def run_key(args: argparse.Namespace, samples: Sequence[TrainSample]) -> str:
+    """A short digest of what decides the trained weights: the starting checkpoint, the trained
+    answers (ids and texts), the ratio, the steps and the precision."""
+    what = {
+        "checkpoint": str(args.checkpoint),
+        "samples": [(s.id, s.question, s.answer) for s in samples],
+        "ratio": args.ratio,
+        "steps": args.steps,
+        "mixed_precision": args.mixed_precision,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def as_questions(samples: list[TrainSample]) -> list[QASample]:
@@ -195,8 +212,8 @@ def main() -> None:
         kd_weight=1.0,
         train_ratios=[args.ratio],
         mixed_precision=args.mixed_precision,
-        output_dir=str(args.run_dir),
-        save_every=args.steps,
+        output_dir=str(args.run_dir / run_key(args, samples)),
+        save_every=min(50, args.steps),
         eval_every=0,
         resume_from="auto",
     )
@@ -238,8 +255,8 @@ def _report(r: dict) -> str:
         )
     lines += [
         "",
-        "Every trained and held-aside teacher answer holds its gold span; every row is scored "
-        "against SQuAD's gold spans.",
+        "Every trained and held-aside teacher answer holds its gold span; those rows are scored "
+        "against that span, the held-out row against all of SQuAD's answers to the question.",
         "",
         f"Command: `{r['command']}`",
         "",

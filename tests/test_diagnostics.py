@@ -383,3 +383,21 @@ def test_fit_capacity_holds_aside_one_right_answer_per_trained_paragraph(fit_cap
         fit_capacity.split_aside(rows[:6], 5)
     with pytest.raises(ValueError, match="share one paragraph"):
         fit_capacity.split_aside(rows[:5:2], 2)
+
+
+def test_fit_capacity_runs_of_other_configurations_never_share_a_checkpoint(fit_capacity):
+    import argparse
+
+    args = argparse.Namespace(checkpoint=None, ratio=4.0, steps=400, mixed_precision="bf16")
+    rows = [_taught(i, "Paris") for i in range(4)]
+    key = fit_capacity.run_key(args, rows)
+    assert key == fit_capacity.run_key(argparse.Namespace(**vars(args)), list(rows))
+    others = [
+        fit_capacity.run_key(args, rows[:3]),
+        fit_capacity.run_key(args, [*rows[:3], _taught(3, "Lyon")]),
+        fit_capacity.run_key(argparse.Namespace(**{**vars(args), "steps": 200}), rows),
+        fit_capacity.run_key(argparse.Namespace(**{**vars(args), "ratio": 8.0}), rows),
+        fit_capacity.run_key(argparse.Namespace(**{**vars(args), "checkpoint": "x"}), rows),
+        fit_capacity.run_key(argparse.Namespace(**{**vars(args), "mixed_precision": "no"}), rows),
+    ]
+    assert len({key, *others}) == 7
