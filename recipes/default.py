@@ -281,7 +281,7 @@ JOINT = TrainConfig.model_validate(
 """The paper's end-to-end training at GPU scale: ``RELEASE``'s optimisation (encoder adapter,
 converter and decoder adapter all train from step 0) on ``SCALE``'s data (every teacher answer),
 for thousands of steps. Every CPU phase that moved the encoder side ran 160-640 steps; this is the
-phase ``recipes/device_pack.py --run-args "--phase joint"`` runs on a GPU (a CPU takes days)."""
+phase ``recipes/device_pack.py --run-args="--phase joint"`` runs on a GPU (a CPU takes days)."""
 DIVERSE = TrainConfig.model_validate({**JOINT.model_dump(), "output_dir": str(RUN / "diverse")})
 """``JOINT`` on a corpus of thousands of paragraphs beside the teacher answers (`corpus_tasks`):
 cloze questions on every HotpotQA training paragraph, distractors included, and 1,000
@@ -565,14 +565,17 @@ MIXED_LIMIT = 192
 session afforded next to other work; more is better."""
 
 
-def retrieved_hotpot() -> list[TrainSample]:
+def retrieved_hotpot(limit: int | None = None) -> list[TrainSample]:
     """HotpotQA training rows (minus the monitor rows) with their ``RETRIEVED`` paragraphs most
     similar to the question under all-MiniLM-L6-v2, best first, as `expand_top_k` would see them;
-    the first ``k`` are flagged ``expanded`` with ``k`` drawn per row (seeded)."""
+    the first ``k`` are flagged ``expanded`` with ``k`` drawn per row (seeded).
+
+    ``limit``: the first rows only, the same as ``retrieved_hotpot()[:limit]``, encoding only
+    them (each row ranks its own paragraphs, and the draws go row by row in order)."""
     from semidyn_rag.embeddings import encode, load_sentence_model
 
     rows = from_qa_samples(load_hotpotqa(DATA / "hotpotqa" / "train.jsonl", distractors=True))
-    rows = rows[:-MONITOR]
+    rows = rows[:-MONITOR][:limit]
     embedder = load_sentence_model(None)
     rng = random.Random(SEED)
     out = []
@@ -596,7 +599,7 @@ def retrieved_hotpot() -> list[TrainSample]:
 def teach_mixed() -> None:
     """Teacher answers (full text of every retrieved paragraph) for `retrieved_hotpot`; resumable."""
     model = SemiDynamicCompressor.from_pretrained(None).eval()
-    teach_into(model, MIXED_TEACHER, retrieved_hotpot()[:MIXED_LIMIT], "mixed teacher")
+    teach_into(model, MIXED_TEACHER, retrieved_hotpot(MIXED_LIMIT), "mixed teacher")
 
 
 UNANSWERABLE_TEACHER = RUN / "teacher_unanswerable.jsonl"

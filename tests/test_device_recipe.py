@@ -1161,3 +1161,30 @@ def test_run_flags_name_the_cpu_run_and_other_steps_refuse_them(
     with pytest.raises(SystemExit) as exit_info:
         recipe.main()
     assert exit_info.value.code == 2 and "not distill" in capsys.readouterr().err
+
+
+def test_retrieved_hotpot_encodes_only_the_rows_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each row ranks its own paragraphs and the draws go row by row: the first rows alone are
+    the same as the first rows of all, and only they are encoded."""
+    import default as recipe
+
+    import semidyn_rag.embeddings as embeddings
+
+    data, _ = _fixture_data(tmp_path)
+    monkeypatch.setattr(recipe, "DATA", data)
+    monkeypatch.setattr(recipe, "MONITOR", 2)
+    encoded = []
+
+    def encode(model, texts, batch_size, normalize):
+        encoded.append(texts[0])
+        return [[float(len(t) % 7), float(sum(map(ord, t)) % 11)] for t in texts]
+
+    monkeypatch.setattr(embeddings, "load_sentence_model", lambda name: None)
+    monkeypatch.setattr(embeddings, "encode", encode)
+    every = recipe.retrieved_hotpot()
+    assert len(encoded) == len(every) == 18
+    encoded.clear()
+    first = recipe.retrieved_hotpot(5)
+    assert len(encoded) == 5 and first == every[:5]
