@@ -75,6 +75,9 @@ RETURN_FILE_LIMIT = 15 * 2**20
 """Bytes of one returned file (the tool takes 16 MiB at most)."""
 EVAL_SETTINGS = ("fixed_ratio_4", "fixed_ratio_8")
 TINY_VOCAB = 400
+TRAIN_SHARE = 0.25
+"""Share of ``--budget-s`` the teacher leaves to training (`grow_teacher` stops when less is
+left past the reserves; `teach_limit_s`)."""
 
 
 @dataclass
@@ -175,7 +178,7 @@ def tiny_model(work: Path, device: str) -> SemiDynamicCompressor:
 # ---------------------------------------------------------------------------- (a) teacher
 def mixed_questions(teacher_dir: Path) -> list[TrainSample]:
     """The mixed teacher's questions `device_pack` wrote into ``teacher_dir`` (`MIXED_QUESTIONS`:
-    ``default.py retrieved_hotpot()[:MIXED_LIMIT]``, retrieved there with an embedder that does
+    ``default.py retrieved_hotpot(MIXED_LIMIT)``, retrieved there with an embedder that does
     not travel). Call after `point_recipe`.
 
     Raises:
@@ -255,7 +258,7 @@ def grow_teacher(
     chunk = batch_size * 4
     chunks = ((t, p, start) for t, p in todo for start in range(0, len(t), chunk))
     for samples, path, start in chunks:
-        if time.monotonic() > deadline or clock.train_left() < clock.budget_s / 4:
+        if time.monotonic() > deadline or clock.train_left() < clock.budget_s * TRAIN_SHARE:
             break
         asked = samples[start : start + chunk]
         answers = teacher_answers(model.eval(), asked, batch_size=batch_size, progress=False)
@@ -474,50 +477,110 @@ def evaluate(model: SemiDynamicCompressor, limit: int, work: Path, batch_size: i
 
 
 # ---------------------------------------------------------------------------- main
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def _bounded(kind: type, least: float, strict: bool) -> Callable[[str], float]:
+    """An argparse ``type`` reading ``kind`` and refusing values under ``least`` (``least``
+    itself too when ``strict``) and non-finite ones, with a message naming the bound."""
+    bound = f"{'greater than' if strict else 'at least'} {least:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < least or (strict and value == least):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = _bounded(int, 0, strict=True)
+POSITIVE_FLOAT = _bounded(float, 0, strict=True)
+COUNT = _bounded(int, 0, strict=False)
+SECONDS = _bounded(float, 0, strict=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``device_run``'s options; sizes and counts must be positive, seconds not negative (the
+    parser refuses the rest, naming the option). `check_args` checks how they fit together."""
     device_dir = ROOT / DEVICE_DIR
     # no abbreviations: device_pack appends --run-args after the options the last call fixes,
     # and "--budget 100" must not pass its check and then override "--budget-s 480"
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True, help="returned files ($OUT)")
-    parser.add_argument("--budget-s", type=float, default=480, help="whole run, seconds")
+    parser.add_argument("--budget-s", type=POSITIVE_FLOAT, default=480, help="whole run, seconds")
     parser.add_argument("--phase", choices=DEVICE_PHASES, default="broad")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=32)
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
-    parser.add_argument("--teach-s", type=float, default=90, help="teacher answers, seconds")
-    parser.add_argument("--teach-batch", type=int, default=64)
-    parser.add_argument("--probe-steps", type=int, default=10)
-    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--teach-s", type=SECONDS, default=90, help="teacher answers, seconds")
+    parser.add_argument("--teach-batch", type=POSITIVE_INT, default=64)
+    parser.add_argument("--probe-steps", type=POSITIVE_INT, default=10)
+    parser.add_argument("--max-steps", type=POSITIVE_INT, default=None)
     parser.add_argument(
-        "--max-epochs", type=float, default=4, help="passes over the training set at most"
+        "--max-epochs",
+        type=POSITIVE_FLOAT,
+        default=4,
+        help="passes over the training set at most",
     )
-    parser.add_argument("--eval-limit", type=int, default=100, help="0: no evaluation")
-    parser.add_argument("--eval-s", type=float, default=60, help="kept for the evaluation")
-    parser.add_argument("--export-s", type=float, default=25, help="kept for the export")
+    parser.add_argument("--eval-limit", type=COUNT, default=100, help="0: no evaluation")
+    parser.add_argument("--eval-s", type=SECONDS, default=60, help="kept for the evaluation")
+    parser.add_argument("--export-s", type=SECONDS, default=25, help="kept for the export")
     parser.add_argument("--data", type=Path, default=device_dir / "data")
     parser.add_argument("--teacher-dir", type=Path, default=device_dir / "teacher")
     parser.add_argument("--parts", type=Path, default=device_dir / "gguf")
     parser.add_argument("--work", type=Path, default=Path("/tmp/semidyn_device"))
     parser.add_argument("--tiny", action="store_true", help="random tiny Qwen3 (smoke test)")
-    parser.add_argument("--tiny-samples", type=int, default=12)
-    args = parser.parse_args(argv)
-    if args.probe_steps < 1:
-        parser.error(f"--probe-steps must be at least 1, got {args.probe_steps}")
-    return args
+    parser.add_argument("--tiny-samples", type=POSITIVE_INT, default=12)
+    return parser
+
+
+def parse_args(
+    argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    """Parse ``argv`` with ``parser`` (`build_parser` when ``None``: ``device_pack`` passes one
+    whose errors name its ``--run-args``)."""
+    return (parser or build_parser()).parse_args(argv)
+
+
+def reserve_s(args: argparse.Namespace) -> float:
+    """Seconds of the budget kept from training: the export and, when evaluating, the
+    evaluation."""
+    return args.export_s + (args.eval_s if args.eval_limit else 0)
+
+
+def teach_limit_s(budget_s: float, reserve: float) -> float:
+    """Seconds from the run's start (the model load included) after which `grow_teacher` stops,
+    whatever ``--teach-s`` says: it leaves `TRAIN_SHARE` of the budget to training, past the
+    ``reserve`` (`reserve_s`). Not positive: the teacher answers nothing."""
+    return budget_s * (1 - TRAIN_SHARE) - reserve
+
+
+def check_args(args: argparse.Namespace) -> TrainConfig:
+    """What the parser cannot check option by option, before anything loads (``device_pack``
+    runs it on its ``--run-args`` too, before any device time is spent); returns the phase's
+    config (`phase_config`).
+
+    Raises:
+        ValueError: the export and evaluation reserves use up ``--budget-s``, or the phase
+            decays its learning rate.
+    """
+    reserve = reserve_s(args)
+    if args.budget_s <= reserve:
+        raise ValueError(
+            f"--budget-s {args.budget_s:g} leaves no training time after the {reserve:g} s kept "
+            "for --export-s and --eval-s: lower those or raise the budget"
+        )
+    precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
+    return phase_config(args.phase, args.batch_size, precision)
 
 
 def run(args: argparse.Namespace) -> dict:
     """Everything of one device run (module docstring); returns what `RESULTS_NAME` holds."""
-    reserve = args.export_s + (args.eval_s if args.eval_limit else 0)
-    if args.budget_s <= reserve:
-        raise ValueError(
-            f"--budget-s {args.budget_s} leaves no training time after the {reserve} s kept for "
-            "--export-s and --eval-s: lower those or raise the budget"
-        )
-    precision = args.mixed_precision or ("bf16" if args.device.startswith("cuda") else "no")
-    config = phase_config(args.phase, args.batch_size, precision)  # refuses before anything loads
-    clock = Clock(budget_s=args.budget_s, reserve_s=reserve)
+    config = check_args(args)  # refuses before anything loads
+    precision = config.mixed_precision
+    clock = Clock(budget_s=args.budget_s, reserve_s=reserve_s(args))
     torch.manual_seed(recipe.SEED)
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault(CACHE_ENV, str(args.work / "cache"))

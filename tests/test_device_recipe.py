@@ -1188,3 +1188,27 @@ def test_retrieved_hotpot_encodes_only_the_rows_asked_for(
     encoded.clear()
     first = recipe.retrieved_hotpot(5)
     assert len(encoded) == 5 and first == every[:5]
+
+
+PARSER_REFUSES = [
+    (["--batch-size", "0"], "--batch-size: must be greater than 0"),
+    (["--teach-s", "-5"], "--teach-s: must be at least 0"),
+    (["--max-epochs", "0"], "--max-epochs: must be greater than 0"),
+    (["--teach-batch", "0"], "--teach-batch: must be greater than 0"),
+    (["--max-steps", "-1"], "--max-steps: must be greater than 0"),
+    (["--eval-limit", "-1"], "--eval-limit: must be at least 0"),
+    (["--eval-s", "nan"], "--eval-s: must be at least 0"),
+    (["--batch-size", "x"], "'x' is not a number"),
+]
+"""Values ``device_run``'s parser itself refuses, with what its message says."""
+
+
+@pytest.mark.parametrize(("run_args", "says"), PARSER_REFUSES)
+def test_device_run_parser_refuses_sizes_and_seconds_out_of_range(
+    run_args: list, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import device_run
+
+    with pytest.raises(SystemExit):
+        device_run.parse_args(["--out", "o", *run_args])
+    assert says in capsys.readouterr().err
