@@ -124,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("files", type=Path, help="the files_at folder of the last device call")
     parser.add_argument("--run-dir", type=Path, default=Path(recipe.PHASES["device"].output_dir))
     args = parser.parse_args(argv)
+    # the checkpoint goes into this checkout's runs/ and ship reads it with the imported package
+    recipe.check_checkout()
     install(args.files, args.run_dir)
 
 

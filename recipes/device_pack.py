@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
 import shlex
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 logger = logging.getLogger("recipes.device_pack")
 
@@ -50,7 +52,7 @@ GROWN_TEACHER_FILES = ("teacher_unanswerable.jsonl",)
 """Teacher files only some phases train on, carried when they exist (answered alike)."""
 MIXED_QUESTIONS = "mixed_questions.jsonl"
 """Written beside the carried teacher files by `pack`: the mixed teacher's questions
-(``default.py retrieved_hotpot()[:MIXED_LIMIT]``, unanswered `TrainSample` lines). Retrieving
+(``default.py retrieved_hotpot(MIXED_LIMIT)``, unanswered `TrainSample` lines). Retrieving
 them needs the all-MiniLM embedder, which does not travel; the device run answers those
 ``teacher_mixed.jsonl`` lacks."""
 TEACH_RATE_GUESS = 20.0
@@ -86,6 +88,25 @@ an evaluation that overruns its reserve (the results are written before it)."""
 RUN_MIN_BUDGET_S = 120
 """The least ``--budget-s``: ``device_run``'s export and evaluation reserves (85 s) and some
 training."""
+CALLS_NAME = "calls.json"
+"""The call list in `DEVICE_DIR`: removed when a packing starts and written (atomically) when it
+has finished, so that it exists only beside the files it names; each call records the size and
+sha256 of every file it carries (``files``), which ``--check`` compares with the folder."""
+RUN_ARGS_REFUSED = {
+    "--device": "the last call sets it (cuda)",
+    "--budget-s": "the last call sets it: pass --budget-s to device_pack itself",
+    "--out": 'the last call sets it ("$OUT")',
+    "--parts": f"the last call sets it ({STASH}, where the calls stash the parts)",
+    "--data": "the packed data travels as .device/data, its default",
+    "--teacher-dir": "the packed teacher files travel as .device/teacher, its default",
+    "--tiny": "a smoke test on a random model: the first call runs it, the last trains SmolLM2",
+    "--tiny-samples": "only for --tiny, which the last call does not run",
+    "-h": "device_run's options: python recipes/device_run.py --help",
+    "--help": "device_run's options: python recipes/device_run.py --help",
+}
+"""``device_run`` options `check_run_args` refuses in ``--run-args``, with why: appended after
+the last call's own (`run_options`), they would override them or point the run away from what
+the calls carry."""
 
 
 @dataclass
@@ -97,6 +118,9 @@ class DeviceCall:
     payload: int = 0
     timeout_s: int = 120
     notes: list[str] = field(default_factory=list)
+    files: dict[str, list] = field(default_factory=dict)
+    """``[bytes, sha256]`` of every file the call carries, by path from the repository root
+    (`carried_files`; filled by `pack`)."""
 
 
 # ---------------------------------------------------------------------------- splitting the file
@@ -292,6 +316,12 @@ def check_budget(budget_s: float) -> None:
         )
 
 
+def run_options(budget_s: float, out: str = '"$OUT"') -> list[str]:
+    """The ``device_run`` options the last call sets itself (``out`` as its shell reads it):
+    ``--run-args`` follow them."""
+    return ["--device", "cuda", "--budget-s", f"{budget_s:g}", "--out", out, "--parts", STASH]
+
+
 def plan_calls(
     tree: int,
     parts: Sequence[Path],
@@ -343,8 +373,8 @@ def plan_calls(
             carry += [str(p.relative_to(root)) for p in last_paths]
             command += (
                 ENVIRONMENT
-                + f"python3 recipes/device_run.py --device cuda --budget-s {budget_s} "
-                + f'--out "$OUT" --parts {STASH}'
+                + "python3 recipes/device_run.py "
+                + " ".join(run_options(budget_s))
                 + "".join(f" {shlex.quote(a)}" for a in run_args)
             )
         payload = tree + sum(path_bytes(root / c) for c in carry)
@@ -410,9 +440,22 @@ def check_wheels(wheels: Path, versions: dict[str, str]) -> None:
 
 
 def exclude_device_dir(root: Path = ROOT) -> None:
-    """Make git ignore `DEVICE_DIR` through ``.git/info/exclude`` (created when missing), so it
-    travels only as ``carry``."""
-    exclude = root / ".git" / "info" / "exclude"
+    """Make git ignore `DEVICE_DIR` through the repository's ``info/exclude`` (created when
+    missing), so it travels only as ``carry``. Git names the file (``git rev-parse --git-path``):
+    in a worktree ``.git`` is a file, and the exclude file is the main checkout's, which every
+    worktree reads.
+
+    Raises:
+        subprocess.CalledProcessError: ``root`` is not a git checkout.
+    """
+    named = subprocess.run(
+        ["git", "rev-parse", "--git-path", "info/exclude"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    exclude = root / named  # relative to root, or absolute
     exclude.parent.mkdir(parents=True, exist_ok=True)
     lines = exclude.read_text().splitlines() if exclude.exists() else []
     entry = f"/{DEVICE_DIR}/"
@@ -447,23 +490,34 @@ def copy_inputs(data: Path, teacher_files: Sequence[Path], out: Path) -> list[Pa
 
 
 def copy_whole_lines(source: Path, target: Path) -> int:
-    """Copy the JSON lines of ``source`` up to its last newline (``teach`` may be appending to it:
-    a cut last line would fail the device run as it reads the file); return the lines copied.
+    """Copy the JSON lines of ``source``, read as `read_jsonl` reads them (blank lines skipped),
+    up to its last whole line; return the lines copied (blank ones not counted). ``teach`` may be
+    appending to the file: a last line without a newline is kept (its newline added, so that the
+    device run can append after it) when it is whole JSON, and left out, with a warning, when it
+    is a line being written (a cut line would fail the device run as it reads the file).
 
     Raises:
-        ValueError: a whole line is not JSON (naming it): the device run would fail on it.
+        ValueError: a line before the last newline is not JSON (naming it): the device run
+            would fail on it.
     """
-    text = source.read_bytes()
-    text = text[: text.rfind(b"\n") + 1]
-    lines = text.decode().splitlines()
-    for number, line in enumerate(lines, 1):
+    data = source.read_bytes()
+    end = data.rfind(b"\n") + 1
+    text, last = data[:end], data[end:]
+    if last.strip():
+        try:
+            json.loads(last.decode())
+            text = data + b"\n"
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError (a character cut in two)
+            logger.warning("%s: a last line being written was left out", source)
+    # split on newlines only, as reading the file does (str.splitlines also splits on U+2028 and
+    # other characters a JSON string may hold unescaped)
+    lines = [(n, line) for n, line in enumerate(text.decode().split("\n"), 1) if line.strip()]
+    for number, line in lines:
         try:
             json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{source}: line {number} is not JSON: {error}") from error
     target.write_bytes(text)
-    if len(text) < source.stat().st_size:
-        logger.warning("%s: a last line being written was left out", source)
     return len(lines)
 
 
@@ -482,29 +536,33 @@ def gguf_path() -> Path:
     return path
 
 
-def plan_teaching(data: Path, teacher_dir: Path, run_args: Sequence[str] = ()) -> dict[str, int]:
+def plan_teaching(
+    data: Path, teacher_dir: Path, run_args: Sequence[str] = (), budget_s: float = RUN_BUDGET_S
+) -> dict[str, int]:
     """Write `MIXED_QUESTIONS` into ``teacher_dir`` (the packed teacher folder) and count, by
     teacher file, the questions the device run will answer before training: what
     `device_run.teacher_todo` finds missing from the copies in ``teacher_dir``, for the phase
     ``run_args`` name, on the packed ``data`` (the recipe's module constants pointed there for
     the call and restored after, as ``device_run.point_recipe`` points them on the device; no
     ``synth.jsonl`` there either). Logs the counts, as a warning when a `TEACHER_FILES` file was
-    not carried or the answers would take (at `TEACH_RATE_GUESS`) longer than ``--teach-s``,
-    suggesting the ``--teach-s`` to pass in ``--run-args``.
+    not carried or the answers would take (at `TEACH_RATE_GUESS`) longer than the teacher may
+    run: ``--teach-s``, and at most what ``budget_s`` leaves it (`teaching_limit_s`). The
+    warning suggests a ``--teach-s`` for ``--run-args`` within that limit, and says so, with the
+    number, when the budget cannot hold every answer.
 
     The recipe (torch, the embedder) is imported here only: this module keeps to the standard
     library at module level, for the device.
 
     Raises:
-        SystemExit: ``device_run``'s parser refuses ``run_args``.
-        ValueError: a teacher copy holds a line that is not a `TrainSample`.
+        ValueError: `check_run_args` refuses ``run_args``, or a teacher copy holds a line that is
+            not a `TrainSample`.
     """
+    options = check_run_args(run_args, budget_s)
     import default as recipe  # the recipes folder is on sys.path: this script's, or the caller's
     import device_run
 
     from semidyn_rag.training.samples import write_jsonl
 
-    options = device_run.parse_args([*run_args, "--out", "unused"])
     pointed = {
         "DATA": data,
         "RUN": teacher_dir,  # no synth.jsonl, as on the device: the same training questions
@@ -514,7 +572,7 @@ def plan_teaching(data: Path, teacher_dir: Path, run_args: Sequence[str] = ()) -
     try:
         for name, value in pointed.items():
             setattr(recipe, name, value)
-        questions = recipe.retrieved_hotpot()[: recipe.MIXED_LIMIT]
+        questions = recipe.retrieved_hotpot(recipe.MIXED_LIMIT)  # encodes only those rows
         write_jsonl(questions, teacher_dir / MIXED_QUESTIONS)
         todo = device_run.teacher_todo(lambda text: len(text.split()), options.phase, questions)
     finally:
@@ -522,32 +580,122 @@ def plan_teaching(data: Path, teacher_dir: Path, run_args: Sequence[str] = ()) -
             setattr(recipe, name, value)
     left = {path.name: len(samples) for samples, path in todo}
     missing = [n for n in TEACHER_FILES if not (teacher_dir / n).is_file()]
-    needed_s = math.ceil(sum(left.values()) / TEACH_RATE_GUESS)
+    total = sum(left.values())
+    needed_s = math.ceil(total / TEACH_RATE_GUESS)
+    limit_s, why_limit = teaching_limit_s(options)
     counts = ", ".join(f"{n} {k}" for n, k in left.items())
-    if missing or needed_s > options.teach_s:
+    if missing or needed_s > min(options.teach_s, limit_s):
         why = f"runs/default lacks {', '.join(missing)}" if missing else "the teacher files lag"
-        if needed_s > options.teach_s:
-            advice = f'pass --run-args "... --teach-s {10 * math.ceil(needed_s / 10)}"'
+        here = "answer them here first (default.py teach --teach-limit 0, teach-mixed, "
+        here += "teach-unanswerable)"
+        if needed_s > limit_s:
+            fit = int(limit_s * TEACH_RATE_GUESS)
+            advice = (
+                f"about {fit} of the {total} answers fit in the budget: {here} or raise --budget-s"
+            )
+            if options.teach_s < limit_s:
+                advice += f'; pass --run-args="... --teach-s {limit_s}" to use all of it'
+        elif needed_s > options.teach_s:
+            suggested = min(10 * math.ceil(needed_s / 10), limit_s)
+            advice = f'pass --run-args="... --teach-s {suggested}", or {here}'
         else:
-            advice = "enough if the guess holds; a larger --teach-s in --run-args if not"
+            advice = (
+                f"enough if the guess holds; a larger --teach-s in --run-args if not, or {here}"
+            )
         logger.warning(
             "%s: before training, the device run will answer the questions they lack (%s; "
-            "phase %s), about %d s at a guessed %.0f answers/s, within its --teach-s %g: %s (the "
-            "teacher also stops when a quarter of the budget is left for training), or answer "
-            "them here first (default.py teach --teach-limit 0, teach-mixed, teach-unanswerable). "
-            "What is not answered is left out of training and counted in device_results.json's "
-            "teacher_files",
+            "phase %s), about %d s at a guessed %.0f answers/s, within its --teach-s %g and the "
+            "%d s the budget leaves the teacher (%s): %s. What is not answered is left out of "
+            "training and counted in device_results.json's teacher_files",
             why,
             counts,
             options.phase,
             needed_s,
             TEACH_RATE_GUESS,
             options.teach_s,
+            limit_s,
+            why_limit,
             advice,
         )
     else:
         logger.info("the device run will answer %s first (phase %s)", counts, options.phase)
     return left
+
+
+LOAD_GUESS_S = 20
+"""Seconds the last call's run spends reassembling, converting and loading the GGUF before the
+teacher starts (17.7 measured on the H200): the teacher's stop (`device_run.teach_limit_s`) counts
+them."""
+
+
+def teaching_limit_s(options: argparse.Namespace) -> tuple[int, str]:
+    """The seconds the run's budget leaves the teacher whatever ``--teach-s`` says (not below 0)
+    and how they come about: `grow_teacher` stops `device_run.teach_limit_s` seconds into the
+    run, less `LOAD_GUESS_S` for loading."""
+    import device_run
+
+    reserve = device_run.reserve_s(options)
+    stop = device_run.teach_limit_s(options.budget_s, reserve)
+    why = (
+        f"it stops {stop:g} s into the run, {1 - device_run.TRAIN_SHARE:g} x --budget-s "
+        f"{options.budget_s:g} less the {reserve:g} s kept for export and evaluation, and "
+        f"loading takes about {LOAD_GUESS_S} s"
+    )
+    return max(0, math.floor(stop - LOAD_GUESS_S)), why
+
+
+def carried_files(root: Path, carry: Sequence[str]) -> dict[str, list]:
+    """``[bytes, sha256]`` of every file under the ``carry`` paths (files or folders), by its
+    ``/``-separated path from ``root``."""
+    files = []
+    for name in carry:
+        path = root / name
+        files += [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {
+        p.relative_to(root).as_posix(): [p.stat().st_size, sha256_file(p)] for p in sorted(files)
+    }
+
+
+def write_calls(calls: Sequence[DeviceCall], path: Path) -> None:
+    """Write the call list atomically (a whole file or none: written beside, then renamed)."""
+    partial = path.with_name(f"{path.name}.partial")
+    partial.write_text(json.dumps([c.__dict__ for c in calls], indent=1))
+    os.replace(partial, path)
+
+
+def check_packed(root: Path = ROOT, limit: int = PAYLOAD_LIMIT) -> list[DeviceCall]:
+    """The calls of `CALLS_NAME`, checked against the folder they carry from: every file each
+    call records is there with its size and sha256 and no other file is, and each call, with
+    today's working tree, is within the tool's limits (`check_call`). Costs no device time: run
+    it right before the calls.
+
+    Raises:
+        FileNotFoundError: no call list (no packing finished: a failed or interrupted one
+            removes it); ValueError: a carried file is missing, changed or new, the list records
+            no files (an older packing), or a call is now over a limit.
+    """
+    path = root / DEVICE_DIR / CALLS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: no packing finished here (a failed or interrupted one removes "
+            "it); pack again"
+        )
+    calls = [DeviceCall(**c) for c in json.loads(path.read_text())]
+    tree = tree_bytes(root)
+    for index, call in enumerate(calls, 1):
+        if not call.files:
+            raise ValueError(f"{path} records no files for call {index}: pack again")
+        found = carried_files(root, call.carry)
+        changed = sorted(n for n in found.keys() & call.files.keys() if found[n] != call.files[n])
+        missing, new = sorted(call.files.keys() - found), sorted(found.keys() - call.files)
+        if changed or missing or new:
+            raise ValueError(
+                f"call {index} of {path}: files missing {missing}, changed {changed}, new {new} "
+                "since the packing; pack again"
+            )
+        call.payload = tree + sum(size for size, _ in found.values())
+        check_call(call, limit)
+    return calls
 
 
 def pack(
@@ -563,18 +711,25 @@ def pack(
     """Fill ``root/.device`` and return the checked device calls (see the module docstring);
     ``run_args`` are appended to the last call's ``device_run`` command.
 
-    ``download=None`` keeps the wheels already in ``.device/wheels`` (tests, a second packing).
-    The teacher files of ``runs/default`` are carried when they exist; what they lack (all of
-    it on a fresh checkout) the device run answers first, and `plan_teaching` says how much.
+    The call list (`CALLS_NAME`) is removed first and written last, each call with the size and
+    sha256 of what it carries: a packing that fails or is interrupted leaves none beside parts
+    of two packings. ``download=None`` keeps the wheels already in ``.device/wheels`` (tests, a
+    second packing). The teacher files of ``runs/default`` are carried when they exist; what
+    they lack (all of it on a fresh checkout) the device run answers first, and `plan_teaching`
+    says how much.
 
     Raises:
-        ValueError: a call would be over a limit, the budget is refused (`check_budget`), a
-            teacher file holds a line that is not JSON, or a kept wheel is not the pinned one;
-            FileNotFoundError: a data folder or the GGUF file is missing; SystemExit:
-            ``device_run`` refuses ``run_args``; what `plan_teaching` raises (the embedder).
+        ValueError: a call would be over a limit, the budget is refused (`check_budget`), so are
+            ``run_args`` (`check_run_args`), a teacher file holds a line that is not JSON, or a
+            kept wheel is not the pinned one; FileNotFoundError: a data folder or the GGUF file
+            is missing; subprocess.CalledProcessError: ``root`` is not a git checkout; what
+            `plan_teaching` raises (the embedder).
     """
     check_budget(budget_s)  # before the downloads
+    check_run_args(run_args, budget_s)
     out = root / DEVICE_DIR
+    calls_file = out / CALLS_NAME
+    calls_file.unlink(missing_ok=True)  # from here on, an unfinished packing has no call list
     exclude_device_dir(root)
     wheels = out / "wheels"
     if download is not None:
@@ -587,7 +742,7 @@ def pack(
     teacher_files = [p for p in (run / n for n in names) if p.is_file()]
     gguf = gguf or gguf_path()
     inputs = copy_inputs(data or root.parent / "shared" / "data", teacher_files, out)
-    plan_teaching(*inputs, run_args)
+    plan_teaching(*inputs, run_args, budget_s)
     tree = tree_bytes(root)
     room = limit - PAYLOAD_MARGIN - tree
     first_extra = path_bytes(wheels)
@@ -595,7 +750,9 @@ def pack(
     sizes = part_sizes(gguf.stat().st_size, room, first_extra, last_extra)
     parts = split_file(gguf, out / "gguf", sizes)
     calls = plan_calls(tree, parts, wheels, inputs, root, limit, budget_s, run_args)
-    (out / "calls.json").write_text(json.dumps([c.__dict__ for c in calls], indent=1))
+    for call in calls:
+        call.files = carried_files(root, call.carry)
+    write_calls(calls, calls_file)
     return calls
 
 
@@ -619,45 +776,121 @@ def log_calls(calls: Sequence[DeviceCall]) -> None:
     )
 
 
-def check_run_args(run_args: Sequence[str]) -> None:
-    """Parse ``run_args`` with ``device_run``'s own parser here, so that a misspelt option fails
-    before any device time is spent; the options the last call sets itself are refused.
+def split_run_args(text: str) -> list[str]:
+    """``--run-args`` as words (shell quoting), refusing `RUN_ARGS_REFUSED` (no torch needed).
 
     Raises:
-        ValueError: an option is one the call sets (``--device``, ``--budget-s``, ``--out``);
-        SystemExit: ``device_run``'s parser refuses ``run_args``.
+        ValueError: naming ``--run-args``: the quoting is broken or an option is refused.
     """
-    fixed = {"--device", "--budget-s", "--out"}
-    clash = sorted(a.split("=")[0] for a in run_args if a.split("=")[0] in fixed)
-    if clash:
-        raise ValueError(f"--run-args sets {clash}, which the last call sets itself")
+    try:
+        words = shlex.split(text)
+    except ValueError as error:
+        raise ValueError(f"--run-args {text!r}: {error} (quote as on a command line)") from None
+    refuse_options(words)
+    return words
+
+
+def refuse_options(run_args: Sequence[str]) -> None:
+    """Raise ``ValueError``, naming ``--run-args`` and why, when ``run_args`` hold an option of
+    `RUN_ARGS_REFUSED` (written whole: ``device_run`` takes no abbreviations)."""
+    refused = [
+        f"{name} ({RUN_ARGS_REFUSED[name]})"
+        for name in (a.split("=")[0] for a in run_args)
+        if name in RUN_ARGS_REFUSED
+    ]
+    if refused:
+        raise ValueError(f"--run-args sets {'; '.join(refused)}")
+
+
+def check_run_args(run_args: Sequence[str], budget_s: float = RUN_BUDGET_S) -> argparse.Namespace:
+    """Check ``run_args`` here as the last call's ``device_run`` will see them, so that a
+    misspelt option or a refused value fails before any device time is spent: options in
+    `RUN_ARGS_REFUSED` first (`refuse_options`), then ``device_run``'s own parser after the
+    options the call sets (`run_options`, with ``budget_s``), then `device_run.check_args` (the
+    budget against the reserves, the phase). Returns the options the run will see.
+
+    Raises:
+        ValueError: naming ``--run-args`` (not ``device_run``'s usage: the option is this
+            script's), whatever is refused.
+    """
+    refuse_options(run_args)
     import device_run  # torch and the recipe: here only, never on the device before the install
 
-    device_run.parse_args([*run_args, "--out", "unused"])
+    def refuse(message: str) -> NoReturn:
+        raise ValueError(f"--run-args: {message}")
+
+    parser = device_run.build_parser()
+    parser.error = refuse  # type: ignore[method-assign]
+    options = device_run.parse_args([*run_options(budget_s, "unused"), *run_args], parser)
+    try:
+        device_run.check_args(options)
+    except ValueError as error:
+        raise ValueError(f"--run-args: {error}") from None
+    return options
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--no-download", action="store_true", help="keep the wheels in .device/wheels"
     )
-    parser.add_argument("--budget-s", type=int, default=RUN_BUDGET_S)
+    parser.add_argument(
+        "--budget-s",
+        type=int,
+        default=RUN_BUDGET_S,
+        help=f"device_run's budget in the last call, {RUN_MIN_BUDGET_S} to "
+        f"{RUN_TIMEOUT_S - RUN_OVERHEAD_S} s",
+    )
     parser.add_argument(
         "--run-args",
         default="",
-        help='device_run options for the last call, e.g. "--phase joint --batch-size 32"',
+        help='device_run options for the last call, e.g. --run-args="--phase joint --batch-size '
+        '32" (with "=": a value starting with -- is taken for an option otherwise)',
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help=f"pack nothing: check .device against {CALLS_NAME} and log the calls again",
     )
     args = parser.parse_args(argv)
-    run_args = shlex.split(args.run_args)
-    check_run_args(run_args)
+    if args.check:
+        try:
+            calls = check_packed()
+        except (FileNotFoundError, ValueError) as error:
+            parser.error(str(error))
+        log_calls(calls)
+        return
+    try:  # the checks that need no torch first
+        check_budget(args.budget_s)
+    except ValueError as error:
+        parser.error(f"--budget-s: {error}")
+    try:
+        run_args = split_run_args(args.run_args)
+    except ValueError as error:
+        parser.error(str(error))
+    import default as recipe  # torch
+
+    # packing reads the imported package's code and bundled default: it must be this checkout's
+    recipe.check_checkout()
+    try:
+        check_run_args(run_args, args.budget_s)
+    except ValueError as error:
+        parser.error(str(error))
     calls = pack(
         download=None if args.no_download else download_wheels,
         budget_s=args.budget_s,
         run_args=run_args,
     )
     log_calls(calls)
-    logger.info("calls also written to %s", shlex.quote(str(ROOT / DEVICE_DIR / "calls.json")))
+    logger.info(
+        "calls also written to %s; right before them, %s --check compares the packed files "
+        "with it (seconds, no device time)",
+        shlex.quote(str(ROOT / DEVICE_DIR / CALLS_NAME)),
+        shlex.quote(f"recipes/{Path(__file__).name}"),
+    )
 
 
 if __name__ == "__main__":

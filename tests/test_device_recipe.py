@@ -635,9 +635,10 @@ def test_pack_on_a_fresh_checkout_leaves_the_teacher_to_the_device(
     questions = read_jsonl(teacher / device_pack.MIXED_QUESTIONS)
     seen = []
 
-    def retrieved() -> list:  # the real one loads all-MiniLM
+    def retrieved(limit: int | None = None) -> list:  # the real one loads all-MiniLM
         seen.append(recipe.DATA)
-        return questions
+        assert limit == recipe.MIXED_LIMIT  # only the rows the mixed teacher answers are encoded
+        return questions[:limit]
 
     monkeypatch.setattr(recipe, "retrieved_hotpot", retrieved)
     monkeypatch.setattr(recipe, "MIXED_LIMIT", 6)
@@ -680,7 +681,7 @@ def test_pack_on_a_fresh_checkout_leaves_the_teacher_to_the_device(
     caplog.clear()
     device_pack.pack(root, download=None, gguf=gguf, data=data, run_args=["--teach-s", "0.5"])
     warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    assert '--run-args "... --teach-s 10"' in warning  # 22+ questions at 20 a second
+    assert '--run-args="... --teach-s 10"' in warning  # 22+ questions at 20 a second
 
     run = root / "runs" / "default"
     run.mkdir(parents=True)
@@ -903,7 +904,7 @@ def test_pack_appends_run_args_to_the_last_call_only(tmp_path: Path) -> None:
 
 def test_pack_refuses_run_args_device_run_would_refuse() -> None:
     device_pack.check_run_args(["--phase", "joint", "--max-epochs", "6"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--run-args: argument --phase: invalid choice"):
         device_pack.check_run_args(["--phase", "no-such-phase"])
     with pytest.raises(ValueError, match="--budget-s"):
         device_pack.check_run_args(["--budget-s", "100"])
@@ -1002,9 +1003,9 @@ def test_run_args_cannot_abbreviate_what_the_last_call_fixes() -> None:
     """argparse takes "--budget" for "--budget-s" unless told not to; appended after the last
     call's own "--budget-s 480" it would win."""
     for sneaky in (["--budget", "100"], ["--dev", "cpu"], ["--ou", "/x"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(ValueError, match="--run-args: unrecognized arguments"):
             device_pack.check_run_args(sneaky)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--probe-steps: must be greater than 0"):
         device_pack.check_run_args(["--probe-steps", "0"])
 
 
@@ -1163,6 +1164,269 @@ def test_run_flags_name_the_cpu_run_and_other_steps_refuse_them(
     assert exit_info.value.code == 2 and "not distill" in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------------------- fresh-user review
+def _git(*args: str, cwd: Path) -> str:
+    import subprocess
+
+    command = ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args]
+    return subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def _packable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, Path]:
+    """A git checkout with the pinned wheels (empty files) in ``.device/wheels``, a small GGUF
+    stand-in and `_fixture_data`, the embedder's retrieval replaced: what `pack` needs."""
+    import default as recipe
+
+    from semidyn_rag.training.samples import read_jsonl
+
+    data, teacher = _fixture_data(tmp_path)
+    questions = read_jsonl(teacher / device_pack.MIXED_QUESTIONS)
+    monkeypatch.setattr(recipe, "retrieved_hotpot", lambda limit=None: questions[:limit])
+    monkeypatch.setattr(recipe, "MIXED_LIMIT", 6)
+    root = tmp_path / "repo"
+    root.mkdir()
+    _git("init", "-q", cwd=root)
+    wheels = root / device_pack.DEVICE_DIR / "wheels"
+    wheels.mkdir(parents=True)
+    for name, version in device_pack.pinned_versions().items():
+        (wheels / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"g" * 5000)
+    return root, gguf, data
+
+
+def test_pack_ignores_its_folder_in_a_git_worktree(tmp_path: Path) -> None:
+    """In a worktree ``.git`` is a file: the exclude file is the one git names."""
+    main = tmp_path / "main"
+    main.mkdir()
+    _git("init", "-q", cwd=main)
+    _git("commit", "-q", "--allow-empty", "-m", "start", cwd=main)
+    _git("worktree", "add", "-q", str(tmp_path / "wt"), cwd=main)
+    worktree = tmp_path / "wt"
+    assert (worktree / ".git").is_file()
+    for root in (worktree, worktree, main):  # twice: the entry is added once
+        device_pack.exclude_device_dir(root)
+        (root / device_pack.DEVICE_DIR).mkdir(exist_ok=True)
+        (root / device_pack.DEVICE_DIR / "part-00").write_bytes(b"x")
+        assert _git("status", "--porcelain", "--untracked-files=all", cwd=root) == ""
+    exclude = Path(_git("rev-parse", "--git-path", "info/exclude", cwd=main).strip())
+    entries = (main / exclude).read_text().splitlines()
+    assert entries.count(f"/{device_pack.DEVICE_DIR}/") == 1
+
+
+def test_an_unfinished_pack_leaves_no_call_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call list is written last, naming every carried file with its size and sha256: a pack
+    that fails midway leaves none (not an earlier one beside new parts), and ``--check`` finds a
+    file changed since the packing before any device time is spent."""
+    root, gguf, data = _packable(tmp_path, monkeypatch)
+    calls_file = root / device_pack.DEVICE_DIR / device_pack.CALLS_NAME
+    calls = device_pack.pack(root, download=None, gguf=gguf, data=data)
+    recorded = json.loads(calls_file.read_text())
+    assert [c["carry"] for c in recorded] == [c.carry for c in calls]
+    part = root / calls[0].carry[0]
+    assert recorded[0]["files"][calls[0].carry[0]] == [
+        part.stat().st_size,
+        device_pack.sha256_file(part),
+    ]
+    assert any(name.startswith(".device/data/squad/") for name in recorded[-1]["files"])
+    assert [c.carry for c in device_pack.check_packed(root)] == [c.carry for c in calls]
+
+    part.write_bytes(b"h" + part.read_bytes()[1:])  # same size, another packing's bytes
+    with pytest.raises(ValueError, match="changed"):
+        device_pack.check_packed(root)
+    (root / device_pack.DEVICE_DIR / "teacher" / "extra.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="new"):
+        device_pack.check_packed(root)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(device_pack, "split_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        device_pack.pack(root, download=None, gguf=gguf, data=data)
+    assert not calls_file.exists()
+    with pytest.raises(FileNotFoundError, match="no packing finished"):
+        device_pack.check_packed(root)
+
+
+def test_pack_and_fetch_refuse_a_package_from_another_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run from another directory, both would import another checkout's ``semidyn_rag`` (its
+    code packed, its runs/ written): refused before anything is packed or installed."""
+    import default as recipe
+    import device_fetch
+
+    def never(*args, **kwargs):
+        raise AssertionError("reached")
+
+    monkeypatch.setattr(recipe, "ROOT", tmp_path)
+    monkeypatch.setattr(device_pack, "pack", never)
+    monkeypatch.setattr(device_fetch, "install", never)
+    with pytest.raises(SystemExit, match="imports the bundled default from"):
+        device_pack.main(["--no-download"])
+    with pytest.raises(SystemExit, match="imports the bundled default from"):
+        device_fetch.main([str(tmp_path)])
+
+
+PARSER_REFUSES = [
+    (["--batch-size", "0"], "--batch-size: must be greater than 0"),
+    (["--teach-s", "-5"], "--teach-s: must be at least 0"),
+    (["--max-epochs", "0"], "--max-epochs: must be greater than 0"),
+    (["--teach-batch", "0"], "--teach-batch: must be greater than 0"),
+    (["--max-steps", "-1"], "--max-steps: must be greater than 0"),
+    (["--eval-limit", "-1"], "--eval-limit: must be at least 0"),
+    (["--eval-s", "nan"], "--eval-s: must be at least 0"),
+    (["--batch-size", "x"], "'x' is not a number"),
+]
+"""Values ``device_run``'s parser itself refuses, with what its message says."""
+
+
+@pytest.mark.parametrize(
+    ("run_args", "says"),
+    [
+        (["--eval-s", "500"], "leaves no training time after the 525 s"),
+        (["--export-s", "480", "--eval-limit", "0"], "leaves no training time after the 480 s"),
+        (["--tiny"], "--run-args sets --tiny"),
+        (["--parts", "/nowhere"], "--run-args sets --parts"),
+        (["--data=/nowhere"], "--run-args sets --data"),
+        (["--help"], "--run-args sets --help"),
+        *PARSER_REFUSES,
+    ],
+)
+def test_run_args_are_checked_as_the_device_run_checks_them(run_args: list, says: str) -> None:
+    """What the last call's ``device_run`` would refuse (against the pack's budget), or what
+    would override the options the call sets, is refused here, each message naming
+    ``--run-args``."""
+    with pytest.raises(ValueError, match="--run-args") as refused:
+        device_pack.check_run_args(run_args)
+    assert says in str(refused.value)
+    options = device_pack.check_run_args(["--teach-s", "0", "--eval-limit", "0"], budget_s=300)
+    assert options.budget_s == 300 and options.parts == Path(device_pack.STASH)
+
+
+@pytest.mark.parametrize(("run_args", "says"), PARSER_REFUSES)
+def test_device_run_parser_refuses_sizes_and_seconds_out_of_range(
+    run_args: list, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import device_run
+
+    with pytest.raises(SystemExit):
+        device_run.parse_args(["--out", "o", *run_args])
+    assert says in capsys.readouterr().err
+
+
+def test_pack_errors_name_its_own_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """A misspelt ``--run-args`` option is reported under device_pack's usage, naming
+    ``--run-args``, not under device_run's as if it were the pack's own option."""
+    with pytest.raises(SystemExit) as exit_info:
+        device_pack.main(["--no-download", "--run-args=--phse joint"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "--run-args: unrecognized arguments: --phse" in err
+    assert "--no-download" in err and "--teach-batch" not in err  # device_pack's usage
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--budget-s", "1000"], "--budget-s: a run budget of 1000 s"),
+        (["--run-args", "--phase 'joint"], "No closing quotation"),
+        (["--run-args=--out /x"], "--run-args sets --out"),
+        (["--run-args=--budget-s 100"], "--run-args sets --budget-s"),
+        (["--run-args=--tiny"], "--run-args sets --tiny"),
+    ],
+)
+def test_pack_refuses_before_importing_torch(argv: list, says: str) -> None:
+    """A budget out of range, broken quoting and an option the last call sets are refused with
+    a usage error naming the option, not a traceback, and before torch is imported (seconds)."""
+    import subprocess
+
+    code = (
+        "import sys; sys.path.insert(0, 'recipes'); import device_pack\n"
+        f"try: device_pack.main({argv!r})\n"
+        "except SystemExit as e: print('exit', e.code, 'torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=RECIPES.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.strip() == "exit 2 False", done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("budget_s", "rate", "run_args"),
+    [(150, 1.0, []), (480, 0.1, ["--teach-s", "5"]), (480, 0.2, ["--teach-s", "5"])],
+)
+def test_suggested_teach_s_fits_the_budget(
+    budget_s: int,
+    rate: float,
+    run_args: list,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The teacher stops at 0.75 x budget less the reserves whatever ``--teach-s`` says: a
+    suggested ``--teach-s`` never exceeds what the budget leaves, and a budget too small for
+    every answer is said, with the number."""
+    import re
+
+    import device_run
+
+    _, _, data = _packable(tmp_path, monkeypatch)
+    teacher = tmp_path / "teacher"
+    (teacher / "teacher.jsonl").unlink()  # every training question to answer
+    monkeypatch.setattr(device_pack, "TEACH_RATE_GUESS", rate)
+    caplog.set_level("INFO", logger="recipes.device_pack")
+    left = device_pack.plan_teaching(data, teacher, run_args, budget_s)
+    options = device_pack.check_run_args(run_args, budget_s)
+    stop = device_run.teach_limit_s(budget_s, device_run.reserve_s(options))
+    limit = int(stop - device_pack.LOAD_GUESS_S)
+    assert limit == device_pack.teaching_limit_s(options)[0] > 0
+    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert f"the {limit} s the budget leaves the teacher" in warning
+    assert f"--budget-s {budget_s}" in warning
+    suggested = [int(s) for s in re.findall(r'--teach-s (\d+)"', warning)]
+    assert all(s <= limit for s in suggested)
+    needed = -(-sum(left.values()) // rate)
+    if needed > limit:
+        assert f"about {int(limit * rate)} of the {sum(left.values())} answers fit" in warning
+    else:
+        assert suggested and suggested[0] >= needed
+
+
+def test_copy_whole_lines_reads_as_read_jsonl(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Blank lines are skipped, not refused, and a whole last line without its newline is kept
+    (with one added, so the device run can append); a line being written is still left out."""
+    from semidyn_rag.training.samples import TrainSample, read_jsonl, write_jsonl
+
+    source, target = tmp_path / "teacher.jsonl", tmp_path / "copy.jsonl"
+    samples = [TrainSample(id=f"s{i}", contexts=["a b"], question="Q?", answer="x") for i in (0, 1)]
+    samples[1] = samples[1].model_copy(update={"question": "Q\u2028?"})  # JSON need not escape it
+    write_jsonl(samples, source)
+    lines = source.read_text().split("\n")[:2]
+    source.write_text(f"{lines[0]}\n\n  \n{lines[1]}\n\n")
+    assert device_pack.copy_whole_lines(source, target) == 2
+    assert [s.id for s in read_jsonl(target)] == ["s0", "s1"]
+    source.write_text(lines[0])  # one line, no final newline
+    assert device_pack.copy_whole_lines(source, target) == 1
+    assert target.read_text() == lines[0] + "\n" and not caplog.records
+    write_jsonl(samples[1:], target, append=True)
+    assert [s.id for s in read_jsonl(target)] == ["s0", "s1"]
+    source.write_bytes(f"{lines[0]}\n{lines[1][:-3]}".encode() + "é".encode()[:1])
+    assert device_pack.copy_whole_lines(source, target) == 1
+    assert target.read_text() == lines[0] + "\n"
+    assert "left out" in caplog.records[-1].getMessage()
+
+
 def test_retrieved_hotpot_encodes_only_the_rows_asked_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1188,27 +1452,3 @@ def test_retrieved_hotpot_encodes_only_the_rows_asked_for(
     encoded.clear()
     first = recipe.retrieved_hotpot(5)
     assert len(encoded) == 5 and first == every[:5]
-
-
-PARSER_REFUSES = [
-    (["--batch-size", "0"], "--batch-size: must be greater than 0"),
-    (["--teach-s", "-5"], "--teach-s: must be at least 0"),
-    (["--max-epochs", "0"], "--max-epochs: must be greater than 0"),
-    (["--teach-batch", "0"], "--teach-batch: must be greater than 0"),
-    (["--max-steps", "-1"], "--max-steps: must be greater than 0"),
-    (["--eval-limit", "-1"], "--eval-limit: must be at least 0"),
-    (["--eval-s", "nan"], "--eval-s: must be at least 0"),
-    (["--batch-size", "x"], "'x' is not a number"),
-]
-"""Values ``device_run``'s parser itself refuses, with what its message says."""
-
-
-@pytest.mark.parametrize(("run_args", "says"), PARSER_REFUSES)
-def test_device_run_parser_refuses_sizes_and_seconds_out_of_range(
-    run_args: list, says: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import device_run
-
-    with pytest.raises(SystemExit):
-        device_run.parse_args(["--out", "o", *run_args])
-    assert says in capsys.readouterr().err
