@@ -848,7 +848,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--run-args",
         default="",
         help='device_run options for the last call, e.g. --run-args="--phase joint --batch-size '
-        '32" (with "=": a value starting with -- is taken for an option otherwise)',
+        '32" (with "=": after a space, a value like --tiny is taken for an option)',
     )
     parser.add_argument(
         "--check",
