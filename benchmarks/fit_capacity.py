@@ -62,17 +62,20 @@ TEACHER = RUN / "default" / "teacher.jsonl"
 HEAD_LAYER = 2  # as recipes/default.py reads the ratio head (encoding stops there)
 
 
-def right_answers(path: Path) -> list[TrainSample]:
-    """The single-paragraph teacher answers in ``path`` that hold their gold span, in file order.
+def right_answers(path: Path, limit: int = 0) -> list[TrainSample]:
+    """The single-paragraph teacher answers among the first ``limit`` lines of ``path`` (0: all)
+    that hold their gold span, in file order. A limit keeps the pick fixed while a longer
+    ``teach`` run appends to the file.
 
     Raises:
         FileNotFoundError: ``path`` is missing (``recipes/default.py teach`` writes it).
     """
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `python recipes/default.py teach`")
+    taught = read_jsonl(path)
     return [
         s
-        for s in read_jsonl(path)
+        for s in (taught[:limit] if limit else taught)
         if len(s.contexts) == 1
         and s.teacher is not None
         and s.provenance.get("gold")
@@ -168,13 +171,25 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=4.0)
     p.add_argument("--held-out", type=int, default=100, help="held-out questions (as eval)")
     p.add_argument("--teacher", type=Path, default=TEACHER)
+    p.add_argument(
+        "--teacher-limit",
+        type=int,
+        default=512,
+        help="read the first N teacher answers (512: what `teach` writes by default; 0: all)",
+    )
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="bf16")
     p.add_argument("--run-dir", type=Path, default=RUN / "fit_capacity", help="checkpoints")
     args = p.parse_args()
-    if args.samples < 2 or args.steps < 1 or args.ratio < 1 or args.held_out < 0:
-        p.error("--samples >= 2, --steps >= 1, --ratio >= 1 and --held-out >= 0")
+    if (
+        args.samples < 2
+        or args.steps < 1
+        or args.ratio < 1
+        or args.held_out < 0
+        or args.teacher_limit < 0
+    ):
+        p.error("--samples >= 2, --steps >= 1, --ratio >= 1, --held-out >= 0, --teacher-limit >= 0")
     setup(args)
-    samples, aside = split_aside(right_answers(args.teacher), args.samples)
+    samples, aside = split_aside(right_answers(args.teacher, args.teacher_limit), args.samples)
     trained = as_questions(samples)
     _, held_out = recipe_split(args.squad)
     sets = {

@@ -355,6 +355,7 @@ def test_fit_capacity_takes_only_right_single_paragraph_teacher_answers(fit_capa
     questions = fit_capacity.as_questions(picked)
     assert [q.answers for q in questions] == [["Paris"]] * 3
     assert [q.contexts for q in questions] == [s.contexts for s in picked]
+    assert [s.id for s in fit_capacity.right_answers(path, 3)] == ["s0", "s2"]  # first 3 lines
     with pytest.raises(FileNotFoundError, match="teach"):
         fit_capacity.right_answers(tmp_path / "missing.jsonl")
 
