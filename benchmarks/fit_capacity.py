@@ -29,14 +29,14 @@ held-out articles say what the passes cost elsewhere. Right with neither latents
 latents at this ratio, or the adapter reading them, do not carry the answers. Records under
 ``--out``/records/<full|before|after>_<set>; ``fit_capacity.json`` and ``fit_capacity.md`` in
 ``--out``. Checkpoints go to ``--run-dir``/<run key> (``runs/fit_capacity``, not kept in git):
-the key names the starting checkpoint, the trained answers, the ratio, the steps and the
-precision, so an interrupted run resumes from its last checkpoint (every 50 steps) and another
-configuration never finishes or reuses it; answers already recorded are not asked again.
+the key digests the starting model's fingerprint, the trained answers and the training
+settings, so an interrupted run resumes from its last checkpoint (every 50 steps) and another
+configuration (a newly shipped default included) never finishes or reuses it; answers already
+recorded under ``--out`` for the same model are not asked again (another model's are refused).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -119,15 +119,14 @@ def split_aside(
     return trained, [s for s in aside if s.question not in asked]
 
 
-def run_key(args: argparse.Namespace, samples: Sequence[TrainSample]) -> str:
-    """A short digest of what decides the trained weights: the starting checkpoint, the trained
-    answers (ids and texts), the ratio, the steps and the precision."""
+def run_key(start: str, samples: Sequence[TrainSample], config: TrainConfig) -> str:
+    """A short digest of what decides the trained weights: the starting model (its
+    fingerprint), the trained answers (ids and texts) and the training settings (all but
+    ``output_dir``)."""
     what = {
-        "checkpoint": str(args.checkpoint),
+        "start": start,
         "samples": [(s.id, s.question, s.answer) for s in samples],
-        "ratio": args.ratio,
-        "steps": args.steps,
-        "mixed_precision": args.mixed_precision,
+        "config": config.model_dump(mode="json", exclude={"output_dir"}),
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -227,11 +226,13 @@ def main() -> None:
         kd_weight=1.0,
         train_ratios=[args.ratio],
         mixed_precision=args.mixed_precision,
-        output_dir=str(args.run_dir / run_key(args, samples)),
+        output_dir=str(args.run_dir),  # under the run key, below
         save_every=min(50, args.steps),
         eval_every=0,
         resume_from="auto",
     )
+    key = run_key(model.fingerprint, samples, config)
+    config = config.model_copy(update={"output_dir": str(args.run_dir / key)})
     trainer = Trainer(model, samples, config)
     trainer.train()
     results["passes"] = round(4 * trainer.step / len(samples), 1)

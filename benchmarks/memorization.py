@@ -45,7 +45,9 @@ SPLITS = ("train", "held_out")
 
 def swap_paragraphs(questions: Sequence[QASample]) -> list[QASample]:
     """Each question with the contexts of the next question in the list whose contexts differ
-    from its own, cyclically (questions asked of one paragraph skip each other).
+    from its own, cyclically (questions asked of one paragraph skip each other), under the id
+    ``<its id>@<the other's id>``: an evaluation resumed by id never takes an answer given with
+    other contexts for it.
 
     ``ValueError`` when the questions do not span at least two different paragraphs.
     """
@@ -59,7 +61,9 @@ def swap_paragraphs(questions: Sequence[QASample]) -> list[QASample]:
             for k in range(1, n)
             if questions[(i + k) % n].contexts != q.contexts
         )
-        swapped.append(q.model_copy(update={"contexts": other.contexts}))
+        swapped.append(
+            q.model_copy(update={"id": f"{q.id}@{other.id}", "contexts": other.contexts})
+        )
     return swapped
 
 
@@ -110,7 +114,8 @@ def main() -> None:
             }
             mine, theirs = own.records(setting), other.records(setting)
             row["other_only"] = sum(
-                theirs[q.id].correct and not mine[q.id].correct for q in questions
+                theirs[t.id].correct and not mine[q.id].correct
+                for q, t in zip(questions, swapped, strict=True)
             )
             results["ratios"].setdefault(f"{setting.ratio:g}", {})[split] = row
             logger.info("%s, %s: %s", split, setting.name, row)

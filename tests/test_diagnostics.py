@@ -299,7 +299,8 @@ def test_memorization_swap_gives_every_question_another_paragraph(memorization):
         for i, c in enumerate(paragraphs)
     ]
     swapped = memorization.swap_paragraphs(questions)
-    assert [s.id for s in swapped] == [q.id for q in questions]
+    # an id of its own: a resumed evaluation must not take an answer given with other contexts
+    assert [s.id for s in swapped] == ["q0@q3", "q1@q3", "q2@q3", "q3@q4", "q4@q0", "q5@q0"]
     assert [s.question for s in swapped] == [q.question for q in questions]
     assert all(s.contexts != q.contexts for s, q in zip(swapped, questions, strict=True))
     # the next question's paragraph that differs from its own, cyclically
@@ -387,18 +388,28 @@ def test_fit_capacity_holds_aside_one_right_answer_per_trained_paragraph(fit_cap
 
 
 def test_fit_capacity_runs_of_other_configurations_never_share_a_checkpoint(fit_capacity):
-    import argparse
+    from semidyn_rag.training.trainer import TrainConfig
 
-    args = argparse.Namespace(checkpoint=None, ratio=4.0, steps=400, mixed_precision="bf16")
+    config = TrainConfig(steps=400, batch_size=4, train_ratios=[4.0], output_dir="runs/fit")
     rows = [_taught(i, "Paris") for i in range(4)]
-    key = fit_capacity.run_key(args, rows)
-    assert key == fit_capacity.run_key(argparse.Namespace(**vars(args)), list(rows))
+    key = fit_capacity.run_key("model-a", rows, config)
+    assert key == fit_capacity.run_key("model-a", list(rows), config.model_copy())
+    # where the run is written is not what it trains
+    moved = config.model_copy(update={"output_dir": "elsewhere"})
+    assert fit_capacity.run_key("model-a", rows, moved) == key
     others = [
-        fit_capacity.run_key(args, rows[:3]),
-        fit_capacity.run_key(args, [*rows[:3], _taught(3, "Lyon")]),
-        fit_capacity.run_key(argparse.Namespace(**{**vars(args), "steps": 200}), rows),
-        fit_capacity.run_key(argparse.Namespace(**{**vars(args), "ratio": 8.0}), rows),
-        fit_capacity.run_key(argparse.Namespace(**{**vars(args), "checkpoint": "x"}), rows),
-        fit_capacity.run_key(argparse.Namespace(**{**vars(args), "mixed_precision": "no"}), rows),
+        fit_capacity.run_key("model-b", rows, config),  # a newly shipped default
+        fit_capacity.run_key("model-a", rows[:3], config),
+        fit_capacity.run_key("model-a", [*rows[:3], _taught(3, "Lyon")], config),
+        *(
+            fit_capacity.run_key("model-a", rows, config.model_copy(update=change))
+            for change in (
+                {"steps": 200},
+                {"train_ratios": [8.0]},
+                {"mixed_precision": "bf16"},
+                {"lr": 3e-4},
+                {"kd_weight": 0.5},
+            )
+        ),
     ]
-    assert len({key, *others}) == 7
+    assert len({key, *others}) == 9
