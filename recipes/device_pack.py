@@ -490,8 +490,9 @@ def copy_inputs(data: Path, teacher_files: Sequence[Path], out: Path) -> list[Pa
 
 
 def copy_whole_lines(source: Path, target: Path) -> int:
-    """Copy the JSON lines of ``source``, read as `read_jsonl` reads them (blank lines skipped),
-    up to its last whole line; return the lines copied (blank ones not counted). ``teach`` may be
+    """Copy the JSON lines of ``source`` up to its last whole line, checked as `read_jsonl` reads
+    them (blank lines are copied as they are, neither checked nor counted); return the lines
+    copied. ``teach`` may be
     appending to the file: a last line without a newline is kept (its newline added, so that the
     device run can append after it) when it is whole JSON, and left out, with a warning, when it
     is a line being written (a cut line would fail the device run as it reads the file).
