@@ -258,7 +258,8 @@ def grow_teacher(
     chunk = batch_size * 4
     chunks = ((t, p, start) for t, p in todo for start in range(0, len(t), chunk))
     for samples, path, start in chunks:
-        if time.monotonic() > deadline or clock.train_left() < clock.budget_s * TRAIN_SHARE:
+        elapsed = time.monotonic() - clock.start
+        if time.monotonic() > deadline or elapsed > teach_limit_s(clock.budget_s, clock.reserve_s):
             break
         asked = samples[start : start + chunk]
         answers = teacher_answers(model.eval(), asked, batch_size=batch_size, progress=False)
@@ -486,7 +487,8 @@ def _bounded(kind: type, least: float, strict: bool) -> Callable[[str], float]:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not math.isfinite(value) or value < least or (strict and value == least):
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value

@@ -1282,7 +1282,8 @@ PARSER_REFUSES = [
     (["--max-steps", "-1"], "--max-steps: must be greater than 0"),
     (["--eval-limit", "-1"], "--eval-limit: must be at least 0"),
     (["--eval-s", "nan"], "--eval-s: must be at least 0"),
-    (["--batch-size", "x"], "'x' is not a number"),
+    (["--batch-size", "x"], "'x' is not an integer"),
+    (["--eval-s", "x"], "'x' is not a number"),
 ]
 """Values ``device_run``'s parser itself refuses, with what its message says."""
 
