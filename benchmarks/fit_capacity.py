@@ -93,7 +93,8 @@ def split_aside(
     training), the others train until there are ``count``.
 
     Raises:
-        ValueError: fewer than ``count`` answers to train on, or fewer than two paragraphs.
+        ValueError: fewer than ``count`` answers to train on, fewer than two paragraphs, or no
+            held-aside question that training does not also ask.
     """
     by_paragraph: dict[str, list[TrainSample]] = {}
     for s in right:
@@ -116,7 +117,10 @@ def split_aside(
         # swap_paragraphs needs another paragraph's latents for each question
         raise ValueError(f"the {count} answers to train on share one paragraph: ask more")
     asked = {s.question for s in trained}
-    return trained, [s for s in aside if s.question not in asked]
+    kept = [s for s in aside if s.question not in asked]
+    if not kept:  # the report would lose its held-aside row without a word
+        raise ValueError("every held-aside question is also asked in training: no row to compare")
+    return trained, kept
 
 
 def run_key(start: str, samples: Sequence[TrainSample], config: TrainConfig) -> str:

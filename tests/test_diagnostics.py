@@ -383,6 +383,14 @@ def test_fit_capacity_holds_aside_one_right_answer_per_trained_paragraph(fit_cap
     assert [s.id for s in fit_capacity.split_aside(repeated, 3)[1]] == ["s4"]
     with pytest.raises(ValueError, match=r"3 right answers .* asked 5: teach more"):
         fit_capacity.split_aside(rows[:6], 5)
+    every_one_asked = [
+        _taught(0, "Paris", contexts=["p0"]),
+        _taught(1, "Paris", contexts=["p0"], question="Q0?"),
+        _taught(2, "Paris", contexts=["p1"]),
+        _taught(3, "Paris", contexts=["p1"], question="Q2?"),
+    ]
+    with pytest.raises(ValueError, match="also asked in training"):
+        fit_capacity.split_aside(every_one_asked, 2)
     with pytest.raises(ValueError, match="share one paragraph"):
         fit_capacity.split_aside(rows[:5:2], 2)
 
