@@ -627,7 +627,6 @@ def test_pack_on_a_fresh_checkout_leaves_the_teacher_to_the_device(
     (retrieved here, where the embedder is), warns with what the device will answer and the
     ``--teach-s`` to give it, and the device run finds every question missing, the mixed ones
     first. A malformed teacher file is still refused."""
-    import subprocess
 
     import default as recipe
     import device_run
@@ -645,14 +644,7 @@ def test_pack_on_a_fresh_checkout_leaves_the_teacher_to_the_device(
 
     monkeypatch.setattr(recipe, "retrieved_hotpot", retrieved)
     monkeypatch.setattr(recipe, "MIXED_LIMIT", 6)
-    root = tmp_path / "repo"
-    subprocess.run(["git", "init", "-q", str(root)], check=True)
-    wheels = root / device_pack.DEVICE_DIR / "wheels"
-    wheels.mkdir(parents=True)
-    for name, version in device_pack.pinned_versions().items():
-        (wheels / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"")
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"g" * 5000)
+    root, gguf = _pack_root(tmp_path)
     data_before = recipe.DATA
 
     caplog.set_level("INFO", logger="recipes.device_pack")
@@ -1186,6 +1178,12 @@ def _packable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Pa
     questions = read_jsonl(teacher / device_pack.MIXED_QUESTIONS)
     monkeypatch.setattr(recipe, "retrieved_hotpot", lambda limit=None: questions[:limit])
     monkeypatch.setattr(recipe, "MIXED_LIMIT", 6)
+    return (*_pack_root(tmp_path), data)
+
+
+def _pack_root(tmp_path: Path) -> tuple[Path, Path]:
+    """A git checkout with the pinned wheels (empty files) in ``.device/wheels``, and a small
+    GGUF stand-in beside it."""
     root = tmp_path / "repo"
     root.mkdir()
     _git("init", "-q", cwd=root)
@@ -1195,7 +1193,7 @@ def _packable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Pa
         (wheels / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"")
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"g" * 5000)
-    return root, gguf, data
+    return root, gguf
 
 
 def test_pack_ignores_its_folder_in_a_git_worktree(tmp_path: Path) -> None:
