@@ -247,7 +247,10 @@ def grow_teacher(
 
     A phase trains on what was answered: a budget cut short leaves the rest out, which a warning
     and the counts (in the run's results) say."""
-    deadline = time.monotonic() + seconds
+    # --teach-s, and at most what leaves training its share of the budget
+    deadline = min(
+        time.monotonic() + seconds, clock.start + teach_limit_s(clock.budget_s, clock.reserve_s)
+    )
     todo = teacher_todo(recipe.count_tokens(model.tokenizer), phase, mixed)
     logger.info(
         "teacher: %s unanswered; %.0f s for them",
@@ -258,8 +261,7 @@ def grow_teacher(
     chunk = batch_size * 4
     chunks = ((t, p, start) for t, p in todo for start in range(0, len(t), chunk))
     for samples, path, start in chunks:
-        elapsed = time.monotonic() - clock.start
-        if time.monotonic() > deadline or elapsed > teach_limit_s(clock.budget_s, clock.reserve_s):
+        if time.monotonic() > deadline:
             break
         asked = samples[start : start + chunk]
         answers = teacher_answers(model.eval(), asked, batch_size=batch_size, progress=False)
